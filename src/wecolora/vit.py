@@ -73,7 +73,8 @@ def _resolve_spec(spec: str) -> str:
     raise UserError(f"{spec} is a folder without config.json: give a timm model folder, a run folder or a model name")
 
 
-def load_model(spec: str, *, weights: str | None = None, img_size: int | None = None, num_classes: int | None = None) -> nn.Module:
+def load_model(spec: str, *, weights: str | None = None, img_size: int | None = None, num_classes: int | None = None,
+               pretrained: bool = True) -> nn.Module:
     """Create a timm ViT from a spec, with pretrained weights from the spec or from a local file.
 
     Args:
@@ -83,6 +84,7 @@ def load_model(spec: str, *, weights: str | None = None, img_size: int | None = 
             pretrained path (handles MAE/DINOv2/CLIP layouts, pos-embed resize and head drop).
         img_size: optional input size override (pos-embed is resized by timm).
         num_classes: optional head size override (0 drops the head).
+        pretrained: False builds the architecture only (random weights; no download, no file read).
 
     Returns:
         The model in eval mode on the CPU.
@@ -106,7 +108,7 @@ def load_model(spec: str, *, weights: str | None = None, img_size: int | None = 
     if not source and not timm.is_model(name.split(".")[0]):
         raise UserError(f"unknown model {spec!r}: not a timm model name, a folder, local-dir:FOLDER or hf-hub:ORG/NAME")
     try:
-        model = timm.create_model(spec, pretrained=True, **kwargs)
+        model = timm.create_model(spec, pretrained=pretrained, **kwargs)
     except Exception as err:  # timm/hub raise many types; classify the ones a user can fix
         raise UserError(_explain_load_error(spec, weights, err)) from err
     require_supported_vit(model)

@@ -1,0 +1,55 @@
+"""Resumable training state, in formats that load without unpickling code.
+
+Trainable weights go to safetensors, the optimizer state through ``torch.save`` (read back with
+``weights_only=True``), the scheduler and progress counters to JSON. Nothing depends on the world
+size, so a run can resume on a different number of processes.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import UserError
+from .files import atomic_dir
+
+WEIGHTS, OPTIMIZER, STATE = "trainable.safetensors", "optimizer.pt", "state.json"
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, progress: dict) -> None:
+    """Atomically write the state needed to continue training after ``progress['epoch']`` epochs."""
+    with atomic_dir(path) as tmp:
+        save_file(trainable_state(model), str(tmp / WEIGHTS))
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        (tmp / STATE).write_text(json.dumps({"progress": progress, "scheduler": scheduler.state_dict()}, indent=1))
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
+    """Restore a :func:`save_checkpoint` folder into live objects; returns its ``progress``."""
+    path = Path(path)
+    if not all((path / name).is_file() for name in (WEIGHTS, OPTIMIZER, STATE)):
+        raise UserError(f"{path} is not a complete wecolora checkpoint (needs {WEIGHTS}, {OPTIMIZER}, {STATE})")
+    try:
+        weights = load_file(str(path / WEIGHTS))
+        optim_state = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+        state = json.loads((path / STATE).read_text())
+    except Exception as err:  # safetensors/torch/json each raise their own type for damaged files
+        raise UserError(f"checkpoint {path} is damaged: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    expected = dict(model.named_parameters())
+    mismatched = sorted(k for k in weights if k not in expected or expected[k].shape != weights[k].shape)
+    missing = sorted(k for k, p in expected.items() if p.requires_grad and k not in weights)
+    if mismatched or missing:
+        raise UserError(f"checkpoint {path} does not fit this run: unexpected {mismatched[:3]}, missing {missing[:3]}")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            expected[name].copy_(tensor)
+    optimizer.load_state_dict(optim_state)
+    scheduler.load_state_dict(state["scheduler"])
+    return state["progress"]

@@ -1,0 +1,156 @@
+"""``wecolora`` command line: parses arguments and calls the API, nothing else.
+
+Imports of torch and friends happen inside the handlers so that ``wecolora --help`` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .config import DEVICES, LOSS_NAMES, MATCH_NAMES, MODE_NAMES, PRECISIONS, DistillConfig, build_config
+from .errors import UserError
+
+DISTILL_EXAMPLES = """examples:
+  # the paper's recipe (r=2, rank 128, 1% of the classes' images, 10 epochs) on a class-folder set
+  wecolora distill --teacher vit_base_patch16_224.mae --data /data/imagenet --output runs/mae-r2
+
+  # a local teacher folder, 3x fewer blocks, 5% of Fashion-MNIST, small batches on the CPU
+  wecolora distill --teacher local-dir:teacher --data fashion-mnist --output runs/fm-r3 \\
+      --reduction 3 --ratio 0.05 --batch-size 64 --accum-steps 1 --epochs 5
+
+  # a baseline, and continuing an interrupted run
+  wecolora distill --teacher local-dir:teacher --data fashion-mnist --output runs/kd --mode weco-kd
+  wecolora distill --teacher local-dir:teacher --data fashion-mnist --output runs/kd --mode weco-kd --resume auto
+"""
+
+INSPECT_EXAMPLES = """examples:
+  wecolora inspect --teacher vit_base_patch16_224 --reduction 2 --rank 128
+  wecolora inspect --teacher local-dir:teacher --reduction 3 --mode lora-qv --json
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line error format and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"wecolora: error: {message} (see `{self.prog} --help`)\n")
+
+
+def add_distill_parser(sub) -> None:
+    p = sub.add_parser("distill", help="distill a ViT teacher into a weight-copied student",
+                       description="Distill a timm ViT teacher into a shallower weight-copied student with "
+                                   "enhanced LoRA (WeCoLoRA) or a baseline, on a few-shot unlabeled subset.",
+                       epilog=DISTILL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", dest="config_file", metavar="FILE.yaml",
+                   help="settings file (defaults < file < flags); a run's config.yaml 'settings' block works")
+    g = p.add_argument_group("inputs and outputs")
+    g.add_argument("--teacher", help="timm name[.tag], local-dir:FOLDER, hf-hub:ORG/NAME or a run folder")
+    g.add_argument("--teacher-weights", metavar="FILE", help="local .safetensors/.pth loaded into --teacher's architecture")
+    g.add_argument("--img-size", type=int, help="input size (default: the teacher's)")
+    g.add_argument("--data", help="class-folder dataset (D/train/<class>/...) or fashion-mnist, mnist-5k")
+    g.add_argument("--output", metavar="DIR", help="run folder: student/, adapter/, config.yaml, summary.csv, subset.txt")
+    g.add_argument("--overwrite", action="store_true", default=None, help="replace a finished run in --output")
+    g.add_argument("--resume", metavar="auto|PATH", help="continue an interrupted run (auto: DIR/checkpoint)")
+    g = p.add_argument_group("student")
+    g.add_argument("--mode", choices=MODE_NAMES, help="wecolora (default), lora-qv, weco-kd or scratch-kd")
+    g.add_argument("--reduction", type=int, help="keep every r-th teacher block (default 2)")
+    g.add_argument("--keep", help="first (default), last, or teacher block indices like 0,4,8")
+    g.add_argument("--rank", type=int, help="adapter rank (default 128, width/4 for narrow teachers)")
+    g.add_argument("--lora-alpha", type=float, help="peft lora_alpha (default: rank, i.e. scale 1)")
+    g.add_argument("--lora-dropout", type=float, help="adapter dropout (default 0)")
+    g.add_argument("--dora", action="store_true", default=None, help="weight-decomposed adapters (DoRA)")
+    g.add_argument("--rslora", action="store_true", default=None, help="rank-stabilised scaling alpha/sqrt(r)")
+    g = p.add_argument_group("objective and data")
+    g.add_argument("--loss", choices=LOSS_NAMES, help="distance between token sets (default l1)")
+    g.add_argument("--match", choices=MATCH_NAMES,
+                   help="last: last block before the final norm (default); last-norm: after it; per-block")
+    g.add_argument("--ratio", type=float, help="fraction of each class's images used (default 0.01)")
+    g.add_argument("--per-class", type=int, help="a fixed number of images per class instead of --ratio")
+    g.add_argument("--min-per-class", type=int, help="fail if a class gets fewer images (default 1)")
+    g.add_argument("--subset-seed", type=int, help="seed of the per-class shuffle (default 0)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help="default 10")
+    g.add_argument("--batch-size", type=int, help="per device (default 128)")
+    g.add_argument("--accum-steps", type=int, help="gradient accumulation steps (default 8)")
+    g.add_argument("--blr", type=float, help="base lr; lr = blr x effective batch / 256 (default 1e-3)")
+    g.add_argument("--lr", type=float, help="absolute peak lr (overrides --blr)")
+    g.add_argument("--warmup-epochs", type=int, help="linear warmup from 0 (default 2)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay, not on 1-D params (default 0.05)")
+    g.add_argument("--seed", type=int, help="training seed (default 0)")
+    g.add_argument("--precision", choices=PRECISIONS, help="default bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--device", choices=DEVICES, help="auto (default): cuda when available")
+    g.add_argument("--num-workers", type=int, help="data loader workers (default: min(8, CPU threads))")
+    p.set_defaults(handler=run_distill)
+
+
+def run_distill(args) -> int:
+    from .distill import distill
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("handler", "config_file", "command")}
+    config = build_config(DistillConfig, args.config_file, **flags)
+    result = distill(config)
+    last = result["epochs"][-1] if result["epochs"] else {}
+    print(f"done: {result['output']}/student (mode {result['mode']}, blocks {result['kept_blocks']}, "
+          f"final loss {last.get('loss', float('nan')):.4f})")
+    return 0
+
+
+def add_inspect_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="kept blocks and parameter counts of a student, without training",
+                       epilog=INSPECT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="timm name, local-dir:FOLDER or run folder (weights not loaded)")
+    p.add_argument("--img-size", type=int, help="input size (default: the teacher's)")
+    p.add_argument("--reduction", type=int, default=2)
+    p.add_argument("--keep", default="first", help="first, last or block indices like 0,4,8")
+    p.add_argument("--mode", choices=MODE_NAMES, default="wecolora")
+    p.add_argument("--rank", type=int, help="adapter rank (default 128, width/4 for narrow teachers)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=run_inspect)
+
+
+def run_inspect(args) -> int:
+    from .student import describe
+    from .vit import load_model
+
+    keep = DistillConfig(teacher="", data="", output="", keep=args.keep).keep_blocks()
+    teacher = load_model(args.teacher, img_size=args.img_size, pretrained=False)
+    info = describe(teacher, args.reduction, keep, args.mode, args.rank)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    millions = {k: f"{info[k] / 1e6:.2f}M" for k in ("teacher_params", "student_params", "trainable_params", "merged_params")}
+    rank = f", rank {info['rank']}" if info["rank"] else ""
+    print(f"teacher          {info['teacher']} ({info['teacher_blocks']} blocks, width {info['width']})\n"
+          f"kept blocks      {info['kept_blocks']} (reduction {args.reduction}, keep {args.keep})\n"
+          f"mode             {info['mode']}{rank}\n"
+          f"teacher params   {millions['teacher_params']:>8} ({info['teacher_params']:,})\n"
+          f"student params   {millions['student_params']:>8} ({info['student_params']:,}, with adapters)\n"
+          f"trainable        {millions['trainable_params']:>8} ({info['trainable_params']:,})\n"
+          f"merged student   {millions['merged_params']:>8} ({info['merged_params']:,}, what is exported)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="wecolora", description="Few-shot distillation of Vision Transformers by weight copy "
+                                                 "and low-rank adaptation (WeCoLoRA, WACV 2025).")
+    parser.add_argument("--version", action="version", version="wecolora 0.1.0")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    add_distill_parser(sub)
+    add_inspect_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("wecolora").setLevel(logging.INFO)
+    try:
+        return args.handler(args)
+    except UserError as err:
+        print(f"wecolora: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("wecolora: interrupted (rerun with --resume auto to continue)", file=sys.stderr)
+        return 130

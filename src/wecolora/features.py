@@ -1,0 +1,203 @@
+"""Frozen-backbone features for probing: pooling, batched extraction and an on-disk cache.
+
+A cache entry is one safetensors file per (model weights, dataset, split, transform, pooling), so a
+second probe or kNN of the same model on the same data reads the features instead of recomputing them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+_logger = logging.getLogger(__name__)
+
+POOLINGS = ("cls", "mean")
+DEVICES = ("auto", "cpu", "cuda")
+CACHE_ENV = "WECOLORA_CACHE_DIR"
+DEFAULT_CACHE_DIR = Path("~/.cache/wecolora/features")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is cuda when available, else cpu; asking for an absent cuda is a user error."""
+    if device not in DEVICES:
+        raise UserError(f"--device {device!r} is invalid: expected one of {', '.join(DEVICES)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
+    return torch.device(device)
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The feature cache folder: the argument, else ``$WECOLORA_CACHE_DIR``, else ``~/.cache/wecolora/features``."""
+    chosen = cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
+    return Path(chosen).expanduser()
+
+
+def pool_tokens(model: nn.Module, images: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
+    """One feature vector per image, ``[B, D]``, from the tokens after the model's final norm.
+
+    Args:
+        model: a timm model with ``forward_features`` (``[B, N, D]`` tokens, final norm applied).
+        images: ``[B, 3, H, W]`` preprocessed images.
+        pooling: ``cls``: the class token. Models without one fall back to their own pooling
+            (``forward_head(..., pre_logits=True)``, e.g. average of patch tokens + ``fc_norm``), or
+            the mean of the patch tokens when that yields no vector. ``mean``: mean of the patch
+            tokens (prefix tokens such as class and register tokens excluded).
+
+    Returns:
+        ``[B, D]`` features.
+    """
+    tokens = model.forward_features(images)
+    if tokens.ndim == 2:  # already pooled (non-token models)
+        return tokens
+    prefix = getattr(model, "num_prefix_tokens", 0)
+    if pooling == "cls":
+        if getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None):
+            return tokens[:, 0]
+        if hasattr(model, "forward_head"):
+            pooled = model.forward_head(tokens, pre_logits=True)
+            if pooled.ndim == 2:
+                return pooled
+    return tokens[:, prefix:].mean(dim=1)
+
+
+def extract_features(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    *,
+    pooling: str = "cls",
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    desc: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the frozen ``model`` over ``dataset`` once and pool its tokens (see :func:`pool_tokens`).
+
+    The model is put in eval mode and moved to ``device``.
+
+    Args:
+        model: the frozen backbone.
+        dataset: yields ``(image tensor, label)``; labels are ints or multi-hot vectors.
+        pooling: one of :data:`POOLINGS`.
+        batch_size: images per forward pass.
+        device: where the forward passes run.
+        num_workers: DataLoader worker processes.
+        desc: label of the tqdm progress bar.
+
+    Returns:
+        ``(features [N, D] float32, labels [N] int64 or [N, C] float32)``, both on the CPU.
+    """
+    from tqdm.auto import tqdm
+
+    if pooling not in POOLINGS:
+        raise UserError(f"pooling {pooling!r} is invalid: expected one of {', '.join(POOLINGS)}")
+    if len(dataset) == 0:
+        raise UserError(f"cannot extract {desc}: the dataset holds no images")
+    device = torch.device(device)
+    model.eval().to(device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    features, labels = [], []
+    with torch.inference_mode():
+        for images, targets in tqdm(loader, desc=desc, leave=False, disable=None):
+            features.append(pool_tokens(model, images.to(device), pooling).float().cpu())
+            labels.append(torch.as_tensor(targets))
+    targets = torch.cat(labels)
+    targets = targets.float() if targets.ndim == 2 else targets.long()
+    return torch.cat(features), targets
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A digest of the model's class, architecture arguments and every tensor of its state dict."""
+    from timm.models import get_model_args
+
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(type(model).__qualname__.encode())
+    # Shapes alone do not pin the architecture (the number of heads, for one), so hash its arguments too.
+    digest.update(json.dumps(get_model_args(model), sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(dataset: torch.utils.data.Dataset, *, data: str, split: str) -> dict:
+    """What identifies the images and their preprocessing: spec, split, size, ids, labels, transform."""
+    path = Path(data).expanduser()
+    ids = getattr(dataset, "sample_ids", None)
+    targets = getattr(dataset, "targets", None)
+    listing = hashlib.blake2b(json.dumps([ids, targets], default=str).encode(), digest_size=16).hexdigest()
+    return {
+        "data": str(path.resolve()) if path.exists() else data,
+        "split": split,
+        "n": len(dataset),
+        "samples": listing,
+        "transform": repr(getattr(dataset, "transform", None)),
+    }
+
+
+@dataclass
+class Features:
+    """Pooled features of one dataset split, and whether they came from the cache."""
+    features: torch.Tensor  # [N, D] float32
+    labels: torch.Tensor  # [N] int64, or [N, C] float32 multi-hot
+    from_cache: bool
+
+
+def cached_features(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    *,
+    data: str,
+    split: str,
+    pooling: str = "cls",
+    cache_dir: str | os.PathLike | None = None,
+    **extract_options,
+) -> Features:
+    """Features of ``dataset`` read from the cache, or extracted and then stored there.
+
+    Args:
+        model: the frozen backbone (its weights are hashed into the key).
+        dataset: the split, with its transform set.
+        data: the dataset spec it was opened from (part of the key).
+        split: ``train`` or ``test`` (part of the key).
+        pooling: one of :data:`POOLINGS` (part of the key).
+        cache_dir: see :func:`resolve_cache_dir`.
+        **extract_options: ``batch_size``, ``device``, ``num_workers`` for :func:`extract_features`.
+
+    Returns:
+        The :class:`Features`.
+    """
+    from safetensors.torch import load_file, save_file
+
+    key_parts = {"model": model_fingerprint(model), "pooling": pooling, **dataset_fingerprint(dataset, data=data, split=split)}
+    key = hashlib.blake2b(json.dumps(key_parts, sort_keys=True).encode(), digest_size=16).hexdigest()
+    path = resolve_cache_dir(cache_dir) / f"{key}.safetensors"
+    if path.is_file():
+        _logger.info("reusing cached %s features %s", split, path)
+        tensors = load_file(str(path))
+        return Features(tensors["features"], tensors["labels"], from_cache=True)
+    features, labels = extract_features(model, dataset, pooling=pooling, desc=f"{split} features", **extract_options)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so that a killed run never leaves a truncated entry that a later run would trust.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        metadata = {k: str(v) for k, v in key_parts.items()}
+        save_file({"features": features.contiguous(), "labels": labels.contiguous()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _logger.info("cached %s features (%d x %d) in %s", split, *features.shape, path)
+    return Features(features, labels, from_cache=False)

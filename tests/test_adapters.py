@@ -1,0 +1,293 @@
+"""Tests for wecolora.adapters: split qkv, separate q/k/v adapters, merge and export of the merged model."""
+import pytest
+import timm
+import torch
+from torch import nn
+
+import wecolora
+from wecolora import adapters
+from wecolora import student as st
+from wecolora.errors import UserError
+from wecolora.vit import model_args
+
+from conftest import tiny_vit
+
+WIDTH = 32
+ALL_TARGETS = ("q", "k", "v", "proj", "fc1", "fc2")
+
+
+def _images(batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def _randomize_lora_b(model: nn.Module, seed: int = 0, scale: float = 0.1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(scale * torch.randn(p.shape, generator=gen))
+
+
+def _lora_layer(student: nn.Module, block: int, target: str) -> nn.Module:
+    return student.get_base_model().get_submodule(f"blocks.{block}.{adapters.TARGET_PATHS[target]}")
+
+
+def _block0_outputs(student: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Outputs of the six adapted maps of block 0 (q, k, v read as slices of the split qkv output)."""
+    block = student.get_base_model().blocks[0]
+    seen = {}
+    hooks = [
+        block.attn.qkv.register_forward_hook(lambda m, i, o: seen.__setitem__("qkv", o.detach().clone())),
+        block.attn.proj.register_forward_hook(lambda m, i, o: seen.__setitem__("proj", o.detach().clone())),
+        block.mlp.fc1.register_forward_hook(lambda m, i, o: seen.__setitem__("fc1", o.detach().clone())),
+        block.mlp.fc2.register_forward_hook(lambda m, i, o: seen.__setitem__("fc2", o.detach().clone())),
+    ]
+    with torch.no_grad():
+        seen["output"] = student(images).detach().clone()
+    for hook in hooks:
+        hook.remove()
+    qkv = seen.pop("qkv")  # [B, N, 3*D] in (q, k, v) order
+    for i, name in enumerate(("q", "k", "v")):
+        seen[name] = qkv[..., i * WIDTH:(i + 1) * WIDTH]
+    return seen
+
+
+# ---------------------------------------------------------------------------------------------
+# SplitQKV
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_split_qkv_equals_fused_and_fuse_round_trips(bias):
+    torch.manual_seed(0)
+    fused = nn.Linear(WIDTH, 3 * WIDTH, bias=bias)
+    split = adapters.SplitQKV(fused)
+    x = torch.randn(2, 5, WIDTH)
+    torch.testing.assert_close(split(x), fused(x), atol=1e-6, rtol=1e-5)
+    assert torch.equal(torch.cat([split.q(x), split.k(x), split.v(x)], -1), split(x))
+    assert torch.equal(split.k.weight, fused.weight[WIDTH:2 * WIDTH])
+    back = split.fuse()
+    assert type(back) is nn.Linear
+    assert torch.equal(back.weight, fused.weight)
+    if bias:
+        assert torch.equal(back.bias, fused.bias)
+    else:
+        assert back.bias is None and split.q.bias is None
+    assert torch.equal(back(x), fused(x))
+
+
+def test_split_and_fuse_whole_model(teacher):
+    images = _images()
+    expected = teacher(images)
+    adapters.split_qkv(teacher)
+    assert all(isinstance(b.attn.qkv, adapters.SplitQKV) for b in teacher.blocks)
+    torch.testing.assert_close(teacher(images), expected, atol=1e-6, rtol=1e-5)
+    adapters.fuse_qkv(teacher)
+    assert all(type(b.attn.qkv) is nn.Linear for b in teacher.blocks)
+    assert torch.equal(teacher(images), expected)
+
+
+def test_fuse_refuses_unmerged_adapters(teacher):
+    student = st.build_student(teacher, 2, mode="wecolora", rank=4)
+    with pytest.raises(RuntimeError, match="merge the adapters"):
+        student.get_base_model().blocks[0].attn.qkv.fuse()
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters: where they sit, what they change
+
+ADAPTED_CASES = [
+    # (mode, targets wrapped by LoRA in every block)
+    ("wecolora", {"q", "k", "v", "proj", "fc1", "fc2"}),
+    ("lora-qv", {"q", "v"}),
+]
+
+
+@pytest.mark.parametrize("mode, targets", ADAPTED_CASES)
+def test_adapters_sit_only_on_block_linears(teacher, mode, targets):
+    student = st.build_student(teacher, 2, mode=mode, rank=4)
+    wrapped = {name.removeprefix("base_model.model.") for name, m in student.named_modules()
+               if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    expected = {f"blocks.{i}.{adapters.TARGET_PATHS[t]}" for i in range(3) for t in targets}
+    assert wrapped == expected  # in particular patch_embed.proj and head are not wrapped
+
+
+def test_fresh_adapters_change_nothing(teacher):
+    images = _images()
+    plain = st.build_student(teacher, 2, mode="weco-kd")
+    for mode, _ in ADAPTED_CASES:
+        student = st.build_student(teacher, 2, mode=mode, rank=4)
+        assert all(torch.count_nonzero(p) == 0 for n, p in student.named_parameters() if "lora_B" in n)
+        assert all(torch.count_nonzero(p) > 0 for n, p in student.named_parameters() if "lora_A" in n)
+        torch.testing.assert_close(student(images), plain(images), atol=1e-6, rtol=1e-5)
+
+
+# (target whose lora_B is set, block-0 maps that must change; all other maps must not)
+EFFECT_CASES = [
+    ("q", {"q", "proj", "fc1", "fc2"}),
+    ("k", {"k", "proj", "fc1", "fc2"}),
+    ("v", {"v", "proj", "fc1", "fc2"}),
+    ("proj", {"proj", "fc1", "fc2"}),
+    ("fc1", {"fc1", "fc2"}),
+    ("fc2", {"fc2"}),
+]
+
+
+@pytest.mark.parametrize("target, changed", EFFECT_CASES)
+def test_each_adapter_changes_its_own_map(teacher, target, changed):
+    student = st.build_student(teacher, 2, mode="wecolora", rank=4)
+    images = _images()
+    before = _block0_outputs(student, images)
+    layer = _lora_layer(student, 0, target)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(generator=torch.Generator().manual_seed(1))
+    after = _block0_outputs(student, images)
+    assert not torch.allclose(after["output"], before["output"], atol=1e-5), "the student's output did not change"
+    for name in ALL_TARGETS:
+        if name in changed:
+            assert not torch.allclose(after[name], before[name], atol=1e-5), f"{name} did not change"
+        else:
+            assert torch.equal(after[name], before[name]), f"setting {target}'s B changed {name}"
+
+
+@pytest.mark.parametrize("targets, per_block", [(("q", "k", "v"), 6), (("q", "v"), 4), (ALL_TARGETS, 18)])
+def test_q_k_v_adapters_are_separate(targets, per_block):
+    model = tiny_vit()
+    rank = 4
+    peft_model = adapters.add_adapters(model, targets, rank=rank)
+    assert st.count_parameters(peft_model, trainable_only=True) == per_block * WIDTH * rank * 6
+    qkv = peft_model.get_base_model().blocks[0].attn.qkv
+    assert isinstance(qkv, adapters.SplitQKV)
+    params = []
+    for t in ("q", "k", "v"):
+        if t not in targets:
+            assert type(getattr(qkv, t)) is nn.Linear
+            continue
+        layer = getattr(qkv, t)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert a.shape == (rank, WIDTH) and b.shape == (WIDTH, rank)  # each its own D-wide slice
+        params += [a, b]
+    assert len({p.data_ptr() for p in params}) == len(params)  # no shared storage
+
+
+def test_paper_scaling_and_no_dropout(teacher):
+    student = st.build_student(teacher, 2, mode="wecolora", rank=4)
+    layer = _lora_layer(student, 1, "fc1")
+    assert layer.scaling["default"] == 1.0
+    assert isinstance(layer.lora_dropout["default"], nn.Identity)
+    rs = st.build_student(teacher, 2, mode="wecolora", rank=4, use_rslora=True)
+    assert _lora_layer(rs, 1, "fc1").scaling["default"] == pytest.approx(4 / 4 ** 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# merge
+
+MERGE_CASES = {
+    # name: build_student keyword arguments
+    "wecolora": dict(mode="wecolora"),
+    "lora-qv": dict(mode="lora-qv"),
+    "dora": dict(mode="wecolora", use_dora=True),
+    "rslora": dict(mode="wecolora", use_rslora=True),
+    "alpha": dict(mode="wecolora", alpha=8.0),
+    "keep-last-r3": dict(mode="wecolora", reduction=3, keep="last"),
+}
+
+
+@pytest.mark.parametrize("case", MERGE_CASES)
+def test_merge_equals_adapter_student(teacher, case):
+    kwargs = dict(MERGE_CASES[case])
+    reduction = kwargs.pop("reduction", 2)
+    student = st.build_student(teacher, reduction, rank=4, **kwargs)
+    _randomize_lora_b(student)
+    images = _images()
+    with torch.no_grad():
+        expected = student(images)
+        expected_tokens = wecolora.vit.last_block_tokens(student, images)[0]
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+
+    merged = wecolora.merge(student)
+
+    assert type(merged) is timm.models.VisionTransformer
+    assert len(merged.blocks) == len(st.select_blocks(6, reduction, kwargs.get("keep", "first")))
+    assert all(type(b.attn.qkv) is nn.Linear and b.attn.qkv.out_features == 3 * WIDTH for b in merged.blocks)
+    assert not any(type(m).__module__.startswith("peft") for m in merged.modules())
+    assert not any("lora" in k or "base_layer" in k for k in merged.state_dict())
+    assert set(merged.state_dict()) == set(teacher.state_dict()) - {
+        k for k in teacher.state_dict() if k.startswith("blocks.") and int(k.split(".")[1]) >= len(merged.blocks)}
+    merged.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(images), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(wecolora.vit.last_block_tokens(merged, images)[0], expected_tokens,
+                                   atol=1e-4, rtol=1e-4)
+    assert abs(merged(images) - st.build_student(teacher, reduction, mode="weco-kd", keep=kwargs.get("keep", "first"))(
+        images)).max() > 1e-3  # the adapters did something that survived the merge
+
+    # the student is untouched and still works as before
+    assert adapters.has_adapters(student)
+    assert isinstance(student.get_base_model().blocks[0].attn.qkv, adapters.SplitQKV)
+    after = student.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(student(images), expected)
+
+
+def test_merge_of_plain_student_is_a_copy(teacher):
+    plain = st.build_student(teacher, 2, mode="weco-kd")
+    merged = wecolora.merge(plain)
+    assert merged is not plain and type(merged) is timm.models.VisionTransformer
+    assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), plain.state_dict().values()))
+
+
+def test_merge_refuses_non_finite_weights(teacher):
+    student = st.build_student(teacher, 2, mode="wecolora", rank=4)
+    _randomize_lora_b(student)
+    with torch.no_grad():
+        _lora_layer(student, 1, "v").lora_B["default"].weight[0, 0] = float("nan")
+    with pytest.raises(Exception) as info:
+        wecolora.merge(student)
+    assert isinstance(info.value, ValueError)
+    # peft's safe_merge raises a plain ValueError; UserError would be the project's convention
+    assert "nan" in str(info.value).lower() or "finite" in str(info.value).lower()
+    assert isinstance(student.get_base_model().blocks[1].attn.qkv, adapters.SplitQKV)  # student untouched
+
+
+def test_merged_model_round_trips_through_save_for_hf(teacher, tmp_path):
+    student = st.build_student(teacher, 2, mode="wecolora", rank=4)
+    _randomize_lora_b(student)
+    merged = wecolora.merge(student).eval()
+    folder = tmp_path / "m"
+    timm.models.save_for_hf(merged, folder, safe_serialization=True, model_args=model_args(merged))
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    reloaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    assert len(reloaded.blocks) == 3
+    images = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(images), merged(images), atol=1e-5, rtol=1e-5)
+    assert tuple(reloaded.pretrained_cfg["mean"]) == tuple(teacher.pretrained_cfg["mean"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Refused settings
+
+@pytest.mark.parametrize("rank", [0, -1, WIDTH + 1, 1000])
+def test_impossible_rank(teacher, rank):
+    with pytest.raises(UserError, match=f"rank {rank}"):
+        st.build_student(teacher, 2, mode="wecolora", rank=rank)
+
+
+@pytest.mark.parametrize("rank", [1, WIDTH])
+def test_extreme_ranks_build(teacher, rank):
+    student = st.build_student(teacher, 2, mode="lora-qv", rank=rank)
+    assert st.count_parameters(student, trainable_only=True) == 4 * WIDTH * rank * 3
+
+
+@pytest.mark.parametrize("targets", [("qkv",), ("q", "mlp"), ("head",)])
+def test_unknown_target(targets):
+    with pytest.raises(UserError, match="unknown adapter target"):
+        adapters.add_adapters(tiny_vit(), targets, rank=4)
+    with pytest.raises(UserError, match="choose from"):
+        adapters.target_regex(targets)
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0])
+def test_impossible_dropout(dropout):
+    with pytest.raises(UserError, match="dropout"):
+        adapters.add_adapters(tiny_vit(), ALL_TARGETS, rank=4, dropout=dropout)
