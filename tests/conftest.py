@@ -20,3 +20,16 @@ def tiny_vit(depth: int = 6, **overrides):
 @pytest.fixture
 def teacher():
     return tiny_vit()
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    """A saved 6-block tiny ViT for 28 px digits (patch 7: 17 tokens), loadable as ``local-dir:``."""
+    from timm.models import save_for_hf
+
+    from wecolora.vit import model_args
+
+    model = tiny_vit(img_size=28, patch_size=7)
+    folder = tmp_path_factory.mktemp("teacher") / "vit"
+    save_for_hf(model, folder, safe_serialization=True, model_args=model_args(model))
+    return folder

@@ -5,8 +5,6 @@ Reads top to bottom: resolve settings -> build teacher, student, data -> optimiz
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import shutil
@@ -22,6 +20,7 @@ from . import data, losses, vit
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DistillConfig, to_yaml
 from .errors import UserError
+from .engine import make_accelerator, make_scheduler, summary_csv, versions
 from .export import RUN_INFO, export_run
 from .files import atomic_write_text
 from .student import build_student, default_rank, get_mode, group_ends
@@ -43,20 +42,6 @@ class TokenMatcher(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return vit.last_block_tokens(self.student, images, self.blocks, norm=self.norm)
-
-
-def make_accelerator(device: str, precision: str | None, accum_steps: int = 1):
-    """An ``accelerate.Accelerator`` for ``--device`` and ``--precision`` (bf16 on CUDA, fp32 on CPU)."""
-    from accelerate import Accelerator
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is visible; use --device cpu or auto")
-    use_cpu = device == "cpu" or not torch.cuda.is_available()
-    precision = precision or ("fp32" if use_cpu else "bf16")
-    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-    if use_cpu and mixed == "fp16":
-        raise UserError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-    return Accelerator(cpu=use_cpu, mixed_precision=mixed, gradient_accumulation_steps=accum_steps), precision
 
 
 def check_output(config: DistillConfig) -> Path:
@@ -128,7 +113,7 @@ def distill(config: DistillConfig) -> dict:
         "world_size": world, "effective_batch": config.effective_batch(world), "kept_blocks": kept,
         "teacher_blocks": depth, "matched_student_blocks": student_blocks, "matched_teacher_blocks": teacher_blocks,
         "images": len(subset), "updates_per_epoch": updates_per_epoch, "num_workers": num_workers,
-        "versions": _versions(),
+        "versions": versions(),
     }
     start_epoch, updates, rows = 0, 0, []
     checkpoint_dir = output / "checkpoint"
@@ -159,7 +144,7 @@ def distill(config: DistillConfig) -> dict:
                                            updates=updates, epoch=epoch)
         rows.append({"epoch": epoch + 1, **metrics, "updates": updates})
         if accelerator.is_main_process:
-            atomic_write_text(output / "summary.csv", _csv(rows))
+            atomic_write_text(output / "summary.csv", summary_csv(rows, SUMMARY_COLUMNS))
             save_checkpoint(checkpoint_dir, student, optimizer, scheduler,
                             {"epoch": epoch + 1, "updates": updates, "rows": rows})
         accelerator.wait_for_everyone()
@@ -174,18 +159,6 @@ def distill(config: DistillConfig) -> dict:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     return {"output": str(output), "epochs": rows, **info}
-
-
-def make_scheduler(optimizer, epochs: int, warmup_epochs: int, updates_per_epoch: int):
-    """timm per-iteration schedule: linear warmup from 0 over ``warmup_epochs``, then half-cosine to 0."""
-    from timm.scheduler import create_scheduler_v2
-
-    scheduler, _ = create_scheduler_v2(
-        optimizer, "cosine", num_epochs=epochs - warmup_epochs, warmup_epochs=warmup_epochs, warmup_prefix=True,
-        warmup_lr=0.0, min_lr=0.0, step_on_epochs=False, updates_per_epoch=updates_per_epoch,
-    )
-    scheduler.step_update(0)
-    return scheduler
 
 
 def train_one_epoch(model, teacher, loader, optimizer, scheduler, accelerator, bar, *, teacher_blocks, norm,
@@ -221,20 +194,3 @@ def train_one_epoch(model, teacher, loader, optimizer, scheduler, accelerator, b
     mean_loss = accelerator.reduce(loss_sum / max(1, step + 1), reduction="mean").item()
     return {"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], "images_per_s": images_seen / seconds,
             "seconds": seconds}, updates
-
-
-def _csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def _versions() -> dict:
-    import accelerate
-    import peft
-    import timm
-
-    return {"torch": str(torch.__version__), "timm": timm.__version__, "peft": peft.__version__,
-            "accelerate": accelerate.__version__}

@@ -67,7 +67,7 @@ def _resolve_spec(spec: str) -> str:
     path = Path(spec)
     if spec.startswith(("local-dir:", "hf-hub:")) or not path.exists():
         return spec
-    for candidate in (path / "student", path):
+    for candidate in (path / "student", path / "model", path):
         if (candidate / "config.json").is_file():
             return f"local-dir:{candidate}"
     raise UserError(f"{spec} is a folder without config.json: give a timm model folder, a run folder or a model name")

@@ -1,0 +1,114 @@
+import math
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import wecolora.distill as distill_module
+from wecolora import adapters, vit
+from wecolora.config import DistillConfig
+from wecolora.distill import distill
+from wecolora.engine import make_scheduler
+from wecolora.errors import UserError
+from wecolora.student import build_student
+
+
+def config(teacher_dir, output, **overrides):
+    settings = dict(teacher=f"local-dir:{teacher_dir}", data="mnist-5k", output=str(output), ratio=0.02,
+                    epochs=3, warmup_epochs=1, batch_size=16, accum_steps=2, blr=5e-3, num_workers=0, device="cpu")
+    settings.update(overrides)
+    return DistillConfig(**settings)
+
+
+def test_scheduler_warmup_from_zero_then_cosine_to_zero_per_iteration():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=4e-3)
+    epochs, warmup, per_epoch = 5, 2, 4
+    scheduler = make_scheduler(optimizer, epochs, warmup, per_epoch)
+    warmup_steps, total = warmup * per_epoch, epochs * per_epoch
+    for step in range(total + 1):
+        scheduler.step_update(step)
+        if step < warmup_steps:
+            expected = 4e-3 * step / warmup_steps
+        else:
+            expected = 0.5 * 4e-3 * (1 + math.cos(math.pi * (step - warmup_steps) / (total - warmup_steps)))
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-12), step
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["wecolora", "lora-qv", "weco-kd", "scratch-kd"])
+def test_a_short_distillation_lowers_the_loss_in_every_mode(teacher_dir, tmp_path, mode):
+    result = distill(config(teacher_dir, tmp_path / mode, mode=mode, epochs=4, rank=8))
+    losses = [row["loss"] for row in result["epochs"]]
+    assert losses[-1] < losses[0], losses
+    for name in ("student/config.json", "student/model.safetensors", "adapter/wecolora.json", "config.yaml",
+                 "summary.csv", "subset.txt"):
+        assert (tmp_path / mode / name).is_file(), name
+    assert not (tmp_path / mode / "checkpoint").exists()
+    assert len((tmp_path / mode / "subset.txt").read_text().split()) == 80  # 2% of 400 per class x 10
+    assert (tmp_path / mode / "summary.csv").read_text().count("\n") == 1 + 4
+
+
+def test_exported_student_loads_in_timm_and_matches_the_adapter_files(teacher_dir, tmp_path):
+    run = tmp_path / "run"
+    distill(config(teacher_dir, run, rank=4))
+    plain = timm.create_model(f"local-dir:{run / 'student'}", pretrained=True).eval()
+    assert len(plain.blocks) == 3
+    # Rebuild the adapter student from the teacher and the saved peft adapter.
+    from peft import PeftModel
+
+    teacher = vit.load_model(f"local-dir:{teacher_dir}")
+    base = build_student(teacher, 2, mode="weco-kd")
+    adapters.split_qkv(base)
+    student = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
+    images = torch.randn(4, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(images), student(images), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(plain(images), teacher(images), atol=1e-3)  # training changed something
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(teacher_dir, tmp_path, monkeypatch):
+    distill(config(teacher_dir, tmp_path / "whole"))
+
+    real_save = distill_module.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise Interrupted
+
+    monkeypatch.setattr(distill_module, "save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        distill(config(teacher_dir, tmp_path / "cut"))
+    monkeypatch.setattr(distill_module, "save_checkpoint", real_save)
+    assert (tmp_path / "cut" / "checkpoint").is_dir()
+    with pytest.raises(UserError, match="interrupted run"):
+        distill(config(teacher_dir, tmp_path / "cut"))
+    result = distill(config(teacher_dir, tmp_path / "cut", resume="auto"))
+    assert [row["epoch"] for row in result["epochs"]] == [1, 2, 3]
+
+    whole = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
+    resumed = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        torch.testing.assert_close(whole[key], resumed[key], atol=1e-6, rtol=0)
+
+
+def test_a_finished_run_is_not_overwritten_without_asking(teacher_dir, tmp_path):
+    distill(config(teacher_dir, tmp_path / "run", epochs=2))
+    before = (tmp_path / "run" / "student" / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="already holds a finished run"):
+        distill(config(teacher_dir, tmp_path / "run", epochs=2, seed=1))
+    assert (tmp_path / "run" / "student" / "model.safetensors").read_bytes() == before
+    distill(config(teacher_dir, tmp_path / "run", epochs=2, seed=1, overwrite=True))
+    assert (tmp_path / "run" / "student" / "model.safetensors").read_bytes() != before
+
+
+def test_per_block_matching_pairs_student_blocks_with_the_ends_of_their_groups(teacher_dir, tmp_path):
+    distill(config(teacher_dir, tmp_path / "run", reduction=3, match="per-block", epochs=2))
+    text = (tmp_path / "run" / "config.yaml").read_text()
+    assert "matched_teacher_blocks:\n  - 2\n  - 5\n" in text
