@@ -141,7 +141,10 @@ def merge(student: nn.Module) -> nn.Module:
     """
     if not has_adapters(student):
         return copy.deepcopy(student)
-    merged = copy.deepcopy(student).merge_and_unload(safe_merge=True)
+    try:
+        merged = copy.deepcopy(student).merge_and_unload(safe_merge=True)
+    except ValueError as err:  # peft's safe_merge finite check
+        raise UserError(f"cannot merge the adapters: {err} (non-finite adapter weights: did the run diverge?)") from err
     fuse_qkv(merged)
     for p in merged.parameters():
         p.requires_grad_(True)

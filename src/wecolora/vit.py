@@ -15,6 +15,9 @@ from .errors import UserError
 
 _logger = logging.getLogger(__name__)
 
+# The small Fashion-MNIST teacher shipped with the package (see assets/teacher/RECIPE.md).
+BUNDLED_TEACHER = Path(__file__).parent / "assets" / "teacher"
+
 SUPPORTED_FAMILIES = "timm VisionTransformer models (vit_*, deit*, DINOv2, MAE, CLIP/SigLIP ViTs)"
 
 
@@ -63,7 +66,11 @@ def architecture(model: nn.Module) -> str:
 
 
 def _resolve_spec(spec: str) -> str:
-    """Turn run folders and plain folders into timm's ``local-dir:`` form."""
+    """Turn ``bundled``, run folders and plain folders into timm's ``local-dir:`` form."""
+    if spec == "bundled":
+        if not (BUNDLED_TEACHER / "config.json").is_file():
+            raise UserError(f"the bundled teacher is missing from this install ({BUNDLED_TEACHER})")
+        return f"local-dir:{BUNDLED_TEACHER}"
     path = Path(spec)
     if spec.startswith(("local-dir:", "hf-hub:")) or not path.exists():
         return spec
@@ -78,7 +85,7 @@ def load_model(spec: str, *, weights: str | None = None, img_size: int | None = 
     """Create a timm ViT from a spec, with pretrained weights from the spec or from a local file.
 
     Args:
-        spec: timm name (``vit_small_patch16_224.dino``), ``local-dir:FOLDER``, ``hf-hub:ORG/NAME``,
+        spec: timm name (``vit_small_patch16_224.dino``), ``local-dir:FOLDER``, ``hf-hub:ORG/NAME``, ``bundled``,
             or a folder holding ``config.json`` (a run folder resolves to its ``student/``).
         weights: optional local ``.safetensors``/``.pth`` loaded into that architecture through timm's
             pretrained path (handles MAE/DINOv2/CLIP layouts, pos-embed resize and head drop).
