@@ -10,7 +10,9 @@ import logging
 import sys
 
 from .config import DEVICES, LOSS_NAMES, MATCH_NAMES, MODE_NAMES, PRECISIONS, DistillConfig, build_config
+from .checks import check_distill, check_evaluation, check_model_spec, check_pretrain
 from .errors import UserError
+from .files import disk_error
 
 DISTILL_EXAMPLES = """examples:
   # the paper's recipe (r=2, rank 128, 1% of the classes' images, 10 epochs) on a class-folder set
@@ -86,10 +88,11 @@ def add_distill_parser(sub) -> None:
 
 
 def run_distill(args) -> int:
-    from .distill import distill
-
     flags = {k: v for k, v in vars(args).items() if k not in ("handler", "config_file", "command")}
     config = build_config(DistillConfig, args.config_file, **flags)
+    check_distill(config)  # paths and run state, before torch is imported
+    from .distill import distill
+
     result = distill(config)
     last = result["epochs"][-1] if result["epochs"] else {}
     print(f"done: {result['output']}/student (mode {result['mode']}, blocks {result['kept_blocks']}, "
@@ -111,6 +114,7 @@ def add_inspect_parser(sub) -> None:
 
 
 def run_inspect(args) -> int:
+    check_model_spec(args.teacher)
     from .student import describe
     from .vit import load_model
 
@@ -168,8 +172,110 @@ def run_pretrain(args) -> int:
     from .pretrain import PretrainConfig, pretrain
 
     flags = {k: v for k, v in vars(args).items() if k not in ("handler", "config_file", "command")}
-    result = pretrain(build_config(PretrainConfig, args.config_file, **flags))
+    config = build_config(PretrainConfig, args.config_file, **flags)
+    check_pretrain(config)
+    result = pretrain(config)
     print(f"done: {result['output']}/model (test top-1 {result['test_top1']:.4f})")
+    return 0
+
+
+EVAL_EXAMPLES = """examples:
+  wecolora probe --model runs/student --data fashion-mnist --output runs/student/probe-fm
+  wecolora probe --model bundled --data mnist-5k --output runs/teacher-probe --protocol mae --epochs 20
+  wecolora knn --model runs/student --data mnist-5k --output runs/student/knn --k 20
+  wecolora report runs/student/probe-fm runs/teacher-probe --output runs/report
+"""
+
+
+def add_eval_parsers(sub) -> None:
+    for command, what in (("probe", "linear probe of a frozen model"), ("knn", "weighted kNN on frozen features")):
+        p = sub.add_parser(command, help=what, epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--model", required=True, help="run folder, student/ folder, or teacher spec (e.g. bundled)")
+        p.add_argument("--data", required=True, help="dataset with train and test splits, or fashion-mnist, mnist-5k")
+        p.add_argument("--output", required=True, metavar="DIR", help="writes DIR/results.json")
+        p.add_argument("--pooling", choices=("cls", "mean"), default="cls",
+                       help="CLS token after the final norm (default) or mean of patch tokens")
+        p.add_argument("--device", choices=DEVICES, default="auto")
+        p.add_argument("--num-workers", type=int, default=0, help="data loader workers for feature extraction")
+        p.add_argument("--cache-dir", help="feature cache (default $WECOLORA_CACHE_DIR or ~/.cache/wecolora)")
+        if command == "probe":
+            p.add_argument("--protocol", choices=("cached", "mae"), default="cached",
+                           help="cached: head on cached features (default, fast); mae: the paper's, backbone every epoch")
+            p.add_argument("--epochs", type=int, help="default 50; the last epoch's test score is reported")
+            p.add_argument("--batch-size", type=int, default=512)
+            p.add_argument("--lr", type=float, help="default 0.1 x batch / 256 (LARS)")
+            p.add_argument("--val-fraction", type=float, default=0.0, help="carve a validation split from train")
+            p.add_argument("--train-per-class", type=int, help="probe on a fixed number of training images per class")
+            p.add_argument("--augment", action="store_true", help="mae protocol: train on augmented images")
+            p.add_argument("--seed", type=int, default=0)
+        else:
+            p.add_argument("--k", type=int, default=20)
+            p.add_argument("--temperature", type=float, default=0.07)
+        p.set_defaults(handler=run_eval)
+    p = sub.add_parser("report", help="gather results.json files into one markdown table and CSV",
+                       epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="folders holding results.json")
+    p.add_argument("--output", required=True, metavar="DIR", help="writes DIR/report.md and DIR/report.csv")
+    p.set_defaults(handler=run_report)
+
+
+def run_eval(args) -> int:
+    check_evaluation(args.model, args.data, args.output)  # before torch is imported
+    from . import evaluate
+
+    options = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "model", "data", "output")}
+    function = evaluate.probe if args.command == "probe" else evaluate.knn
+    results = function(args.model, args.data, args.output, **options)
+    print(f"{args.command} {args.model} on {args.data}: top-1 {100 * results['top1']:.2f}% "
+          f"(n_train {results['n_train']}, n_test {results['n_test']}) -> {args.output}/results.json")
+    return 0
+
+
+def run_report(args) -> int:
+    from .evaluate import write_report
+
+    print(write_report(args.runs, args.output))
+    return 0
+
+
+ABLATE_EXAMPLES = """examples:
+  wecolora ablate --preset demo --output runs/demo
+  wecolora ablate --preset paper-table-a --data /data/imagenet --probe-data /data/imagenet /data/cifar100 --output runs/table-a
+  wecolora ablate --config my-grid.yaml --output runs/grid
+presets: demo (bundled teacher, offline), paper-table-a, paper-table-b (ImageNet settings; need the data and a GPU)
+"""
+
+
+def add_ablate_parsers(sub) -> None:
+    p = sub.add_parser("ablate", help="run a grid of distillations and probes; write report.md, results.csv, chart.png",
+                       epilog=ABLATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", help="demo, paper-table-a or paper-table-b")
+    p.add_argument("--config", dest="config_file", metavar="FILE.yaml", help="a grid file in the presets' format")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--teacher", help="override the preset's teacher")
+    p.add_argument("--data", dest="distill_data", help="override the preset's distillation set")
+    p.add_argument("--probe-data", nargs="+", help="override the preset's probe sets")
+    p.add_argument("--quick", action="store_true", help="the preset's reduced variant")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.set_defaults(handler=run_ablate)
+    p = sub.add_parser("demo", help="the embedded default end to end: bundled teacher, offline data, a results table",
+                       description="Distill the bundled Fashion-MNIST teacher with every mode (scratch KD, WeCo+KD, "
+                                   "plain LoRA, WeCoLoRA) at 1%% and 10%% of the images, probe every model, print "
+                                   "the table. Offline, about 15 minutes on 2 CPU cores; --quick in under 3.")
+    p.add_argument("--output", default="runs/demo", metavar="DIR", help="default runs/demo")
+    p.add_argument("--quick", action="store_true", help="a reduced run (3 students, mnist-5k probes)")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.set_defaults(handler=run_ablate, preset="demo", config_file=None, teacher=None, distill_data=None,
+                   probe_data=None)
+
+
+def run_ablate(args) -> int:
+    from .ablate import ablate, load_ablation, markdown_table
+
+    grid = load_ablation(args.preset, args.config_file, quick=args.quick, teacher=args.teacher,
+                         distill_data=args.distill_data, probe_data=args.probe_data)
+    rows = ablate(grid, args.output, device=args.device)
+    print(f"\n{markdown_table(rows, grid.probe_data)}\n\nreport: {args.output}/report.md, results.csv, chart.png")
     return 0
 
 
@@ -181,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_parser(sub)
     add_inspect_parser(sub)
     add_pretrain_parser(sub)
+    add_eval_parsers(sub)
+    add_ablate_parsers(sub)
     return parser
 
 
@@ -192,6 +300,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except UserError as err:
         print(f"wecolora: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a full disk or a read-only folder is the user's to fix, not a crash
+        message = disk_error(err)
+        if message is None:
+            raise
+        print(f"wecolora: error: {message}; free some space or choose another --output "
+              f"(files written earlier are intact)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("wecolora: interrupted (rerun with --resume auto to continue)", file=sys.stderr)

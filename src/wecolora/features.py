@@ -134,8 +134,11 @@ def model_fingerprint(model: nn.Module) -> str:
 def dataset_fingerprint(dataset: torch.utils.data.Dataset, *, data: str, split: str) -> dict:
     """What identifies the images and their preprocessing: spec, split, size, ids, labels, transform."""
     path = Path(data).expanduser()
-    ids = getattr(dataset, "sample_ids", None)
-    targets = getattr(dataset, "targets", None)
+    ids, targets = getattr(dataset, "sample_ids", None), getattr(dataset, "targets", None)
+    if ids is None or targets is None:
+        # Without them two different subsets of one spec would share a cache entry.
+        raise TypeError(f"caching needs a dataset with sample_ids and targets (as open_dataset returns), "
+                        f"not a {type(dataset).__name__}; cache the full split and index its features")
     listing = hashlib.blake2b(json.dumps([ids, targets], default=str).encode(), digest_size=16).hexdigest()
     return {
         "data": str(path.resolve()) if path.exists() else data,
@@ -162,6 +165,7 @@ def cached_features(
     split: str,
     pooling: str = "cls",
     cache_dir: str | os.PathLike | None = None,
+    fingerprint: str | None = None,
     **extract_options,
 ) -> Features:
     """Features of ``dataset`` read from the cache, or extracted and then stored there.
@@ -173,6 +177,8 @@ def cached_features(
         split: ``train`` or ``test`` (part of the key).
         pooling: one of :data:`POOLINGS` (part of the key).
         cache_dir: see :func:`resolve_cache_dir`.
+        fingerprint: :func:`model_fingerprint` of ``model`` when the caller has it (hashing a large
+            model takes a while, and a probe reads two splits).
         **extract_options: ``batch_size``, ``device``, ``num_workers`` for :func:`extract_features`.
 
     Returns:
@@ -180,7 +186,8 @@ def cached_features(
     """
     from safetensors.torch import load_file, save_file
 
-    key_parts = {"model": model_fingerprint(model), "pooling": pooling, **dataset_fingerprint(dataset, data=data, split=split)}
+    key_parts = {"model": fingerprint or model_fingerprint(model), "pooling": pooling,
+                 **dataset_fingerprint(dataset, data=data, split=split)}
     key = hashlib.blake2b(json.dumps(key_parts, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = resolve_cache_dir(cache_dir) / f"{key}.safetensors"
     if path.is_file():

@@ -1,0 +1,581 @@
+"""Frozen-feature evaluation of any student or teacher: linear probes, weighted kNN and reports.
+
+Two linear-probe protocols train the same head (MAE's: BatchNorm without affine + Linear, LARS,
+lr = 0.1 * batch / 256, warmup + cosine per iteration) and report the LAST epoch's test score:
+
+- ``cached`` (default): on features extracted once and cached on disk; many epochs in seconds.
+- ``mae``: the paper's online protocol, running the frozen backbone on the images every epoch
+  (optionally with the training augmentation).
+
+Both draw the same seeded batches, so without augmentation they differ only by float rounding.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import UserError
+from .features import POOLINGS, cached_features, extract_features, model_fingerprint, pool_tokens, resolve_device
+from .files import atomic_write_text
+
+_logger = logging.getLogger(__name__)
+
+PROTOCOLS = ("cached", "mae")
+DEFAULT_EPOCHS = 50  # the paper's recipe for downstream sets (90 for ImageNet)
+BASE_LR = 0.1  # lr = BASE_LR * batch / 256
+RESULTS = "results.json"
+REPORT_COLUMNS = ("run", "model", "data", "protocol", "pooling", "top1", "top5", "val_top1", "auc",
+                  "n_train", "train_per_class", "n_test", "epochs", "k", "feature_dim", "seconds")  # fmt: skip
+PERCENT_COLUMNS = ("top1", "top5", "val_top1", "auc")
+TEXT_COLUMNS = ("run", "model", "data", "protocol", "pooling")
+
+
+def _require(ok: bool, name: str, value, expected: str) -> None:
+    if not ok:
+        raise UserError(f"--{name.replace('_', '-')} {value!r} is invalid: expected {expected}")
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def multilabel_auc(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean ROC-AUC over labels (ties count one half), skipping labels with only one class present.
+
+    Args:
+        scores: ``[N, C]`` any real scores.
+        targets: ``[N, C]`` multi-hot 0/1.
+
+    Returns:
+        The mean AUC over the labels that have both positives and negatives.
+    """
+    scores, targets = np.asarray(scores, dtype=np.float64), np.asarray(targets) > 0.5
+    aucs = []
+    for s, positive in zip(scores.T, targets.T):
+        n_pos = int(positive.sum())
+        n_neg = len(positive) - n_pos
+        if n_pos and n_neg:
+            # Mann-Whitney U from average ranks: AUC = (rank sum of positives - n_pos(n_pos+1)/2) / (n_pos n_neg).
+            aucs.append((_average_ranks(s)[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    if not aucs:
+        raise UserError("no label has both positive and negative test images, so ROC-AUC is undefined")
+    return float(np.mean(aucs))
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x``, tied values sharing the average of their ranks."""
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    starts_group = np.r_[True, sorted_x[1:] != sorted_x[:-1]]
+    group = np.cumsum(starts_group) - 1
+    starts = np.flatnonzero(starts_group)
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x))
+    ranks[order] = ((starts + 1 + ends) / 2)[group]
+    return ranks
+
+
+def classification_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Top-1/top-5 accuracy (fractions) for ``[N]`` labels; for ``[N, C]`` multi-hot also mean ROC-AUC.
+
+    For multi-label targets, top-1 is precision at 1 (the highest score is a positive) and top-5
+    whether a positive is among the five highest.
+    """
+    top = scores.topk(min(5, scores.shape[1]), dim=1).indices  # [N, 5]
+    if targets.ndim == 2:
+        hits = targets.gather(1, top) > 0.5
+        return {"top1": hits[:, 0].float().mean().item(), "top5": hits.any(1).float().mean().item(),
+                "auc": multilabel_auc(scores, targets)}  # fmt: skip
+    hits = top == targets[:, None]
+    return {"top1": hits[:, 0].float().mean().item(), "top5": hits.any(1).float().mean().item()}
+
+
+# ---------------------------------------------------------------- linear probe
+
+
+def linear_head(dim: int, num_outputs: int) -> nn.Sequential:
+    """MAE's probe head: BatchNorm1d without affine (normalises the features) + Linear (std 0.01, bias 0)."""
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_outputs))
+    nn.init.trunc_normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+class EpochBatches:
+    """Batch sampler: a fresh seeded permutation per pass, the incomplete last batch dropped.
+
+    Dropping it keeps every BatchNorm batch larger than one, as MAE's ``drop_last=True`` does.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator)[: len(self) * self.batch_size]
+        yield from order.view(len(self), self.batch_size).tolist()
+
+
+def split_validation(targets: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Carve a validation split from train: ``round(n_c * fraction)`` images of each class (random for multi-label).
+
+    Returns:
+        ``(train indices, validation indices)``, each sorted; no validation indices (None) for fraction 0.
+    """
+    if fraction <= 0:
+        return torch.arange(len(targets)), None
+    generator = torch.Generator().manual_seed(seed)
+    groups = [torch.arange(len(targets))] if targets.ndim == 2 else [
+        torch.nonzero(targets == c).flatten() for c in targets.unique()]  # fmt: skip
+    val = []
+    for idx in groups:
+        val.append(idx[torch.randperm(len(idx), generator=generator)[: round(len(idx) * fraction)]])
+    val = torch.cat(val).sort().values
+    if len(val) == 0:
+        raise UserError(f"--val-fraction {fraction} leaves no validation image; raise it or use 0")
+    keep = torch.ones(len(targets), dtype=torch.bool)
+    keep[val] = False
+    return torch.nonzero(keep).flatten(), val
+
+
+def _train_head(dim: int, num_outputs: int, epoch_batches, *, sampler: EpochBatches, settings: dict,
+                multilabel: bool, seed: int, device: torch.device) -> tuple[nn.Module, float]:
+    """Train a fresh head on ``epoch_batches()`` (``(features, targets)`` per step) each epoch.
+
+    Returns:
+        The head in eval mode and the last step's loss.
+    """
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    head = linear_head(dim, num_outputs).to(device)
+    epochs, warmup = settings["epochs"], settings["warmup_epochs"]
+    # With weight decay 0 timm's LARS applies no trust ratio: it is SGD with momentum 0.9, as MAE's is for biases.
+    optimizer = create_optimizer_v2(head, "lars", lr=settings["lr"], weight_decay=0.0, momentum=0.9)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, "cosine", num_epochs=epochs - warmup, warmup_epochs=warmup, warmup_prefix=True,
+        warmup_lr=0.0, min_lr=0.0, step_on_epochs=False, updates_per_epoch=len(sampler),
+    )  # fmt: skip
+    loss_fn = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
+    head.train()
+    step, loss = 0, torch.tensor(float("nan"))
+    for _ in tqdm(range(epochs), desc="probe epochs", leave=False, disable=None):
+        for features, targets in epoch_batches():
+            loss = loss_fn(head(features), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            scheduler.step_update(num_updates=step)
+    return head.eval(), loss.item()
+
+
+def _probe_settings(n_train: int, *, epochs: int, batch_size: int, lr: float | None, warmup_epochs: int | None) -> dict:
+    """Resolve the effective batch (at most the train size), absolute lr and warmup."""
+    if n_train < 2:
+        raise UserError(f"a linear probe needs at least 2 training images, got {n_train}")
+    batch = min(batch_size, n_train)
+    warmup = min(10, epochs // 5) if warmup_epochs is None else warmup_epochs
+    _require(0 <= warmup < epochs, "warmup_epochs", warmup, f"an integer in [0, epochs={epochs})")
+    return {"epochs": epochs, "batch_size": batch, "lr": BASE_LR * batch / 256 if lr is None else lr,
+            "warmup_epochs": warmup}  # fmt: skip
+
+
+@torch.no_grad()
+def _score(head: nn.Module, test: tuple, val: tuple | None, device: torch.device, chunk: int = 8192) -> dict:
+    """Test metrics of the trained head, plus the validation ones prefixed ``val_``."""
+    def scores(features):
+        return torch.cat([head(f.to(device)).float().cpu() for f in features.split(chunk)])
+
+    metrics = classification_metrics(scores(test[0]), test[1])
+    if val is not None:
+        metrics.update({f"val_{name}": value for name, value in classification_metrics(scores(val[0]), val[1]).items()})
+    return metrics
+
+
+def _num_outputs(train_y: torch.Tensor, test_y: torch.Tensor, num_classes: int | None) -> int:
+    if train_y.ndim == 2:
+        return train_y.shape[1]
+    return num_classes or int(max(train_y.max(), test_y.max())) + 1
+
+
+def train_linear_probe(
+    train_feats: torch.Tensor,
+    train_y: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_y: torch.Tensor,
+    *,
+    num_classes: int | None = None,
+    epochs: int = DEFAULT_EPOCHS,
+    batch_size: int = 512,
+    lr: float | None = None,
+    warmup_epochs: int | None = None,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Train the probe head on fixed features and score the last epoch on the test features.
+
+    Args:
+        train_feats, test_feats: ``[N, D]`` features.
+        train_y, test_y: ``[N]`` class indices, or ``[N, C]`` multi-hot (BCE loss, mean ROC-AUC).
+        num_classes: head size for single-label data (default: largest label + 1).
+        epochs: training epochs; the score is the last epoch's, never the best.
+        batch_size: images per step (capped at the train size); sets the default lr.
+        lr: absolute peak lr (default ``0.1 * batch / 256``).
+        warmup_epochs: linear warmup before the cosine (default ``min(10, epochs // 5)``).
+        val_fraction: share of each train class held out and scored as ``val_top1``.
+        seed: head init, batch order and validation split.
+        device: where the head trains.
+
+    Returns:
+        ``top1``, ``top5`` (fractions), ``auc`` for multi-label, ``val_top1`` (``val_top5``, ...) when
+        validating, ``n_train``, ``n_val``, ``n_test``, ``feature_dim``, ``final_loss`` and the resolved settings.
+    """
+    device = torch.device(device)
+    fit_idx, val_idx = split_validation(train_y, val_fraction, seed)
+    settings = _probe_settings(len(fit_idx), epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs)
+    sampler = EpochBatches(len(fit_idx), settings["batch_size"], seed)
+    fit_feats, fit_y = train_feats[fit_idx].to(device), train_y[fit_idx].to(device)
+    head, loss = _train_head(train_feats.shape[1], _num_outputs(train_y, test_y, num_classes),
+                             lambda: ((fit_feats[idx], fit_y[idx]) for idx in sampler), sampler=sampler,
+                             settings=settings, multilabel=train_y.ndim == 2, seed=seed, device=device)  # fmt: skip
+    val = None if val_idx is None else (train_feats[val_idx], train_y[val_idx])
+    return {**_score(head, (test_feats, test_y), val, device), "n_train": len(fit_idx),
+            "n_val": 0 if val_idx is None else len(val_idx), "n_test": len(test_y),
+            "feature_dim": train_feats.shape[1], "final_loss": loss, **settings}  # fmt: skip
+
+
+def mae_linear_probe(
+    model: nn.Module,
+    train_ds: torch.utils.data.Dataset,
+    test_ds: torch.utils.data.Dataset,
+    *,
+    eval_train_ds: torch.utils.data.Dataset | None = None,
+    pooling: str = "cls",
+    num_classes: int | None = None,
+    epochs: int = DEFAULT_EPOCHS,
+    batch_size: int = 512,
+    lr: float | None = None,
+    warmup_epochs: int | None = None,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    extract_batch_size: int = 256,
+) -> dict:
+    """The paper's online protocol: every epoch runs the frozen ``model`` on the (augmented) train images.
+
+    Args:
+        model: frozen backbone; never updated.
+        train_ds: train images (with ``targets``) and the training transform (the eval one for no augmentation).
+        test_ds: test images with the eval transform.
+        eval_train_ds: the train images with the eval transform, for the validation split
+            (default ``train_ds``).
+        Other arguments as in :func:`train_linear_probe`; ``pooling`` as in :func:`~wecolora.features.pool_tokens`.
+
+    Returns:
+        The same keys as :func:`train_linear_probe`.
+    """
+    device = torch.device(device)
+    model.eval().to(device)
+    train_y = torch.as_tensor(train_ds.targets)
+    extract = dict(pooling=pooling, batch_size=extract_batch_size, device=device, num_workers=num_workers)
+    test_feats, test_y = extract_features(model, test_ds, desc="test features", **extract)
+    fit_idx, val_idx = split_validation(train_y, val_fraction, seed)
+    settings = _probe_settings(len(fit_idx), epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs)
+    sampler = EpochBatches(len(fit_idx), settings["batch_size"], seed)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_ds, fit_idx.tolist()), batch_sampler=sampler,
+                                         num_workers=num_workers, persistent_workers=num_workers > 0)  # fmt: skip
+
+    def epoch_batches():
+        for images, targets in loader:
+            with torch.no_grad():  # no_grad, not inference_mode: the features feed the head's autograd
+                features = pool_tokens(model, images.to(device), pooling).float()
+            yield features, torch.as_tensor(targets).to(device)
+
+    head, loss = _train_head(test_feats.shape[1], _num_outputs(train_y, test_y, num_classes), epoch_batches,
+                             sampler=sampler, settings=settings, multilabel=train_y.ndim == 2, seed=seed,
+                             device=device)  # fmt: skip
+    val = None
+    if val_idx is not None:
+        val_ds = torch.utils.data.Subset(train_ds if eval_train_ds is None else eval_train_ds, val_idx.tolist())
+        val = extract_features(model, val_ds, desc="val features", **extract)
+    return {**_score(head, (test_feats, test_y), val, device), "n_train": len(fit_idx),
+            "n_val": 0 if val_idx is None else len(val_idx), "n_test": len(test_y),
+            "feature_dim": test_feats.shape[1], "final_loss": loss, **settings}  # fmt: skip
+
+
+# ---------------------------------------------------------------- kNN
+
+
+def knn_classify(
+    train_feats: torch.Tensor,
+    train_y: torch.Tensor,
+    test_feats: torch.Tensor,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """DINO's weighted kNN: each of the k most cosine-similar train images votes ``exp(sim / T)`` for its class.
+
+    Args:
+        train_feats, test_feats: ``[N, D]`` features (normalised here).
+        train_y: ``[N]`` class indices, or ``[N, C]`` multi-hot (votes per label).
+        k: neighbours (capped at the train size).
+        temperature: T of the vote weights.
+        num_classes: number of classes (default: largest train label + 1).
+        chunk_size: test images per similarity block (bounds memory at chunk x N_train).
+
+    Returns:
+        ``[N_test, C]`` class scores (summed vote weights).
+    """
+    _require(k >= 1, "k", k, "an integer >= 1")
+    _require(temperature > 0, "temperature", temperature, "a positive number")
+    if len(train_feats) == 0:
+        raise UserError("kNN needs at least one training image")
+    votes = train_y.float() if train_y.ndim == 2 else nn.functional.one_hot(
+        train_y.long(), num_classes or int(train_y.max()) + 1).float()  # fmt: skip
+    train_feats = nn.functional.normalize(train_feats.float(), dim=1)
+    k = min(k, len(train_feats))
+    scores = []
+    for chunk in test_feats.split(chunk_size):
+        sims, idx = (nn.functional.normalize(chunk.float(), dim=1) @ train_feats.T).topk(k, dim=1)  # [B, k]
+        weights = (sims / temperature).exp()
+        scores.append(torch.einsum("bk,bkc->bc", weights, votes[idx]))  # votes[idx]: [B, k, C]
+    return torch.cat(scores)
+
+
+# ---------------------------------------------------------------- CLI entry points
+
+
+def _open_split(data: str, split: str, transform):
+    from .data import open_dataset
+
+    dataset = open_dataset(data, split, transform=transform)
+    if len(dataset) == 0:
+        raise UserError(f"the {split} split of {data!r} holds no images")
+    return dataset
+
+
+class _Subset(torch.utils.data.Subset):
+    """A subset that keeps ``targets``, which :func:`mae_linear_probe` reads without loading images."""
+
+    def __init__(self, dataset, indices: list[int]):
+        super().__init__(dataset, indices)
+        self.targets = [dataset.targets[i] for i in indices]
+
+
+def _check_output(output: str) -> Path:
+    out = Path(output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {output} is a file; give a folder for {RESULTS}")
+    return out
+
+
+def write_results(output: str | Path, results: dict) -> Path:
+    """Write ``output/results.json`` atomically (a crash leaves the old file or the new one, never half)."""
+    path = Path(output) / RESULTS
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    return path
+
+
+def probe(
+    model_spec: str,
+    data: str,
+    output: str,
+    *,
+    protocol: str = "cached",
+    epochs: int | None = None,
+    batch_size: int = 512,
+    lr: float | None = None,
+    warmup_epochs: int | None = None,
+    pooling: str = "cls",
+    val_fraction: float = 0.0,
+    augment: bool = False,
+    train_per_class: int | None = None,
+    device: str = "auto",
+    cache_dir: str | None = None,
+    seed: int = 0,
+    num_workers: int = 0,
+    extract_batch_size: int = 256,
+) -> dict:
+    """Linear-probe a frozen model on a dataset and write ``output/results.json``.
+
+    Args:
+        model_spec: a run folder, a ``student/`` folder or a teacher spec (see :func:`wecolora.vit.load_model`).
+        data: a dataset spec (see :func:`wecolora.data.open_dataset`); its test split is scored.
+        output: folder for ``results.json``.
+        protocol: ``cached`` (features extracted once, cached) or ``mae`` (backbone run every epoch).
+        epochs: default 50; the last epoch is scored.
+        augment: ``mae`` only: train on the training augmentation instead of the eval transform.
+        train_per_class: probe on this many training images per class (seeded choice, see
+            :func:`wecolora.data.few_shot_indices`); default all.
+        cache_dir: feature cache (default ``$WECOLORA_CACHE_DIR`` or ``~/.cache/wecolora/features``).
+        Other arguments as in :func:`train_linear_probe` and :func:`~wecolora.features.extract_features`.
+
+    Returns:
+        The results written (``top1``, ``top5``, ``n_train``, ``n_test``, ``protocol``, ``epochs``, ...).
+
+    Example:
+        >>> results = probe("runs/vit-s", "mnist-5k", "runs/vit-s/probe", epochs=90)  # doctest: +SKIP
+        >>> results["top1"], results["n_train"]  # doctest: +SKIP
+    """
+    from .data import eval_transform, few_shot_indices, train_transform
+    from .vit import load_model
+
+    _require(protocol in PROTOCOLS, "protocol", protocol, f"one of {', '.join(PROTOCOLS)}")
+    _require(pooling in POOLINGS, "pooling", pooling, f"one of {', '.join(POOLINGS)}")
+    epochs = DEFAULT_EPOCHS if epochs is None else epochs
+    _require(epochs >= 1, "epochs", epochs, "an integer >= 1")
+    _require(batch_size >= 2, "batch_size", batch_size, "an integer >= 2")
+    _require(lr is None or lr > 0, "lr", lr, "a positive number")
+    _require(0 <= val_fraction < 1, "val_fraction", val_fraction, "a fraction in [0, 1)")
+    _require(not augment or protocol == "mae", "augment", augment,
+             "only with --protocol mae (cached features are fixed)")  # fmt: skip
+    out, dev = _check_output(output), resolve_device(device)
+    model = load_model(model_spec)
+    transform = eval_transform(model)
+    train_ds, test_ds = _open_split(data, "train", transform), _open_split(data, "test", transform)
+    chosen = None if train_per_class is None else few_shot_indices(train_ds.targets, per_class=train_per_class,
+                                                                   seed=seed)  # fmt: skip
+    options = dict(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,
+                   val_fraction=val_fraction, seed=seed, device=dev, num_classes=len(train_ds.classes))  # fmt: skip
+    start = time.perf_counter()
+    if protocol == "cached":
+        extract = dict(pooling=pooling, cache_dir=cache_dir, fingerprint=model_fingerprint(model),
+                       batch_size=extract_batch_size, device=dev, num_workers=num_workers)  # fmt: skip
+        train = cached_features(model, train_ds, data=data, split="train", **extract)
+        test = cached_features(model, test_ds, data=data, split="test", **extract)
+        # The whole train split is extracted and cached, so every per-class choice reuses the same entry.
+        keep = slice(None) if chosen is None else torch.tensor(chosen)
+        metrics = train_linear_probe(train.features[keep], train.labels[keep], test.features, test.labels, **options)
+        metrics["features_cached"] = train.from_cache and test.from_cache
+    else:
+        fit_ds = _open_split(data, "train", train_transform(model)) if augment else train_ds
+        if chosen is not None:
+            fit_ds, train_ds = _Subset(fit_ds, chosen), _Subset(train_ds, chosen)
+        metrics = mae_linear_probe(model, fit_ds, test_ds, eval_train_ds=train_ds, pooling=pooling,
+                                   num_workers=num_workers, extract_batch_size=extract_batch_size,
+                                   **options)  # fmt: skip
+    results = {**metrics, "protocol": protocol, "model": model_spec, "data": data, "pooling": pooling,
+               "augment": augment, "train_per_class": train_per_class, "seed": seed, "device": str(dev),
+               "seconds": time.perf_counter() - start}  # fmt: skip
+    write_results(out, results)
+    _logger.info("probe %s on %s (%s): top1 %.2f%%", model_spec, data, protocol, 100 * results["top1"])
+    return results
+
+
+def knn(
+    model_spec: str,
+    data: str,
+    output: str,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    pooling: str = "cls",
+    device: str = "auto",
+    cache_dir: str | None = None,
+    num_workers: int = 0,
+    extract_batch_size: int = 256,
+) -> dict:
+    """Weighted kNN (DINO's) of the test split on the train split's cached features; writes ``results.json``.
+
+    Args as in :func:`probe` and :func:`knn_classify`.
+
+    Returns:
+        The results written (``top1``, ``top5``, ``n_train``, ``n_test``, ``protocol: knn``, ``k``, ...).
+    """
+    from .data import eval_transform
+    from .vit import load_model
+
+    _require(k >= 1, "k", k, "an integer >= 1")
+    _require(temperature > 0, "temperature", temperature, "a positive number")
+    _require(pooling in POOLINGS, "pooling", pooling, f"one of {', '.join(POOLINGS)}")
+    out, dev = _check_output(output), resolve_device(device)
+    model = load_model(model_spec)
+    transform = eval_transform(model)
+    train_ds, test_ds = _open_split(data, "train", transform), _open_split(data, "test", transform)
+    start = time.perf_counter()
+    extract = dict(pooling=pooling, cache_dir=cache_dir, fingerprint=model_fingerprint(model),
+                   batch_size=extract_batch_size, device=dev, num_workers=num_workers)  # fmt: skip
+    train = cached_features(model, train_ds, data=data, split="train", **extract)
+    test = cached_features(model, test_ds, data=data, split="test", **extract)
+    scores = knn_classify(train.features.to(dev), train.labels.to(dev), test.features.to(dev), k=k,
+                          temperature=temperature, num_classes=len(train_ds.classes)).cpu()  # fmt: skip
+    results = {**classification_metrics(scores, test.labels), "n_train": len(train.labels), "n_test": len(test.labels),
+               "protocol": "knn", "k": min(k, len(train.labels)), "temperature": temperature,
+               "feature_dim": train.features.shape[1], "model": model_spec, "data": data, "pooling": pooling,
+               "device": str(dev), "features_cached": train.from_cache and test.from_cache,
+               "seconds": time.perf_counter() - start}  # fmt: skip
+    write_results(out, results)
+    _logger.info("kNN %s on %s (k=%d): top1 %.2f%%", model_spec, data, k, 100 * results["top1"])
+    return results
+
+
+# ---------------------------------------------------------------- reports
+
+
+def report(run_dirs: list[str]) -> tuple[str, list[dict]]:
+    """Gather several ``results.json`` into one markdown table (scores in %) and rows of raw values.
+
+    Args:
+        run_dirs: folders holding ``results.json`` (or the files themselves).
+
+    Returns:
+        ``(markdown table, rows)``; columns are those of :data:`REPORT_COLUMNS` that some run has.
+    """
+    if not run_dirs:
+        raise UserError("give at least one run folder holding results.json")
+    rows = []
+    for run in run_dirs:
+        path = Path(run) if Path(run).is_file() else Path(run) / RESULTS
+        if not path.is_file():
+            raise UserError(f"{path} does not exist: run 'wecolora probe' or 'wecolora knn' with --output {run} first")
+        try:
+            results = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} is not valid JSON ({err}); rerun the evaluation") from err
+        rows.append({"run": str(run), **{c: results[c] for c in REPORT_COLUMNS[1:] if results.get(c) is not None}})
+    columns = [c for c in REPORT_COLUMNS if any(c in row for row in rows)]
+    header = [f"{c} %" if c in PERCENT_COLUMNS else c for c in columns]
+    align = ["---" if c in TEXT_COLUMNS else "---:" for c in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(_cell(c, row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n", rows
+
+
+def _cell(column: str, value) -> str:
+    if value is None:
+        return ""
+    if column in PERCENT_COLUMNS:
+        return f"{100 * value:.2f}"
+    return f"{value:.1f}" if isinstance(value, float) else str(value).replace("|", "\\|")
+
+
+def write_report(run_dirs: list[str], output: str) -> str:
+    """Write ``output/report.md`` and ``output/report.csv`` (raw fractions) from several runs; returns the markdown."""
+    markdown, rows = report(run_dirs)
+    columns = [c for c in REPORT_COLUMNS if any(c in row for row in rows)]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    out = _check_output(output)
+    atomic_write_text(out / "report.md", markdown)
+    atomic_write_text(out / "report.csv", buffer.getvalue())
+    return markdown

@@ -1,0 +1,163 @@
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from sklearn.metrics import roc_auc_score
+from timm.models.vision_transformer import VisionTransformer
+
+from wecolora import UserError, evaluate, features, vit
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A random-weights ViT for 28x28 images (patch 7: 17 tokens, width 64, 2 blocks) saved as a timm folder."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7,
+                              embed_dim=64, depth=2, num_heads=4, num_classes=0)  # fmt: skip
+    folder = tmp_path_factory.mktemp("tiny_vit")
+    timm.models.save_for_hf(model, folder, safe_serialization=True, model_args=vit.model_args(model))
+    return f"local-dir:{folder}"
+
+
+def _clusters(n_per_class, classes=3, dim=16, seed=0):
+    """Linearly separable features: well-separated class centres plus small noise."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 10 * torch.randn(classes, dim, generator=g)
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    return centres[y] + torch.randn(len(y), dim, generator=g), y
+
+
+def test_linear_probe_separable_features_reach_100():
+    x, y = _clusters(70)
+    is_test = torch.arange(len(y)) % 7 < 2  # 20 test images per class
+    train_x, train_y, test_x, test_y = x[~is_test], y[~is_test], x[is_test], y[is_test]
+    result = evaluate.train_linear_probe(train_x, train_y, test_x, test_y, epochs=20, batch_size=32, val_fraction=0.2)
+    assert result["top1"] == 1.0 and result["val_top1"] == 1.0
+    assert (result["n_train"], result["n_val"], result["n_test"]) == (120, 30, 60)
+
+
+def test_linear_probe_multilabel_reports_auc():
+    x, y = _clusters(40, classes=4)
+    multi_hot = torch.nn.functional.one_hot(y, 4).float()
+    multi_hot[y == 0, 3] = 1  # a second label on every class-0 image
+    result = evaluate.train_linear_probe(x, multi_hot, x, multi_hot, epochs=20, batch_size=32)
+    assert result["auc"] > 0.99 and result["top1"] == 1.0
+
+
+def test_knn_on_identical_features_is_100():
+    x = torch.randn(200, 64, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 5, (200,), generator=torch.Generator().manual_seed(1))
+    scores = evaluate.knn_classify(x, y, x, k=20, temperature=0.07, chunk_size=64)
+    assert scores.shape == (200, 5)
+    assert evaluate.classification_metrics(scores, y)["top1"] == 1.0
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_multilabel_auc_matches_sklearn(ties):
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(300, 6))
+    scores = np.round(scores, 1) if ties else scores
+    targets = (rng.random((300, 6)) < 0.3).astype(np.float32)
+    ours = evaluate.multilabel_auc(torch.tensor(scores), torch.tensor(targets))
+    assert ours == pytest.approx(roc_auc_score(targets, scores, average="macro"), abs=1e-12)
+
+
+def test_split_validation_is_stratified_and_disjoint():
+    y = torch.tensor([0] * 10 + [1] * 20)
+    train, val = evaluate.split_validation(y, 0.2, seed=0)
+    assert len(val) == 6 and (y[val] == 0).sum() == 2
+    assert sorted(train.tolist() + val.tolist()) == list(range(30))
+
+
+def test_cls_pooling_without_class_token_uses_model_pooling():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=32,
+                              depth=1, num_heads=2, num_classes=0, class_token=False,
+                              global_pool="avg").eval()  # fmt: skip
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        pooled = features.pool_tokens(model, images, "cls")
+        assert torch.allclose(pooled, model(images))
+        assert torch.allclose(features.pool_tokens(model, images, "mean"), model.forward_features(images).mean(1))
+
+
+def test_probe_protocols_agree_on_mnist_5k(tiny_model_dir, tmp_path):
+    common = dict(epochs=3, batch_size=256, val_fraction=0.1, device="cpu", cache_dir=tmp_path / "cache")
+    cached = evaluate.probe(tiny_model_dir, "mnist-5k", str(tmp_path / "cached"), protocol="cached", **common)
+    mae = evaluate.probe(tiny_model_dir, "mnist-5k", str(tmp_path / "mae"), protocol="mae", **common)
+    assert abs(cached["top1"] - mae["top1"]) <= 0.02
+    assert cached["top1"] > 0.25  # random-weight CLS features of digits: about 0.4, chance is 0.1
+    written = json.loads((tmp_path / "cached" / "results.json").read_text())
+    assert {"top1", "top5", "val_top1", "n_train", "n_test", "protocol", "epochs", "feature_dim", "seconds",
+            "model", "data"} <= written.keys()  # fmt: skip
+    assert (written["n_train"], written["n_val"], written["n_test"], written["feature_dim"]) == (3600, 400, 1000, 64)
+    assert 0 <= written["top1"] <= 1 and written["protocol"] == "cached"
+
+
+def test_probe_on_few_images_per_class_reuses_full_split_features(tiny_model_dir, tmp_path):
+    common = dict(epochs=3, batch_size=64, train_per_class=10, device="cpu", cache_dir=tmp_path / "cache")
+    evaluate.knn(tiny_model_dir, "mnist-5k", str(tmp_path / "knn"), device="cpu", cache_dir=tmp_path / "cache")
+    cached = evaluate.probe(tiny_model_dir, "mnist-5k", str(tmp_path / "cached"), **common)
+    mae = evaluate.probe(tiny_model_dir, "mnist-5k", str(tmp_path / "mae"), protocol="mae", **common)
+    assert cached["features_cached"] and cached["n_train"] == mae["n_train"] == 100
+    assert cached["top1"] == pytest.approx(mae["top1"], abs=0.02)
+
+
+def test_feature_cache_is_reused(tiny_model_dir, tmp_path, monkeypatch):
+    calls = []
+    original = VisionTransformer.forward_features
+    counting = lambda self, x: calls.append(len(x)) or original(self, x)  # noqa: E731
+    monkeypatch.setattr(VisionTransformer, "forward_features", counting)
+    options = dict(device="cpu", cache_dir=tmp_path / "cache", extract_batch_size=1000)
+    first = evaluate.knn(tiny_model_dir, "mnist-5k", str(tmp_path / "a"), k=10, **options)
+    assert sum(calls) == 5000 and not first["features_cached"]
+    calls.clear()
+    second = evaluate.knn(tiny_model_dir, "mnist-5k", str(tmp_path / "b"), k=10, **options)
+    assert calls == [] and second["features_cached"]
+    assert second["top1"] == first["top1"] and second["protocol"] == "knn" and second["n_train"] == 4000
+
+
+def test_report_over_two_runs(tmp_path):
+    runs = []
+    for name, top1 in (("student", 0.8125), ("teacher", 0.9)):
+        evaluate.write_results(tmp_path / name, {"top1": top1, "top5": 0.99, "n_train": 40, "n_test": 10,
+                                                 "protocol": "cached", "model": name, "data": "mnist-5k"})  # fmt: skip
+        runs.append(str(tmp_path / name))
+    markdown = evaluate.write_report(runs, str(tmp_path / "report"))
+    lines = markdown.splitlines()
+    assert lines[0] == "| run | model | data | protocol | top1 % | top5 % | n_train | n_test |"
+    assert lines[2].endswith("| student | mnist-5k | cached | 81.25 | 99.00 | 40 | 10 |") and len(lines) == 4
+    csv_lines = (tmp_path / "report" / "report.csv").read_text().splitlines()
+    assert csv_lines[0] == "run,model,data,protocol,top1,top5,n_train,n_test"
+    assert csv_lines[1].endswith(",0.8125,0.99,40,10")
+    assert (tmp_path / "report" / "report.md").read_text() == markdown
+
+
+BAD_INPUTS = [
+    (dict(protocol="online"), "cached, mae"),
+    (dict(pooling="max"), "cls, mean"),
+    (dict(epochs=0), "epochs"),
+    (dict(val_fraction=1.0), "val-fraction"),
+    (dict(augment=True), "protocol mae"),
+    (dict(model_spec="/no/such/model"), "unknown model"),
+    (dict(data="/no/such/data"), "built-in"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_INPUTS)
+def test_probe_rejects_bad_input(tiny_model_dir, tmp_path, overrides, message):
+    args = {"model_spec": tiny_model_dir, "data": "mnist-5k", "output": str(tmp_path / "out"), "device": "cpu"}
+    args.update(overrides)
+    with pytest.raises(UserError, match=message):
+        evaluate.probe(**args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_knn_and_extraction_reject_bad_input(tmp_path):
+    with pytest.raises(UserError, match="k"):
+        evaluate.knn_classify(torch.randn(4, 2), torch.zeros(4), torch.randn(1, 2), k=0)
+    with pytest.raises(UserError, match="no images"):
+        features.extract_features(torch.nn.Identity(), torch.utils.data.TensorDataset(torch.empty(0, 3)))
+    with pytest.raises(UserError, match="results.json"):
+        evaluate.report([str(tmp_path)])
