@@ -112,7 +112,7 @@ def ablate(grid: Ablation, output: str | Path, *, device: str = "auto") -> list[
 def _reference_models(grid: Ablation, output: Path):
     """(name, method, model source, folder for its probes, settings) of the rows that need no training."""
     if "teacher" in grid.reference:
-        yield "teacher", METHOD_NAMES["teacher"], grid.teacher, output / "reference" / "teacher", {"reduction": 1}
+        yield "teacher", METHOD_NAMES["teacher"], grid.teacher, output / "reference" / "teacher", {}
     if "copy" in grid.reference:
         from .export import save_student
         from .student import build_student
@@ -158,7 +158,8 @@ def markdown_table(rows: list[dict], probe_data: list[str]) -> str:
         first = by_key[(name, probe_data[0])]
         alpha = f"{first['ratio']:.0%}" if first["ratio"] else "-"
         scores = [f"{100 * by_key[(name, d)]['top1']:.1f}" for d in probe_data]
-        lines.append("| " + " | ".join([alpha, first["method"], str(first["reduction"]), *scores]) + " |")
+        reduction = str(first["reduction"]) if first["reduction"] else "-"
+        lines.append("| " + " | ".join([alpha, first["method"], reduction, *scores]) + " |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,74 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from wecolora import ablate, data, features, vit
+from wecolora.errors import UserError
+from wecolora.evaluate import train_linear_probe
+
+
+@pytest.mark.parametrize("preset", ablate.presets())
+def test_every_preset_is_a_valid_grid(preset):
+    grid = ablate.load_ablation(preset)
+    assert grid.runs and grid.probe_data
+    if preset == "demo":
+        quick = ablate.load_ablation(preset, quick=True)
+        assert len(quick.runs) < len(grid.runs) and quick.distill["epochs"] < grid.distill["epochs"]
+        assert {run["mode"] for run in grid.runs} == {"scratch-kd", "weco-kd", "lora-qv", "wecolora"}
+        assert {run["ratio"] for run in grid.runs} == {0.01, 0.1}
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"preset": "nope"}, "unknown preset"),
+    ({}, "exactly one of"),
+    ({"preset": "demo", "runs": [{"mode": "magic"}]}, "--mode 'magic'"),
+    ({"preset": "demo", "reference": ["oracle"]}, "unknown reference rows"),
+])
+def test_bad_grids_are_refused_before_any_work(kwargs, fragment):
+    with pytest.raises(UserError, match=fragment):
+        ablate.load_ablation(**kwargs)
+
+
+def test_an_ablation_grid_runs_end_to_end_through_the_cli(teacher_dir, tmp_path):
+    """The demo's code path (distill every run, probe every model, report) on a tiny teacher."""
+    grid = {
+        "teacher": f"local-dir:{teacher_dir}", "distill_data": "mnist-5k", "probe_data": ["mnist-5k"],
+        "distill": {"epochs": 2, "warmup_epochs": 1, "batch_size": 16, "accum_steps": 1, "num_workers": 0},
+        "probe": {"epochs": 5, "train_per_class": 50},
+        "reference": ["teacher", "copy"],
+        "runs": [{"mode": "weco-kd", "reduction": 2, "ratio": 0.02}, {"mode": "wecolora", "reduction": 3, "ratio": 0.02}],
+    }
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    command = [sys.executable, "-m", "wecolora", "ablate", "--config", str(tmp_path / "grid.yaml"),
+               "--output", str(tmp_path / "out"), "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={"WECOLORA_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = (tmp_path / "out" / "report.md").read_text()
+    for row in ("| - | teacher | - |", "| - | weight copy, no training | 2 |", "| - | weight copy, no training | 3 |",
+                "| 2% | WeCo+KD | 2 |", "| 2% | WeCoLoRA | 3 |"):
+        assert row in report and row in done.stdout, row
+    assert "runs/wecolora-r3-a0.02/probe-mnist-5k/results.json" in report  # every number names its source
+    assert (tmp_path / "out" / "chart.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "out" / "results.csv").read_text().count("\n") == 1 + 5
+    # A second call reuses every finished run and probe.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                           env={"WECOLORA_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert again.returncode == 0 and "distilling" not in again.stderr
+
+
+def test_the_bundled_teacher_loads_offline_and_probes_above_85_percent():
+    teacher = vit.load_model("bundled")
+    assert len(teacher.blocks) == 12 and teacher.embed_dim == 128
+    transform = data.eval_transform(teacher)
+    train = data.open_dataset("fashion-mnist", "train", transform=transform)
+    test = data.open_dataset("fashion-mnist", "test", transform=transform)
+    train_slice = torch.utils.data.Subset(train, data.few_shot_indices(train.targets, per_class=300, seed=0))
+    test_slice = torch.utils.data.Subset(test, range(2000))  # a fixed 2,000-image test slice
+    train_x, train_y = features.extract_features(teacher, train_slice, batch_size=500)
+    test_x, test_y = features.extract_features(teacher, test_slice, batch_size=500)
+    result = train_linear_probe(train_x, train_y, test_x, test_y, num_classes=10, epochs=30)
+    assert result["top1"] >= 0.85, result
