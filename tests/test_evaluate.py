@@ -95,12 +95,15 @@ def test_probe_protocols_agree_on_mnist_5k(tiny_model_dir, tmp_path):
     assert 0 <= written["top1"] <= 1 and written["protocol"] == "cached"
 
 
-def test_probe_on_few_images_per_class_reuses_full_split_features(tiny_model_dir, tmp_path):
+def test_probe_on_few_images_per_class_extracts_and_caches_only_those(tiny_model_dir, tmp_path):
     common = dict(epochs=3, batch_size=64, train_per_class=10, device="cpu", cache_dir=tmp_path / "cache")
-    evaluate.knn(tiny_model_dir, "mnist-5k", str(tmp_path / "knn"), device="cpu", cache_dir=tmp_path / "cache")
+    first = evaluate.probe(tiny_model_dir, "mnist-5k", str(tmp_path / "first"), **common)
     cached = evaluate.probe(tiny_model_dir, "mnist-5k", str(tmp_path / "cached"), **common)
     mae = evaluate.probe(tiny_model_dir, "mnist-5k", str(tmp_path / "mae"), protocol="mae", **common)
-    assert cached["features_cached"] and cached["n_train"] == mae["n_train"] == 100
+    assert not first["features_cached"] and cached["features_cached"]
+    assert first["top1"] == cached["top1"] and cached["n_train"] == mae["n_train"] == 100
+    other = evaluate.probe(tiny_model_dir, "mnist-5k", str(tmp_path / "other"), **{**common, "train_per_class": 20})
+    assert not other["features_cached"] and other["n_train"] == 200  # another choice is another cache entry
     assert cached["top1"] == pytest.approx(mae["top1"], abs=0.02)
 
 

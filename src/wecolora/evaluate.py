@@ -373,11 +373,13 @@ def _open_split(data: str, split: str, transform):
 
 
 class _Subset(torch.utils.data.Subset):
-    """A subset that keeps ``targets``, which :func:`mae_linear_probe` reads without loading images."""
+    """A subset that keeps ``classes``, ``targets`` and ``sample_ids`` (read without loading images; cache keys)."""
 
     def __init__(self, dataset, indices: list[int]):
         super().__init__(dataset, indices)
+        self.classes = dataset.classes
         self.targets = [dataset.targets[i] for i in indices]
+        self.sample_ids = [dataset.sample_ids[i] for i in indices]
 
 
 def _check_output(output: str) -> Path:
@@ -459,11 +461,11 @@ def probe(
     if protocol == "cached":
         extract = dict(pooling=pooling, cache_dir=cache_dir, fingerprint=model_fingerprint(model),
                        batch_size=extract_batch_size, device=dev, num_workers=num_workers)  # fmt: skip
-        train = cached_features(model, train_ds, data=data, split="train", **extract)
+        # Only the chosen images are extracted; their ids are part of the cache key.
+        fit_ds = train_ds if chosen is None else _Subset(train_ds, chosen)
+        train = cached_features(model, fit_ds, data=data, split="train", **extract)
         test = cached_features(model, test_ds, data=data, split="test", **extract)
-        # The whole train split is extracted and cached, so every per-class choice reuses the same entry.
-        keep = slice(None) if chosen is None else torch.tensor(chosen)
-        metrics = train_linear_probe(train.features[keep], train.labels[keep], test.features, test.labels, **options)
+        metrics = train_linear_probe(train.features, train.labels, test.features, test.labels, **options)
         metrics["features_cached"] = train.from_cache and test.from_cache
     else:
         fit_ds = _open_split(data, "train", train_transform(model)) if augment else train_ds
