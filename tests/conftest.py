@@ -3,6 +3,8 @@ import os
 # Tests never touch a model hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Caches (teacher tokens, probe features) go to a folder of this test session, never ~/.cache.
+os.environ.setdefault("WECOLORA_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="wecolora-test-cache-"))
 
 import pytest  # noqa: E402
 import timm  # noqa: E402

@@ -83,11 +83,14 @@ def ablate(grid: Ablation, output: str | Path, *, device: str = "auto") -> list[
     Returns the result rows (one per model and probe set).
     """
     from .distill import distill
+    from .distributed import join_processes
     from .evaluate import probe
+    from .features import resolve_device
 
+    state = join_processes(resolve_device(device))  # under torchrun the processes run the grid together
     output = Path(output)
     rows = []
-    for name, method, source, folder, settings in _reference_models(grid, output):
+    for name, method, source, folder, settings in _reference_models(grid, output, state):
         rows += [_probe_row(probe, name, method, source, folder, settings, data, grid, device)
                  for data in grid.probe_data]
     for run in grid.runs:
@@ -105,11 +108,12 @@ def ablate(grid: Ablation, output: str | Path, *, device: str = "auto") -> list[
                     "distill_seconds": sum(float(e["seconds"]) for e in result["epochs"])}
         rows += [_probe_row(probe, run_name(run), METHOD_NAMES[run["mode"]], run_dir, run_dir, settings, data, grid,
                             device) for data in grid.probe_data]
-    write_report(rows, grid, output)
+    if state.is_main_process:
+        write_report(rows, grid, output)
     return rows
 
 
-def _reference_models(grid: Ablation, output: Path):
+def _reference_models(grid: Ablation, output: Path, state):
     """(name, method, model source, folder for its probes, settings) of the rows that need no training."""
     if "teacher" in grid.reference:
         yield "teacher", METHOD_NAMES["teacher"], grid.teacher, output / "reference" / "teacher", {}
@@ -123,7 +127,9 @@ def _reference_models(grid: Ablation, output: Path):
             folder = output / "reference" / f"copy-r{reduction}"
             if not (folder / "config.json").is_file():
                 teacher = teacher or load_model(grid.teacher)
-                save_student(build_student(teacher, reduction, mode="weco-kd"), folder)
+                if state.is_main_process:
+                    save_student(build_student(teacher, reduction, mode="weco-kd"), folder)
+                state.wait_for_everyone()  # written before any process probes it
             yield f"copy-r{reduction}", METHOD_NAMES["copy"], folder, folder, {"reduction": reduction}
 
 

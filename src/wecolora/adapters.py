@@ -149,3 +149,143 @@ def merge(student: nn.Module) -> nn.Module:
     for p in merged.parameters():
         p.requires_grad_(True)
     return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# Lean training path: the same function as the peft student, with fewer and larger matmuls.
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object sharing ``module``'s parameters, buffers and children (their dicts are copied)."""
+    clone = copy.copy(module)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    clone._modules = dict(module._modules)
+    return clone
+
+
+def _lora_parts(layer: nn.Module) -> tuple[nn.Linear, tuple[nn.Parameter, nn.Parameter, float] | None] | None:
+    """``(base Linear, (A, B, scale) or None)`` of a plain or peft-wrapped Linear; None if the lean path can't do it."""
+    if type(layer) is nn.Linear:
+        return layer, None
+    base = getattr(layer, "base_layer", None)
+    if type(base) is not nn.Linear or getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
+        return None
+    active = list(getattr(layer, "active_adapters", ()))
+    if len(active) != 1 or set(layer.lora_A) != {active[0]}:
+        return None
+    name = active[0]
+    if (layer.use_dora.get(name) or getattr(layer, "lora_bias", {}).get(name)
+            or not isinstance(layer.lora_dropout[name], nn.Identity)):
+        return None
+    return base, (layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name]))
+
+
+class LeanLoRALinear(nn.Module):
+    """A frozen Linear plus low-rank updates on its output slices, computed as ONE matmul with W + B·A.
+
+    ``y = x Wᵀ + b + Σ_s scale_s · B_s (A_s x)`` on output slice s, rewritten ``y = x (W + ΔW)ᵀ + b`` with
+    ``ΔW`` stacked from the ``B_s A_s`` (one batched matmul for q, k and v). Forward and backward then cost
+    one input-sized matmul each plus a weight gradient, instead of a base matmul and two thin ones per slice;
+    the result equals the peft layers' up to float rounding. Parameters are the peft layers' own objects,
+    so gradients land where the optimizer and ``save_pretrained`` expect them.
+    """
+
+    def __init__(self, bases: list[nn.Linear], updates: list[tuple[nn.Parameter, nn.Parameter, float] | None]):
+        super().__init__()
+        self.slice_out = [b.out_features for b in bases]
+        self.weights = nn.ParameterList([b.weight for b in bases])
+        self.biases = nn.ParameterList([b.bias for b in bases if b.bias is not None])
+        if self.biases and len(self.biases) != len(bases):
+            raise ValueError("all slices must have a bias or none")
+        self.lora_A = nn.ParameterList([u[0] for u in updates if u is not None])
+        self.lora_B = nn.ParameterList([u[1] for u in updates if u is not None])
+        self.scales = [u[2] for u in updates if u is not None]
+        self.adapted = [u is not None for u in updates]
+        self._frozen_weight: torch.Tensor | None = None  # the fused base weight, built once (it never changes)
+        self.stacked = all(self.adapted) and len(updates) > 1 and len({a.shape for a in self.lora_A}) == 1 \
+            and len({b.shape for b in self.lora_B}) == 1
+
+    def base_weight(self) -> torch.Tensor:
+        if len(self.weights) == 1:
+            return self.weights[0]
+        if any(w.requires_grad for w in self.weights):
+            return torch.cat(list(self.weights))
+        w = self._frozen_weight
+        if w is None or w.device != self.weights[0].device or w.dtype != self.weights[0].dtype:
+            with torch.no_grad():
+                w = self._frozen_weight = torch.cat(list(self.weights))
+        return w
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW ``[sum(out), in]``: the stacked, scaled ``B_s A_s`` (zeros on slices without an adapter)."""
+        if self.stacked:  # q, k, v: one batched matmul [3, out, r] x [3, r, in]
+            delta = torch.bmm(torch.stack(list(self.lora_B)), torch.stack(list(self.lora_A))).flatten(0, 1)
+            if len(set(self.scales)) == 1:
+                return delta if self.scales[0] == 1.0 else delta * self.scales[0]
+            scale = torch.repeat_interleave(torch.tensor(self.scales, device=delta.device, dtype=delta.dtype),
+                                            torch.tensor(self.slice_out, device=delta.device))
+            return delta * scale[:, None]
+        parts, j = [], 0
+        for out, adapted in zip(self.slice_out, self.adapted):
+            if adapted:
+                a, b, s = self.lora_A[j], self.lora_B[j], self.scales[j]
+                parts.append(b @ a if s == 1.0 else (b @ a) * s)
+                j += 1
+            else:
+                parts.append(torch.zeros(out, self.weights[0].shape[1], device=self.weights[0].device,
+                                         dtype=self.weights[0].dtype))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.base_weight()
+        if self.lora_A:
+            weight = weight + self.delta_weight()
+        bias = None
+        if self.biases:
+            bias = self.biases[0] if len(self.biases) == 1 else torch.cat(list(self.biases))
+        return nn.functional.linear(x, weight, bias)
+
+
+def _lean_linear(module: nn.Module) -> nn.Module | None:
+    """The lean stand-in for a block's linear (plain, peft-wrapped or a SplitQKV of those); None if unsupported."""
+    layers = [module.q, module.k, module.v] if isinstance(module, SplitQKV) else [module]
+    parts = [_lora_parts(layer) for layer in layers]
+    if any(p is None for p in parts):
+        return None
+    if all(u is None for _, u in parts):
+        return module if not isinstance(module, SplitQKV) else LeanLoRALinear([b for b, _ in parts], [None] * 3)
+    return LeanLoRALinear([b for b, _ in parts], [u for _, u in parts])
+
+
+def lean_student(student: nn.Module) -> nn.Module:
+    """A training view of a peft student: the same function and parameters, fused adapter matmuls.
+
+    Returns a timm VisionTransformer whose blocks' linears are :class:`LeanLoRALinear` built from the
+    student's own parameters (nothing is copied: the optimizer, checkpoints and ``save_pretrained`` keep
+    working on ``student``). Students without adapters, and adapters the lean path does not implement
+    (DoRA, dropout, several adapters), are returned unchanged.
+
+    Example:
+        >>> fast = lean_student(student)   # doctest: +SKIP
+        >>> loss = fast(images).sum(); loss.backward()  # gradients land in student's lora_A / lora_B
+    """
+    if not has_adapters(student):
+        return student
+    base = student.get_base_model()
+    blocks = []
+    for block in base.blocks:
+        lean_block = _shallow_copy(block)
+        for path in ("attn", "mlp"):
+            parent = _shallow_copy(getattr(block, path))
+            for name in ("qkv", "proj") if path == "attn" else ("fc1", "fc2"):
+                lean = _lean_linear(getattr(parent, name))
+                if lean is None:
+                    return student
+                parent._modules[name] = lean
+            lean_block._modules[path] = parent
+        blocks.append(lean_block)
+    lean = _shallow_copy(base)
+    lean._modules["blocks"] = nn.Sequential(*blocks)
+    return lean

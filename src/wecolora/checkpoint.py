@@ -6,11 +6,12 @@ size, so a run can resume on a different number of processes.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from .errors import UserError
@@ -25,9 +26,13 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, progress: dict) -> None:
     """Atomically write the state needed to continue training after ``progress['epoch']`` epochs."""
+    optimizer_bytes = io.BytesIO()
+    torch.save(optimizer.state_dict(), optimizer_bytes)
+    # Serialised in memory and written by Python, so a full disk raises OSError (ENOSPC) rather than
+    # the opaque errors torch.save and safetensors report for failed writes.
     with atomic_dir(path) as tmp:
-        save_file(trainable_state(model), str(tmp / WEIGHTS))
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        (tmp / WEIGHTS).write_bytes(save(trainable_state(model)))
+        (tmp / OPTIMIZER).write_bytes(optimizer_bytes.getvalue())
         (tmp / STATE).write_text(json.dumps({"progress": progress, "scheduler": scheduler.state_dict()}, indent=1))
 
 

@@ -5,12 +5,15 @@ Imports of torch and friends happen inside the handlers so that ``wecolora --hel
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
+import os
 import sys
 
 from .config import DEVICES, LOSS_NAMES, MATCH_NAMES, MODE_NAMES, PRECISIONS, DistillConfig, build_config
-from .checks import check_distill, check_evaluation, check_model_spec, check_pretrain
+from .checks import check_ablation, check_distill, check_evaluation, check_model_spec, check_pretrain
 from .errors import UserError
 from .files import disk_error
 
@@ -84,6 +87,15 @@ def add_distill_parser(sub) -> None:
     g.add_argument("--precision", choices=PRECISIONS, help="default bf16 on CUDA, fp32 on CPU")
     g.add_argument("--device", choices=DEVICES, help="auto (default): cuda when available")
     g.add_argument("--num-workers", type=int, help="data loader workers (default: min(8, CPU threads))")
+    g = p.add_argument_group("speed")
+    g.add_argument("--teacher-cache", dest="teacher_cache_dir", metavar="DIR",
+                   help="where the teacher's tokens per (image, view) are kept and reused by later epochs, students "
+                        "and reruns (default $WECOLORA_CACHE_DIR/teacher, else ~/.cache/wecolora/teacher)")
+    g.add_argument("--no-teacher-cache", dest="teacher_cache", action="store_false", default=None,
+                   help="run the teacher at every step instead")
+    g.add_argument("--cache-views", type=int, metavar="K",
+                   help="augmented views per image; epoch e shows view e mod K (default: --epochs)")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the student (slow start)")
     p.set_defaults(handler=run_distill)
 
 
@@ -95,8 +107,10 @@ def run_distill(args) -> int:
 
     result = distill(config)
     last = result["epochs"][-1] if result["epochs"] else {}
+    unreadable = len(result.get("unreadable_images", ()))
+    skipped = f", {unreadable} unreadable images skipped" if unreadable else ""
     print(f"done: {result['output']}/student (mode {result['mode']}, blocks {result['kept_blocks']}, "
-          f"final loss {last.get('loss', float('nan')):.4f})")
+          f"final loss {last.get('loss', float('nan')):.4f}{skipped})")
     return 0
 
 
@@ -274,8 +288,73 @@ def run_ablate(args) -> int:
 
     grid = load_ablation(args.preset, args.config_file, quick=args.quick, teacher=args.teacher,
                          distill_data=args.distill_data, probe_data=args.probe_data)
+    check_ablation(grid, args.output)  # every path of the grid, before its first run
     rows = ablate(grid, args.output, device=args.device)
     print(f"\n{markdown_table(rows, grid.probe_data)}\n\nreport: {args.output}/report.md, results.csv, chart.png")
+    return 0
+
+
+BENCH_EXAMPLES = """examples:
+  wecolora bench                 # the full measurement (a few minutes on 2 CPU cores)
+  wecolora bench --quick --json  # under 2 minutes; one JSON object on stdout
+"""
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="distillation and inference speed against the paper's code design, on this machine",
+                       description="Measure, in one run on this machine: distillation images/s of wecolora (teacher "
+                                   "cache cold and warm, lean adapters) against the reference design (fp32, teacher "
+                                   "every step, unfused adapters); inference images/s of the merged students (r=2, 3) "
+                                   "against the teacher and the unmerged adapter students; peak memory of each; and "
+                                   "the cost of a 6-student ablation grid with and without the shared cache.",
+                       epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer images and rounds (under 2 minutes on 2 cores)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--teacher", default="bundled", help="default: the bundled Fashion-MNIST teacher")
+    p.add_argument("--data", default="fashion-mnist", help="default fashion-mnist (mnist-5k if not installed)")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="wecolora's precision; auto: fp32, plus bf16 where the hardware has fast bf16")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--images", type=int, help="images per epoch (default 2048, --quick 512)")
+    p.add_argument("--rounds", type=int, help="interleaved repetitions (default 5, --quick 3)")
+    p.add_argument("--output-dir", default="benchmarks/results", metavar="DIR",
+                   help="where bench-*.json is written (default benchmarks/results)")
+    p.set_defaults(handler=run_bench)
+
+
+def run_bench(args) -> int:
+    from .bench import BenchConfig, format_table, run_bench as bench
+
+    options = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "json")}
+    progress = (lambda message: print(message, file=sys.stderr)) if not args.json else (lambda message: None)
+    result = bench(BenchConfig(**options), progress=progress)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+EXPORT_EXAMPLES = """examples:
+  wecolora export runs/fm-r2 --onnx                      # writes runs/fm-r2/student.onnx
+  wecolora export runs/fm-r2 --onnx --output model.onnx
+"""
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="export a run's merged student (ONNX, checked with onnxruntime)",
+                       epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", metavar="RUN", help="a run folder (its merged student/), a timm model folder or a spec")
+    p.add_argument("--onnx", action="store_true", required=True, help="export to ONNX (the one format for now)")
+    p.add_argument("--output", metavar="FILE.onnx", help="default RUN/student.onnx")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.set_defaults(handler=run_export)
+
+
+def run_export(args) -> int:
+    from .export import export_onnx
+
+    result = export_onnx(args.run, args.output, opset=args.opset)
+    print(f"wrote {result['path']} (opset {result['opset']}; onnxruntime matches torch within "
+          f"{result['max_abs_diff']:.2g} at batch sizes {', '.join(map(str, result['batches']))})")
     return 0
 
 
@@ -289,15 +368,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_pretrain_parser(sub)
     add_eval_parsers(sub)
     add_ablate_parsers(sub)
+    add_bench_parser(sub)
+    add_export_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("wecolora").setLevel(logging.INFO)
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun only the first process logs and prints
+    logging.getLogger("wecolora").setLevel(logging.WARNING if quiet else logging.INFO)
     try:
-        return args.handler(args)
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            return args.handler(args)
     except UserError as err:
         print(f"wecolora: error: {err}", file=sys.stderr)
         return 2

@@ -62,6 +62,11 @@ class DistillConfig:
     precision: str | None = None  # default: bf16 on CUDA, fp32 on CPU
     device: str = "auto"
     num_workers: int | None = None  # default: min(8, CPU count)
+    # speed
+    teacher_cache: bool = True  # store the teacher's tokens per (image, view) on disk and reuse them
+    teacher_cache_dir: str | None = None  # default: $WECOLORA_CACHE_DIR/teacher, else ~/.cache/wecolora/teacher
+    cache_views: int | None = None  # K augmented views per image, epoch e shows view e mod K (default: epochs)
+    compile: bool = False  # torch.compile the student's training forward
     resume: str | None = None  # auto | PATH of a checkpoint folder
     overwrite: bool = False
 
@@ -88,6 +93,7 @@ class DistillConfig:
         _check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         _check(self.num_workers is None or self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        _check(self.cache_views is None or self.cache_views >= 1, "cache_views", self.cache_views, "an integer >= 1")
 
     def keep_blocks(self) -> str | list[int]:
         """``first``/``last`` or the explicit list of teacher blocks named by ``keep``."""

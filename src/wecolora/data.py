@@ -11,9 +11,10 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.util
+import logging
 import math
 import os
-import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,9 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from .errors import UserError
+from .files import atomic_write_text
+
+_logger = logging.getLogger(__name__)
 
 BUILTIN_DATASETS = {
     "fashion-mnist": "Fashion-MNIST, 60,000 train / 10,000 test 28x28 grey images, 10 classes "
@@ -228,6 +232,7 @@ def few_shot_indices(
     per_class: int | None = None,
     seed: int = 0,
     min_per_class: int = 1,
+    classes: list[str] | None = None,
 ) -> list[int]:
     """The few-shot subset: per class, a seeded shuffle of its images, of which the first k are kept.
 
@@ -241,6 +246,7 @@ def few_shot_indices(
         per_class: number of images to keep per class (capped at the class size), at least 1.
         seed: subset seed (non-negative).
         min_per_class: fewest images any class may end up with.
+        classes: class names, so that an error names the class rather than its label.
 
     Returns:
         The kept indices into ``targets``, sorted.
@@ -269,7 +275,7 @@ def few_shot_indices(
             short.append((int(c), len(idx), k))
         kept.append(np.random.default_rng((seed, int(c))).permutation(idx)[:k])
     if short:
-        detail = ", ".join(f"class {c} ({n} images -> {k})" for c, n, k in short)
+        detail = ", ".join(f"class {classes[c] if classes else c} ({n} images -> {k})" for c, n, k in short)
         fix = f"use a ratio of at least {min_per_class / min(n for _, n, _ in short):.3g}" if ratio else "add images"
         raise UserError(
             f"the few-shot subset keeps fewer than {min_per_class} image(s) in {detail}; "
@@ -280,15 +286,52 @@ def few_shot_indices(
 
 def write_subset(path, dataset, indices) -> None:
     """Write the chosen images' ``sample_ids``, one a line (a run's ``subset.txt``), atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    atomic_write_text(path, "".join(dataset.sample_ids[i] + "\n" for i in indices))
+
+
+MAX_UNREADABLE = 0.05  # fraction of the chosen images that may be unreadable before a run stops
+
+
+def _decodes(path: str) -> bool:
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(dataset.sample_ids[i] + "\n" for i in indices)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        with open(path, "rb") as f:
+            to_rgb(Image.open(f))  # convert() forces a full decode: truncated files fail here
+        return True
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return False
+
+
+def drop_unreadable(dataset, indices: list[int], *, max_fraction: float = MAX_UNREADABLE, min_per_class: int = 0,
+                    workers: int = 8) -> tuple[list[int], list[str]]:
+    """The chosen images whose files decode, and the ``sample_ids`` of those skipped (with a warning).
+
+    Images held in memory (the built-ins) are all readable. More than ``max_fraction`` of the choice
+    unreadable, or a class left with fewer than ``min_per_class`` images, stops with a UserError:
+    a damaged copy of a dataset is better repaired than silently shrunk.
+
+    Returns:
+        ``(kept indices, skipped sample ids)``.
+    """
+    samples = getattr(dataset, "samples", None)
+    if samples is None or not indices:
+        return list(indices), []
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without the GIL
+        readable = list(pool.map(lambda i: _decodes(samples[i][0]), indices))
+    kept = [i for i, ok in zip(indices, readable) if ok]
+    skipped = [dataset.sample_ids[i] for i, ok in zip(indices, readable) if not ok]
+    if not skipped:
+        return kept, skipped
+    shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+    if len(skipped) > max_fraction * len(indices):
+        raise UserError(f"{len(skipped)} of the {len(indices)} chosen images cannot be read ({shown}): more than "
+                        f"{max_fraction:.0%}; repair or remove the damaged files")
+    counts = np.bincount(np.asarray([dataset.targets[i] for i in kept], dtype=np.int64), minlength=len(dataset.classes))
+    short = [dataset.classes[c] for c in np.unique([dataset.targets[i] for i in indices]) if counts[c] < min_per_class]
+    if short:
+        raise UserError(f"without its unreadable images ({shown}), class(es) {', '.join(short)} keep fewer than "
+                        f"{min_per_class} image(s); repair the files, raise --ratio or lower --min-per-class")
+    _logger.warning("skipping %d unreadable image(s) of %d: %s", len(skipped), len(indices), shown)
+    return kept, skipped
 
 
 def data_config(model) -> dict:

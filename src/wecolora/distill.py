@@ -13,17 +13,19 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler, Subset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
-from . import data, losses, vit
+from . import adapters, data, losses, teacher_cache, vit
 from .checkpoint import load_checkpoint, save_checkpoint
+from .checks import check_distill
 from .config import DistillConfig, to_yaml
+from .distributed import all_agree
 from .errors import UserError
-from .engine import make_accelerator, make_scheduler, summary_csv, versions
-from .export import RUN_INFO, export_run
+from .engine import make_accelerator, make_scheduler, resume_schedule, summary_csv, versions
+from .export import export_run
 from .files import atomic_write_text
-from .student import build_student, default_rank, get_mode, group_ends
+from .student import build_student, check_settings, default_rank, get_mode, group_ends
 
 _logger = logging.getLogger(__name__)
 
@@ -44,20 +46,30 @@ class TokenMatcher(nn.Module):
         return vit.last_block_tokens(self.student, images, self.blocks, norm=self.norm)
 
 
+def freeze_unreached(student: nn.Module, norm: bool) -> None:
+    """Freeze what the matched tokens never reach: the head, and the final norm unless matched after it.
+
+    Only ``weco-kd``/``scratch-kd`` train them. They get no gradient, so the optimizer leaves them as they
+    are either way, but DDP expects a gradient for every trainable parameter at every step.
+    """
+    for name in ("head", "fc_norm", "attn_pool", *(() if norm else ("norm",))):
+        module = getattr(student, name, None)
+        if isinstance(module, nn.Module):
+            module.requires_grad_(False)
+
+
 def check_output(config: DistillConfig) -> Path:
-    """Refuse to clobber a finished or interrupted run unless asked to (``--overwrite``/``--resume``)."""
-    output = Path(config.output)
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} exists and is not a folder")
-    finished = (output / "adapter" / RUN_INFO).is_file()
-    interrupted = (output / "checkpoint").is_dir()
-    if finished and not config.overwrite:
-        raise UserError(f"{output} already holds a finished run; pass --overwrite to redo it or choose another --output")
-    if interrupted and not (config.overwrite or config.resume):
-        raise UserError(f"{output} holds an interrupted run; pass --resume auto to continue it or --overwrite to restart")
-    if config.resume not in (None, "auto") and not Path(config.resume).is_dir():
-        raise UserError(f"--resume {config.resume} is not a checkpoint folder")
-    return output
+    """Check the paths given and refuse to clobber a finished or interrupted run unless asked to
+    (``--overwrite``/``--resume``); see :func:`wecolora.checks.check_distill`."""
+    return check_distill(config)
+
+
+class NonFiniteLoss(UserError):
+    """The loss stopped being a finite number; ``epoch`` and ``step`` are 1-based."""
+
+    def __init__(self, value: float, epoch: int, step: int):
+        super().__init__(f"the loss became {value} at epoch {epoch}, step {step}")
+        self.value, self.epoch, self.step = value, epoch, step
 
 
 def distill(config: DistillConfig) -> dict:
@@ -68,6 +80,15 @@ def distill(config: DistillConfig) -> dict:
         >>> distill(DistillConfig(teacher="local-dir:teacher", data="fashion-mnist", output="runs/a"))  # doctest: +SKIP
     """
     output = check_output(config)
+    # What the user gave is checked before any weight is read: the teacher's architecture on the meta
+    # device, then the few-shot subset (unreadable images skipped, or refused beyond a threshold).
+    check_settings(vit.model_shape(config.teacher, img_size=config.img_size), config.reduction, config.keep_blocks(),
+                   config.mode, config.rank)
+    dataset = data.open_dataset(config.data, "train")
+    indices = data.few_shot_indices(dataset.targets, ratio=None if config.per_class else config.ratio,
+                                    per_class=config.per_class, seed=config.subset_seed,
+                                    min_per_class=config.min_per_class, classes=dataset.classes)
+    indices, unreadable = data.drop_unreadable(dataset, indices, min_per_class=config.min_per_class)
     accelerator, precision = make_accelerator(config.device, config.precision, config.accum_steps)
     from accelerate.utils import set_seed
 
@@ -84,13 +105,18 @@ def distill(config: DistillConfig) -> dict:
     kept = student.wecolora_kept_blocks
     depth = len(teacher.blocks)
     student_blocks, teacher_blocks, norm = losses.matched_blocks(config.match, len(kept), group_ends(kept, depth, keep))
+    freeze_unreached(student, norm)
 
-    # Data: the few-shot subset with the paper's augmentation and the teacher's own mean/std.
-    dataset = data.open_dataset(config.data, "train", transform=data.train_transform(teacher))
-    indices = data.few_shot_indices(dataset.targets, ratio=None if config.per_class else config.ratio,
-                                    per_class=config.per_class, seed=config.subset_seed,
-                                    min_per_class=config.min_per_class)
-    subset = Subset(dataset, indices)
+    # Data: the few-shot subset with the paper's augmentation and the teacher's own mean/std. View v of image i
+    # is reproducible (its augmentation is seeded from (seed, v, i)) and epoch e shows view e mod K, so the
+    # teacher's tokens for it can be cached on disk once and reused by every later epoch, student and rerun.
+    transform = data.train_transform(teacher)
+    subset = teacher_cache.ViewDataset(dataset, indices, transform, seed=config.seed)
+    n_views = config.cache_views or config.epochs
+    cache = teacher_cache.open_for_run(
+        config.teacher_cache, config.teacher_cache_dir, teacher=teacher, dataset=dataset, indices=indices,
+        transform=transform, seed=config.seed, teacher_blocks=teacher_blocks, norm=norm, precision=precision,
+        views=n_views, world_size=accelerator.num_processes)
     generator = torch.Generator()  # reseeded every epoch: order and augmentation depend on (seed, epoch) only
     num_workers = config.num_workers if config.num_workers is not None else min(8, torch.get_num_threads())
     loader = DataLoader(subset, batch_size=config.batch_size, sampler=RandomSampler(subset, generator=generator),
@@ -105,15 +131,23 @@ def distill(config: DistillConfig) -> dict:
     optimizer = create_optimizer_v2(student, "adamw", lr=peak_lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     updates_per_epoch = math.ceil(math.ceil(len(subset) / (config.batch_size * world)) / config.accum_steps)
     scheduler = make_scheduler(optimizer, config.epochs, config.warmup_epochs, updates_per_epoch)
-    model, optimizer, loader = accelerator.prepare(TokenMatcher(student, student_blocks, norm), optimizer, loader)
+    # The student trains through a lean view of itself (fused adapter matmuls, same parameters).
+    lean = adapters.lean_student(student)
+    if accelerator.device.type == "cpu" and precision == "bf16":
+        vit.use_fused_attention([lean, teacher], False)  # the CPU's bf16 fused-attention backward is ~10x slower
+    matcher = TokenMatcher(lean, student_blocks, norm)
+    if config.compile:
+        matcher = torch.compile(matcher)
+    model, optimizer, loader = accelerator.prepare(matcher, optimizer, loader)
     teacher.to(accelerator.device)
 
     resolved = {
         "rank": rank, "lr": peak_lr, "precision": precision, "device": str(accelerator.device),
         "world_size": world, "effective_batch": config.effective_batch(world), "kept_blocks": kept,
         "teacher_blocks": depth, "matched_student_blocks": student_blocks, "matched_teacher_blocks": teacher_blocks,
-        "images": len(subset), "updates_per_epoch": updates_per_epoch, "num_workers": num_workers,
-        "versions": versions(),
+        "images": len(subset), "unreadable_images": len(unreadable), "updates_per_epoch": updates_per_epoch,
+        "num_workers": num_workers, "views": n_views, "teacher_cache": str(cache.folder) if cache else None,
+        "lean_adapters": lean is not student, "versions": versions(),
     }
     start_epoch, updates, rows = 0, 0, []
     checkpoint_dir = output / "checkpoint"
@@ -122,6 +156,8 @@ def distill(config: DistillConfig) -> dict:
         progress = load_checkpoint(resume_from, student, optimizer, scheduler)
         start_epoch, updates, rows = progress["epoch"], progress["updates"], progress["rows"]
         _logger.info("resuming from %s after epoch %d", resume_from, start_epoch)
+        scheduler, updates = resume_schedule(optimizer, scheduler, progress, epochs=config.epochs, lr=peak_lr,
+                                             warmup_epochs=config.warmup_epochs, updates_per_epoch=updates_per_epoch)
     elif accelerator.is_main_process:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # --overwrite of an interrupted run
     if accelerator.is_main_process:
@@ -139,14 +175,39 @@ def distill(config: DistillConfig) -> dict:
     for epoch in range(start_epoch, config.epochs):
         set_seed(config.seed + epoch)
         generator.manual_seed(config.seed + epoch)
-        metrics, updates = train_one_epoch(model, teacher, loader, optimizer, scheduler, accelerator, bar,
-                                           teacher_blocks=teacher_blocks, norm=norm, loss_kind=config.loss,
-                                           updates=updates, epoch=epoch)
+        subset.view = epoch % n_views
+        epoch_loader, writer = loader, None
+        # A view is read when every process sees it (a node-local cache dir may hold it on some nodes only).
+        if cache is not None and all_agree(cache.has_view(subset.view, images=subset.uint8 is not None)):
+            if subset.uint8 is not None:  # images and tokens from the cache: no decoding, no augmentation
+                epoch_loader = accelerator.prepare_data_loader(cached_loader(cache, subset.view, config.batch_size, generator))
+        elif cache is not None:
+            writer = cache.writer(subset.view, len(subset))
+            if accelerator.num_processes > 1:  # every process's rows, stored by the first
+                writer = teacher_cache.SharedWriter(writer, accelerator)
+        try:
+            metrics, updates = train_one_epoch(model, teacher, epoch_loader, optimizer, scheduler, accelerator, bar,
+                                               teacher_blocks=teacher_blocks, norm=norm, loss_kind=config.loss,
+                                               updates=updates, epoch=epoch, normalize=subset.uint8,
+                                               cache=cache, view=subset.view, writer=writer)
+            if writer is not None and writer.commit():
+                _logger.info("teacher cache: view %d of %d stored in %s", subset.view, n_views, cache.folder)
+        except NonFiniteLoss as err:
+            if checkpoint_dir.is_dir():
+                advice = (f"the checkpoint after epoch {epoch} is kept in {checkpoint_dir}: continue from it with "
+                          f"--resume auto and a lower --blr/--lr, or --precision fp32")
+            else:
+                advice = "no epoch had finished, so there is no checkpoint: rerun with a lower --blr/--lr, or --precision fp32"
+            raise UserError(f"{err}; {advice}") from None
+        finally:
+            if writer is not None:
+                writer.abort()  # no-op once committed; otherwise no half-written view is left behind
         rows.append({"epoch": epoch + 1, **metrics, "updates": updates})
         if accelerator.is_main_process:
             atomic_write_text(output / "summary.csv", summary_csv(rows, SUMMARY_COLUMNS))
             save_checkpoint(checkpoint_dir, student, optimizer, scheduler,
-                            {"epoch": epoch + 1, "updates": updates, "rows": rows})
+                            {"epoch": epoch + 1, "updates": updates, "rows": rows,
+                             "updates_per_epoch": updates_per_epoch, "lr": peak_lr})
         accelerator.wait_for_everyone()
     bar.close()
 
@@ -158,19 +219,44 @@ def distill(config: DistillConfig) -> dict:
         export_run(student, output, info)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
-    return {"output": str(output), "epochs": rows, **info}
+    return {"output": str(output), "epochs": rows, "unreadable_images": unreadable, **info}
+
+
+def cached_loader(cache: teacher_cache.TeacherCache, view: int, batch_size: int, generator: torch.Generator) -> DataLoader:
+    """Batches of a cached view in the order the per-image loader would give (same sampler, same generator)."""
+    images, tokens = cache.load_view(view)
+    views = teacher_cache.CachedViews(images, tokens, cache.dtype)
+    sampler = BatchSampler(RandomSampler(range(len(views)), generator=generator), batch_size, drop_last=False)
+    return DataLoader(views, sampler=sampler, batch_size=1, collate_fn=teacher_cache.first_item, generator=generator)
 
 
 def train_one_epoch(model, teacher, loader, optimizer, scheduler, accelerator, bar, *, teacher_blocks, norm,
-                    loss_kind, updates, epoch) -> tuple[dict, int]:
-    """One pass over the subset; returns ``({loss, lr, images_per_s, seconds}, updates)``."""
+                    loss_kind, updates, epoch, normalize=None, cache=None, view=0, writer=None) -> tuple[dict, int]:
+    """One pass over the subset; returns ``({loss, lr, images_per_s, seconds}, updates)``.
+
+    Batches are ``(images, positions[, cached tokens])``; uint8 images are normalised here (``normalize``).
+    The teacher's tokens come with the batch, or from ``cache`` (tokens-only views), or are computed and
+    handed to ``writer``, whose rounded copy is what the loss sees (a cold run equals a warm rerun).
+    """
     model.train()
     loss_sum = torch.zeros((), device=accelerator.device)
     images_seen, start = 0, time.perf_counter()
-    for step, (images, _) in enumerate(loader):
+    cached = cache is not None and writer is None
+    for step, batch in enumerate(loader):
+        images, positions = batch[0].to(accelerator.device, non_blocking=True), batch[1]
+        pixels = images if normalize is not None else None
+        if normalize is not None:
+            images = normalize.normalize(images)
         with accelerator.accumulate(model):
-            with torch.no_grad(), accelerator.autocast():
-                targets = vit.last_block_tokens(teacher, images, teacher_blocks, norm=norm)
+            if len(batch) > 2:  # the tokens came with the batch: [B, blocks, N, D]
+                targets = list(batch[2].to(accelerator.device, non_blocking=True).float().unbind(1))
+            elif cached:
+                targets = [t.to(accelerator.device).float() for t in cache.tokens(view, positions)]
+            else:
+                with torch.no_grad(), accelerator.autocast():
+                    targets = vit.last_block_tokens(teacher, images, teacher_blocks, norm=norm)
+                if writer is not None:
+                    targets = writer.write(positions, targets, pixels)
             with accelerator.autocast():
                 predictions = model(images)
             out = losses.feature_loss(predictions, targets, loss_kind)
@@ -182,8 +268,7 @@ def train_one_epoch(model, teacher, loader, optimizer, scheduler, accelerator, b
             scheduler.step_update(updates)
         loss = out["loss"].detach()
         if not torch.isfinite(loss):
-            raise UserError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; the last good "
-                            f"checkpoint is kept; lower --blr/--lr or use --precision fp32")
+            raise NonFiniteLoss(loss.item(), epoch + 1, step + 1)
         loss_sum += loss
         images_seen += images.shape[0] * accelerator.num_processes
         rate = images_seen / (time.perf_counter() - start)

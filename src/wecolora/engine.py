@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 
 import torch
 
 from .errors import UserError
+
+_logger = logging.getLogger(__name__)
 
 
 def make_accelerator(device: str, precision: str | None, accum_steps: int = 1):
@@ -33,6 +36,27 @@ def make_scheduler(optimizer, epochs: int, warmup_epochs: int, updates_per_epoch
     )
     scheduler.step_update(0)
     return scheduler
+
+
+def resume_schedule(optimizer, scheduler, progress: dict, *, epochs: int, warmup_epochs: int,
+                    updates_per_epoch: int, lr: float):
+    """``(scheduler, updates)`` to continue a checkpointed run after ``progress['epoch']`` epochs.
+
+    With the checkpoint's updates per epoch and peak lr, its restored schedule continues as it was. With
+    another effective batch (world size, batch or accumulation), the schedule restarts at the same epoch
+    with this run's updates per epoch and lr; the weights and optimizer moments carry over.
+    """
+    saved = progress.get("updates_per_epoch", updates_per_epoch), progress.get("lr", lr)
+    if saved == (updates_per_epoch, lr):
+        return scheduler, progress["updates"]
+    _logger.warning("resuming with %d updates per epoch and lr %.3g (the checkpoint had %s and %.3g)",
+                    updates_per_epoch, lr, saved[0], saved[1])
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr  # what the new schedule scales (the checkpoint's optimizer holds the old one)
+    updates = progress["epoch"] * updates_per_epoch
+    scheduler = make_scheduler(optimizer, epochs, warmup_epochs, updates_per_epoch)
+    scheduler.step_update(updates)
+    return scheduler, updates
 
 
 def summary_csv(rows: list[dict], columns: tuple[str, ...]) -> str:

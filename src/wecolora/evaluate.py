@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .distributed import gather_rows, join_processes, process_state
 from .errors import UserError
 from .features import POOLINGS, cached_features, extract_features, model_fingerprint, pool_tokens, resolve_device
 from .files import atomic_write_text
@@ -171,7 +172,8 @@ def _train_head(dim: int, num_outputs: int, epoch_batches, *, sampler: EpochBatc
     loss_fn = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
     head.train()
     step, loss = 0, torch.tensor(float("nan"))
-    for _ in tqdm(range(epochs), desc="probe epochs", leave=False, disable=None):
+    quiet = None if process_state().is_main_process else True
+    for _ in tqdm(range(epochs), desc="probe epochs", leave=False, disable=quiet):
         for features, targets in epoch_batches():
             loss = loss_fn(head(features), targets)
             optimizer.zero_grad(set_to_none=True)
@@ -300,10 +302,16 @@ def mae_linear_probe(
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_ds, fit_idx.tolist()), batch_sampler=sampler,
                                          num_workers=num_workers, persistent_workers=num_workers > 0)  # fmt: skip
 
+    state = process_state()
+
     def epoch_batches():
         for images, targets in loader:
+            # Under torchrun each process runs the backbone on a slice of the batch and every process
+            # trains the same head on the gathered batch (the head is small; its updates stay identical).
+            slices = images.tensor_split(state.num_processes)
             with torch.no_grad():  # no_grad, not inference_mode: the features feed the head's autograd
-                features = pool_tokens(model, images.to(device), pooling).float()
+                features = pool_tokens(model, slices[state.process_index].to(device), pooling).float()
+                features = gather_rows(features, [len(part) for part in slices])
             yield features, torch.as_tensor(targets).to(device)
 
     head, loss = _train_head(test_feats.shape[1], _num_outputs(train_y, test_y, num_classes), epoch_batches,
@@ -382,6 +390,14 @@ class _Subset(torch.utils.data.Subset):
         self.sample_ids = [dataset.sample_ids[i] for i in indices]
 
 
+def _join(device: str) -> tuple:
+    """``(process state, device)``: under torchrun each process gets its own GPU (cuda) and extracts a
+    shard of the features; see :mod:`wecolora.distributed`."""
+    dev = resolve_device(device)
+    state = join_processes(dev)
+    return state, state.device if state.num_processes > 1 and dev.type == "cuda" else dev
+
+
 def _check_output(output: str) -> Path:
     out = Path(output).expanduser()
     if out.exists() and not out.is_dir():
@@ -449,7 +465,7 @@ def probe(
     _require(0 <= val_fraction < 1, "val_fraction", val_fraction, "a fraction in [0, 1)")
     _require(not augment or protocol == "mae", "augment", augment,
              "only with --protocol mae (cached features are fixed)")  # fmt: skip
-    out, dev = _check_output(output), resolve_device(device)
+    out, (state, dev) = _check_output(output), _join(device)
     model = load_model(model_spec)
     transform = eval_transform(model)
     train_ds, test_ds = _open_split(data, "train", transform), _open_split(data, "test", transform)
@@ -476,9 +492,12 @@ def probe(
                                    **options)  # fmt: skip
     results = {**metrics, "protocol": protocol, "model": model_spec, "data": data, "pooling": pooling,
                "augment": augment, "train_per_class": train_per_class, "seed": seed, "device": str(dev),
+               "processes": state.num_processes,
                "seconds": time.perf_counter() - start}  # fmt: skip
-    write_results(out, results)
-    _logger.info("probe %s on %s (%s): top1 %.2f%%", model_spec, data, protocol, 100 * results["top1"])
+    if state.is_main_process:
+        write_results(out, results)
+        _logger.info("probe %s on %s (%s): top1 %.2f%%", model_spec, data, protocol, 100 * results["top1"])
+    state.wait_for_everyone()
     return results
 
 
@@ -508,7 +527,7 @@ def knn(
     _require(k >= 1, "k", k, "an integer >= 1")
     _require(temperature > 0, "temperature", temperature, "a positive number")
     _require(pooling in POOLINGS, "pooling", pooling, f"one of {', '.join(POOLINGS)}")
-    out, dev = _check_output(output), resolve_device(device)
+    out, (state, dev) = _check_output(output), _join(device)
     model = load_model(model_spec)
     transform = eval_transform(model)
     train_ds, test_ds = _open_split(data, "train", transform), _open_split(data, "test", transform)
@@ -524,8 +543,10 @@ def knn(
                "feature_dim": train.features.shape[1], "model": model_spec, "data": data, "pooling": pooling,
                "device": str(dev), "features_cached": train.from_cache and test.from_cache,
                "seconds": time.perf_counter() - start}  # fmt: skip
-    write_results(out, results)
-    _logger.info("kNN %s on %s (k=%d): top1 %.2f%%", model_spec, data, k, 100 * results["top1"])
+    if state.is_main_process:
+        write_results(out, results)
+        _logger.info("kNN %s on %s (k=%d): top1 %.2f%%", model_spec, data, k, 100 * results["top1"])
+    state.wait_for_everyone()
     return results
 
 

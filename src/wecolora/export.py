@@ -38,3 +38,81 @@ def export_run(student: nn.Module, output: str | Path, info: dict) -> nn.Module:
 
 def read_run_info(run: str | Path) -> dict:
     return json.loads((Path(run) / "adapter" / RUN_INFO).read_text())
+
+
+ONNX_EXTRA = "pip install 'wecolora[onnx]'  (onnx, onnxscript, onnxruntime)"
+
+
+def export_onnx(model_spec: str | Path, path: str | Path | None = None, *, opset: int = 18, atol: float = 1e-4,
+                check_batches: tuple[int, ...] = (1, 3)) -> dict:
+    """Export a merged student (a run folder, its ``student/`` or any model spec) to ONNX, checked with onnxruntime.
+
+    The graph takes ``images`` ``[batch, C, H, W]`` (batch is dynamic) and returns what the timm model's
+    forward returns. It is written under a temporary name, run by onnxruntime at several batch sizes against
+    torch, and moved into place only when every output is within ``atol``.
+
+    Args:
+        model_spec: a run folder (its merged ``student/`` is exported), a timm folder or a model spec.
+        path: the ``.onnx`` file (default ``RUN/student.onnx``, or ``model.onnx`` in the current folder).
+        opset: ONNX opset version.
+
+    Returns:
+        ``{"path", "opset", "max_abs_diff", "batches", "input_size"}``.
+
+    Example:
+        >>> export_onnx("runs/fm-r2")["max_abs_diff"] < 1e-4   # doctest: +SKIP
+    """
+    import contextlib
+    import io
+    import os
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from .data import data_config
+    from .errors import UserError
+
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+    except ImportError as err:
+        raise UserError(f"ONNX export needs the onnx extra ({err.name} is missing): {ONNX_EXTRA}") from None
+    spec = str(model_spec)
+    folder = Path(spec)
+    if path is None:
+        path = folder / "student.onnx" if folder.is_dir() else Path("model.onnx")
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise UserError(f"--output {path} must end with .onnx")
+    model = vit.load_model(spec).eval()
+    input_size = tuple(data_config(model)["input_size"])
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(2, *input_size, generator=generator)
+    big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5 * 2**30  # protobuf's 2 GB limit
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        tmp_path = Path(tmp) / path.name
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+            torch.onnx.export(model, (example,), str(tmp_path), opset_version=opset, dynamo=True,
+                              input_names=["images"], output_names=["output"], external_data=big,
+                              dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+        session = onnxruntime.InferenceSession(str(tmp_path), providers=["CPUExecutionProvider"])
+        worst = 0.0
+        for batch in check_batches:
+            images = torch.randn(batch, *input_size, generator=generator)
+            with torch.inference_mode():
+                expected = model(images).numpy()
+            got = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+            if got.shape != expected.shape:
+                raise UserError(f"the ONNX graph returns shape {got.shape} for batch {batch}, torch {expected.shape}")
+            worst = max(worst, float(np.abs(got - expected).max()))
+        if not worst <= atol:
+            raise UserError(f"onnxruntime differs from torch by {worst:.3g} (> {atol:g}); the ONNX file was not written")
+        del session
+        data = tmp_path.with_name(path.name + ".data")
+        if data.exists():  # weights stored beside the graph: move them first, the graph (what readers open) last
+            os.replace(data, path.with_name(path.name + ".data"))
+        os.replace(tmp_path, path)
+    return {"path": str(path), "opset": opset, "max_abs_diff": worst, "batches": list(check_batches),
+            "input_size": list(input_size)}

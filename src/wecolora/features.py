@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .distributed import all_agree, batch_shard, gather_batches, process_state
 from .errors import UserError
 
 _logger = logging.getLogger(__name__)
@@ -105,12 +106,19 @@ def extract_features(
         raise UserError(f"cannot extract {desc}: the dataset holds no images")
     device = torch.device(device)
     model.eval().to(device)
+    # Under torchrun each process runs its own whole batches (the ones a single process would run), and
+    # the per-batch results are gathered back in dataset order.
+    state = process_state()
+    shard = batch_shard(len(dataset), batch_size, state)
+    if len(shard) != len(dataset):
+        dataset = torch.utils.data.Subset(dataset, shard)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    features, labels = [], []
+    batches = []
     with torch.inference_mode():
-        for images, targets in tqdm(loader, desc=desc, leave=False, disable=None):
-            features.append(pool_tokens(model, images.to(device), pooling).float().cpu())
-            labels.append(torch.as_tensor(targets))
+        for images, targets in tqdm(loader, desc=desc, leave=False, disable=None if state.is_main_process else True):
+            batches.append((pool_tokens(model, images.to(device), pooling).float().cpu(), torch.as_tensor(targets)))
+    batches = gather_batches(batches, state)
+    features, labels = [f for f, _ in batches], [t for _, t in batches]
     targets = torch.cat(labels)
     targets = targets.float() if targets.ndim == 2 else targets.long()
     return torch.cat(features), targets
@@ -190,11 +198,14 @@ def cached_features(
                  **dataset_fingerprint(dataset, data=data, split=split)}
     key = hashlib.blake2b(json.dumps(key_parts, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = resolve_cache_dir(cache_dir) / f"{key}.safetensors"
-    if path.is_file():
+    # Read only if every process can (a node-local cache may hold it on some nodes only); else all extract.
+    if all_agree(path.is_file()):
         _logger.info("reusing cached %s features %s", split, path)
         tensors = load_file(str(path))
         return Features(tensors["features"], tensors["labels"], from_cache=True)
     features, labels = extract_features(model, dataset, pooling=pooling, desc=f"{split} features", **extract_options)
+    if not process_state().is_main_process:  # every process holds the gathered features; one writes them
+        return Features(features, labels, from_cache=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename, so that a killed run never leaves a truncated entry that a later run would trust.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")

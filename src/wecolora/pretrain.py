@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from . import data
 from .checkpoint import load_checkpoint, save_checkpoint
+from .checks import check_pretrain
 from .config import DEVICES, PRECISIONS, _check, to_yaml
-from .engine import make_accelerator, make_scheduler, summary_csv, versions
+from .engine import make_accelerator, make_scheduler, resume_schedule, summary_csv, versions
 from .errors import UserError
 from .export import save_student
 from .files import atomic_write_text
@@ -85,9 +86,7 @@ def pretrain(config: PretrainConfig) -> dict:
     from accelerate.utils import set_seed
     from timm.optim import create_optimizer_v2
 
-    output = Path(config.output)
-    if (output / "model" / "config.json").is_file() and not config.overwrite:
-        raise UserError(f"{output} already holds a trained model; pass --overwrite or choose another --output")
+    output = check_pretrain(config)  # paths, a finished or interrupted run in --output
     accelerator, precision = make_accelerator(config.device, config.precision)
     set_seed(config.seed)
 
@@ -113,8 +112,9 @@ def pretrain(config: PretrainConfig) -> dict:
                         pin_memory=accelerator.device.type == "cuda")
     test_loader = DataLoader(test_set, batch_size=512, num_workers=workers)
     optimizer = create_optimizer_v2(model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = make_scheduler(optimizer, config.epochs, config.warmup_epochs, len(loader))
     model, optimizer, loader, test_loader = accelerator.prepare(model, optimizer, loader, test_loader)
+    # After prepare, len(loader) is this process's share of the batches: the number of updates per epoch.
+    scheduler = make_scheduler(optimizer, config.epochs, config.warmup_epochs, len(loader))
     raw_model = accelerator.unwrap_model(model)
 
     start_epoch, updates, rows = 0, 0, []
@@ -122,21 +122,31 @@ def pretrain(config: PretrainConfig) -> dict:
     resume_from = checkpoint_dir if config.resume == "auto" else (Path(config.resume) if config.resume else None)
     if resume_from is not None and resume_from.is_dir():
         progress = load_checkpoint(resume_from, raw_model, optimizer, scheduler)
-        start_epoch, updates, rows = progress["epoch"], progress["updates"], progress["rows"]
+        start_epoch, rows = progress["epoch"], progress["rows"]
+        scheduler, updates = resume_schedule(optimizer, scheduler, progress, epochs=config.epochs, lr=config.lr,
+                                             warmup_epochs=config.warmup_epochs, updates_per_epoch=len(loader))
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output / "config.yaml", to_yaml(config, precision=precision, mean=mean, std=std,
-                                                          device=str(accelerator.device), versions=versions()))
+                                                          device=str(accelerator.device), versions=versions(),
+                                                          world_size=accelerator.num_processes))
+        _logger.info("effective batch %d = %d x %d processes; lr %.3g (absolute: --lr is not scaled with the batch)",
+                     config.batch_size * accelerator.num_processes, config.batch_size, accelerator.num_processes,
+                     config.lr)
     bar = tqdm(total=config.epochs * len(loader), initial=start_epoch * len(loader), unit="batch",
                disable=not accelerator.is_main_process, desc="pretrain")
     for epoch in range(start_epoch, config.epochs):
-        set_seed(config.seed + epoch)
-        generator.manual_seed(config.seed + epoch)
+        set_seed(config.seed + epoch, device_specific=True)  # each process draws its own augmentations
+        generator.manual_seed(config.seed + epoch)  # the same order everywhere; accelerate shards it
         model.train()
         loss_sum, start = torch.zeros((), device=accelerator.device), time.perf_counter()
         for images, labels in loader:
             with accelerator.autocast():
                 loss = F.cross_entropy(model(images), labels, label_smoothing=config.label_smoothing)
+            if not torch.isfinite(loss):
+                kept = f"the last checkpoint is in {checkpoint_dir}" if checkpoint_dir.is_dir() else "no checkpoint yet"
+                raise UserError(f"the loss became {loss.item()} at epoch {epoch + 1}, update {updates + 1}; {kept}; "
+                                f"rerun with a lower --lr")
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -154,12 +164,14 @@ def pretrain(config: PretrainConfig) -> dict:
         bar.set_postfix(epoch=epoch + 1, loss=f"{row['loss']:.3f}", top1=f"{row.get('test_top1', math.nan):.4f}")
         if accelerator.is_main_process:
             atomic_write_text(output / "summary.csv", summary_csv(rows, SUMMARY_COLUMNS))
-            save_checkpoint(checkpoint_dir, raw_model, optimizer, scheduler, {"epoch": epoch + 1, "updates": updates, "rows": rows})
+            save_checkpoint(checkpoint_dir, raw_model, optimizer, scheduler, {"epoch": epoch + 1, "updates": updates, "rows": rows,
+                                                                              "updates_per_epoch": len(loader), "lr": config.lr})
         accelerator.wait_for_everyone()
     bar.close()
     if accelerator.is_main_process:
         save_student(raw_model.float().eval(), output / "model")
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()  # the model is written before any process returns
     return {"output": str(output), "test_top1": rows[-1]["test_top1"], "epochs": rows}
 
 

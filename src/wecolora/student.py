@@ -130,8 +130,7 @@ def build_student(
 
     spec = get_mode(mode)
     vit.require_supported_vit(teacher)
-    depth = len(teacher.blocks)
-    kept = select_blocks(depth, reduction, keep)
+    kept = check_settings(teacher, reduction, keep, mode, rank)
     args = dict(vit.model_args(teacher), depth=len(kept))
     student = timm.create_model(vit.architecture(teacher), pretrained=False, **args)
     student.pretrained_cfg = copy.deepcopy(teacher.pretrained_cfg)  # mean/std/input size of the teacher
@@ -146,6 +145,17 @@ def build_student(
         student, spec.adapter_targets, rank=rank, alpha=alpha, dropout=dropout,
         use_dora=use_dora, use_rslora=use_rslora,
     )
+
+
+def check_settings(teacher: nn.Module, reduction: int, keep: str | list[int], mode: str, rank: int | None) -> list[int]:
+    """Validate student settings against a teacher (a weightless ``vit.model_shape`` will do); returns kept blocks."""
+    spec = get_mode(mode)
+    kept = select_blocks(len(teacher.blocks), reduction, keep)
+    width = teacher.embed_dim
+    if spec.adapter_targets is not None and rank is not None and not 1 <= rank <= width:
+        raise UserError(f"rank {rank} does not fit the teacher's width {width}: choose 1 <= --rank <= {width} "
+                        f"(default {default_rank(width)})")
+    return kept
 
 
 def default_rank(width: int) -> int:

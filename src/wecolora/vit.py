@@ -6,6 +6,9 @@ A teacher is given as a spec string (``vit_base_patch16_224.mae``, ``local-dir:F
 from __future__ import annotations
 
 import logging
+import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,6 +46,11 @@ def require_supported_vit(model: nn.Module) -> None:
             raise UserError(f"block {i} uses gated or widened attention, which wecolora does not support")
     if model.pos_embed is None:
         raise UserError("teachers without a learned position embedding (RoPE ViTs) are not supported")
+    patch_embed = model.patch_embed
+    img_size, patch = getattr(patch_embed, "img_size", None), patch_embed.patch_size
+    if img_size is not None and any(i < p or i % p for i, p in zip(img_size, patch)):
+        raise UserError(f"image size {tuple(img_size)} is not a multiple of the teacher's patch size {tuple(patch)}: "
+                        f"give an --img-size that is a multiple of {patch[0]}")
 
 
 def model_args(model: nn.Module) -> dict:
@@ -104,32 +112,133 @@ def load_model(spec: str, *, weights: str | None = None, img_size: int | None = 
         kwargs["img_size"] = img_size
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    if weights is not None:
-        weights_path = Path(weights)
-        if not weights_path.is_file():
-            raise UserError(f"--teacher-weights {weights} does not exist")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights_path.resolve()))
     source, _, name = spec.partition(":") if spec.startswith(("local-dir:", "hf-hub:")) else ("", "", spec)
     if source == "local-dir" and not Path(name).is_dir():
         raise UserError(f"model folder {name} does not exist")
     if not source and not timm.is_model(name.split(".")[0]):
         raise UserError(f"unknown model {spec!r}: not a timm model name, a folder, local-dir:FOLDER or hf-hub:ORG/NAME")
+    if pretrained and source != "hf-hub":
+        # The architecture is checked on a weightless copy first: a ResNet or an EVA is refused before
+        # any download or multi-GB read.
+        model_shape(spec, img_size=img_size, num_classes=num_classes)
+    if weights is not None and pretrained:
+        # Read here, never by unpickling code; timm then applies its key/shape adaptation (filter_fn).
+        kwargs["pretrained_cfg_overlay"] = dict(source="", state_dict=read_weights(weights), file=None)
     try:
         model = timm.create_model(spec, pretrained=pretrained, **kwargs)
     except Exception as err:  # timm/hub raise many types; classify the ones a user can fix
         raise UserError(_explain_load_error(spec, weights, err)) from err
+    if isinstance(getattr(model, "pretrained_cfg", None), dict):
+        model.pretrained_cfg.pop("state_dict", None)  # tensors have no place in the saved config.json
+        if weights is not None:
+            model.pretrained_cfg["file"] = str(Path(weights).resolve())
     require_supported_vit(model)
     return model.eval()
 
 
+def model_shape(spec: str, *, img_size: int | None = None, num_classes: int | None = None) -> nn.Module:
+    """The architecture of a spec on the ``meta`` device: no weights read, no memory, checked layout.
+
+    Used to validate reductions, ranks and image sizes before a teacher's weights are loaded.
+    """
+    import timm
+
+    spec = _resolve_spec(spec)
+    if not spec.startswith(("local-dir:", "hf-hub:")) and not timm.is_model(spec.split(".")[0]):
+        raise UserError(f"unknown model {spec!r}: not a timm model name, a folder, local-dir:FOLDER or hf-hub:ORG/NAME")
+    kwargs = {k: v for k, v in (("img_size", img_size), ("num_classes", num_classes)) if v is not None}
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(spec, pretrained=False, **kwargs)
+    except Exception as err:
+        raise UserError(_explain_load_error(spec, None, err)) from err
+    require_supported_vit(model)
+    return model
+
+
+WEIGHTS_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")  # nestings timm's trainers write
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file, or a ``.pth`` read with ``torch.load(weights_only=True)``.
+
+    A pickle that would import or call code is refused, never executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--teacher-weights {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as err:
+            raise UserError(f"--teacher-weights {path} is not a valid safetensors file: {_first_line(err)}") from None
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"refusing to load --teacher-weights {path}: {_unsafe_pickle(err)}; only plain tensors "
+                        f"are read (torch.load weights_only=True). If you trust the file, convert its state dict "
+                        f"to .safetensors") from None
+    except Exception as err:  # zip/EOF/format errors from torch.load
+        raise UserError(f"--teacher-weights {path} is not a readable .pth file: {_first_line(err)}") from None
+    if isinstance(checkpoint, dict):
+        checkpoint = next((checkpoint[k] for k in WEIGHTS_KEYS if isinstance(checkpoint.get(k), dict)), checkpoint)
+    if not isinstance(checkpoint, dict) or not checkpoint or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in checkpoint.items()):
+        raise UserError(f"--teacher-weights {path} holds no state dict (a mapping of names to tensors)")
+    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def _unsafe_pickle(err: BaseException) -> str:
+    """What torch's weights-only unpickler objected to, in a few words."""
+    names = re.findall(r"GLOBAL ([\w.]+)", str(err))
+    if names:
+        return f"it is a pickle that would import {', '.join(dict.fromkeys(names))} (code that runs on load)"
+    detail = re.search(r"WeightsUnpickler error: \s*(.+)", str(err))
+    reason = detail.group(1).strip() if detail else _first_line(err)
+    return f"it is not a tensors-only checkpoint ({reason}): a pickle of code or objects, or not a checkpoint at all"
+
+
 def _explain_load_error(spec: str, weights: str | None, err: Exception) -> str:
     text = f"{type(err).__name__}: {err}".splitlines()[0]
+    mismatch = _state_dict_mismatch(str(err))
+    if mismatch:
+        return f"cannot load {weights or spec} into {spec}: {mismatch}"
+    if "weights only load failed" in str(err).lower() or "blocked loading" in str(err):
+        return (f"refusing to load the weights of {spec!r}: the file is a pickle that would import or run code; "
+                f"only tensors are read (weights_only=True). If you trust it, convert it to .safetensors")
     if "LocalEntryNotFound" in text or "offline" in text.lower() or "connect" in text.lower() or "url" in text.lower():
         return (f"cannot fetch pretrained weights for {spec!r} (offline?): pass --teacher-weights FILE, "
                 f"a local-dir:FOLDER, or run once with network access to fill the Hugging Face cache")
     if weights:
         return f"cannot load {weights} into {spec}: {text}"
     return f"cannot load model {spec!r}: {text}"
+
+
+def _state_dict_mismatch(text: str, limit: int = 3) -> str:
+    """torch's multi-line load_state_dict error as one line naming the first keys of each kind."""
+    parts = []
+    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*)"),
+                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*)")):
+        match = re.search(pattern, text)
+        if match:
+            keys = re.findall(r'"([^"]+)"', match.group(1))
+            more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+            parts.append(f"{label} keys {', '.join(keys[:limit])}{more}")
+    sizes = re.findall(r"size mismatch for ([\w.]+): copying a param with shape torch.Size\((\[[^\]]*\])\) "
+                       r"from checkpoint, the shape in current model is torch.Size\((\[[^\]]*\])\)", text)
+    if sizes:
+        more = f" (+{len(sizes) - limit} more)" if len(sizes) > limit else ""
+        parts.append("shape mismatch " + ", ".join(f"{k} file {a} vs model {b}" for k, a, b in sizes[:limit]) + more)
+    return "; ".join(parts)
 
 
 def last_block_tokens(model: nn.Module, images: torch.Tensor, blocks: list[int] | None = None, *, norm: bool = False) -> list[torch.Tensor]:
@@ -145,3 +254,15 @@ def last_block_tokens(model: nn.Module, images: torch.Tensor, blocks: list[int] 
     if not model.num_prefix_tokens:
         return list(outputs)
     return [torch.cat([prefix, patches], dim=1) for patches, prefix in outputs]
+
+
+def use_fused_attention(models: list[nn.Module], fused: bool) -> None:
+    """Switch timm's fused attention kernel (``F.scaled_dot_product_attention``) on or off in every block.
+
+    On the CPU the fused kernel's bf16 backward is about ten times slower than plain matmuls + softmax
+    for short token sequences; the two compute the same attention.
+    """
+    for model in models:
+        for module in model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = fused

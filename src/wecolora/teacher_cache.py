@@ -1,0 +1,412 @@
+"""Reproducible augmented views and an on-disk cache of the frozen teacher's tokens for them.
+
+The teacher is frozen and the few-shot subset is small, so its last-block tokens are a function of
+(teacher weights, image, augmentation view) only. :class:`ViewDataset` makes view ``v`` of image ``i``
+reproducible (the augmentation RNG is seeded from ``(seed, v, i)``; epoch ``e`` uses view ``e mod K``),
+and :class:`TeacherCache` stores, per view, the teacher's tokens (fp16, or bf16 for a bf16 teacher) and
+the augmented images (uint8, before normalisation, so the student sees exactly the pixels the teacher
+saw) as memory-mapped ``.npy`` files. An entry is keyed by the teacher's weights, the subset's images,
+the transform, the view seed, the matched blocks and the teacher's precision, so one entry serves every
+student of an ablation grid (modes, reductions, ranks, lrs) and every rerun.
+
+Layout: ``ROOT/<key>/meta.json`` (what the key is made of) and ``ROOT/<key>/view0003.{images,tokens}.npy``.
+A view's files are written under temporary names and renamed when every row is filled, tokens last:
+a view is complete exactly when its tokens file exists, so a half-written view is never read.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .files import atomic_write_text
+
+_logger = logging.getLogger(__name__)
+
+CACHE_ENV = "WECOLORA_CACHE_DIR"  # shared root: features/ (probe features) and teacher/ (this cache)
+DEFAULT_ROOT = Path("~/.cache/wecolora")
+FORMAT_VERSION = 1
+FP16_MAX = 65504.0
+
+
+def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The teacher cache folder: the argument, else ``$WECOLORA_CACHE_DIR/teacher``, else ``~/.cache/wecolora/teacher``."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    root = os.environ.get(CACHE_ENV)
+    return (Path(root) if root else DEFAULT_ROOT).expanduser() / "teacher"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reproducible views
+
+
+@dataclass(frozen=True)
+class Uint8Views:
+    """A train transform split into its random PIL part and the final ToTensor + Normalize.
+
+    The PIL part yields uint8 pixels (what the cache stores); :meth:`normalize` turns a uint8 batch into
+    exactly the floats ToTensor + Normalize would give, on any device.
+    """
+    pil: object
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` uint8 -> float32, the same element-wise ops as ToTensor then Normalize."""
+        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+        return images.to(torch.float32).div_(255).sub_(mean).div_(std)
+
+
+def split_transform(transform) -> Uint8Views | None:
+    """Split a ``Compose([...random PIL ops..., ToTensor, Normalize])`` (timm's train transform); None otherwise."""
+    from torchvision import transforms as T
+
+    steps = list(getattr(transform, "transforms", ()))
+    if len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
+        return None
+    if any(isinstance(s, (T.ToTensor, T.Normalize, T.ConvertImageDtype)) for s in steps[:-2]):
+        return None
+    mean = tuple(float(m) for m in torch.as_tensor(steps[-1].mean).reshape(-1))
+    std = tuple(float(s) for s in torch.as_tensor(steps[-1].std).reshape(-1))
+    return Uint8Views(T.Compose(steps[:-2]), mean, std)
+
+
+def view_seed(seed: int, view: int, index: int) -> int:
+    """The augmentation seed of view ``view`` of dataset image ``index`` (63 bits, stable across runs).
+
+    >>> view_seed(0, 1, 2) == view_seed(0, 1, 2) != view_seed(0, 2, 1)
+    True
+    """
+    digest = hashlib.blake2b(f"wecolora-view:{seed}:{view}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """Augmented view ``view`` of each image of a subset, reproducible in any process or worker.
+
+    Item ``p`` is ``(image, p)``: view ``self.view`` of ``dataset[indices[p]]``, with Python's and torch's
+    RNG seeded from ``(seed, view, indices[p])`` while the transform runs (the caller's RNG state is
+    restored). ``image`` is uint8 ``[C, H, W]`` before normalisation when the transform splits
+    (:func:`split_transform`; normalise with ``self.uint8.normalize``), else the transform's float tensor.
+
+    Args:
+        dataset: yields ``(PIL image, label)`` (opened without a transform).
+        indices: the few-shot subset (indices into ``dataset``).
+        transform: the train transform (random ops + ToTensor + Normalize).
+        seed: the run's seed.
+    """
+
+    def __init__(self, dataset, indices: list[int], transform, *, seed: int, view: int = 0):
+        self.dataset, self.indices, self.transform = dataset, list(indices), transform
+        self.seed, self.view = seed, view
+        self.uint8 = split_transform(transform)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        index = self.indices[position]
+        image, _ = self.dataset[index]
+        seed = view_seed(self.seed, self.view, index)
+        # timm's crop draws from Python's random, torchvision's flip from torch's CPU generator. Seed both for
+        # this image, then give the caller its states back (torch.manual_seed would cost 80 us: it seeds every device).
+        states = random.getstate(), torch.default_generator.get_state()
+        random.seed(seed)
+        torch.default_generator.manual_seed(seed)
+        try:
+            image = (self.uint8.pil if self.uint8 else self.transform)(image)
+        finally:
+            random.setstate(states[0])
+            torch.default_generator.set_state(states[1])
+        if self.uint8:
+            if not hasattr(image, "mode"):
+                raise TypeError(f"the transform's random part returned {type(image).__name__}, not a PIL image")
+            image = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)  # HWC -> CHW
+        return image, position
+
+
+class CachedViews(torch.utils.data.Dataset):
+    """A complete cached view, indexed by a LIST of subset positions (one call per batch).
+
+    Use with ``DataLoader(..., sampler=BatchSampler(RandomSampler(...)), batch_size=None)``; an item is
+    ``(uint8 images [B, C, H, W], positions [B], tokens [B, blocks, N, D] in the cache dtype)``.
+    """
+
+    def __init__(self, images: np.ndarray, tokens: np.ndarray, dtype: torch.dtype):
+        self.images, self.tokens, self.dtype = images, tokens, dtype
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, positions):
+        rows = np.asarray(positions, dtype=np.int64).reshape(-1)  # accelerate nests the sampler's list once more
+        return torch.from_numpy(self.images[rows]), torch.from_numpy(rows), _from_numpy(self.tokens[rows], self.dtype)
+
+
+def first_item(items: list):
+    """``collate_fn`` for a loader whose every item is already a batch (``batch_size=1`` over :class:`CachedViews`)."""
+    return items[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys
+
+
+def fingerprint_model(model: nn.Module) -> str:
+    """A digest of a model's architecture and every tensor of its state dict (names, dtypes, shapes, bytes)."""
+    from . import vit
+
+    digest = hashlib.blake2b(digest_size=16)
+    with contextlib.suppress(Exception):  # a plain module without a timm config still has weights
+        digest.update(json.dumps([vit.architecture(model), vit.model_args(model)], sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().data if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def fingerprint_data(dataset, indices: list[int]) -> str:
+    """A digest of the subset's images: pixels for in-memory sets, (path, size, mtime) for image folders."""
+    digest = hashlib.blake2b(digest_size=16)
+    ids = getattr(dataset, "sample_ids", None)
+    digest.update("\n".join(ids[i] if ids else str(i) for i in indices).encode())
+    if isinstance(getattr(dataset, "images", None), np.ndarray):  # data.ArrayDataset
+        digest.update(np.ascontiguousarray(dataset.images[np.asarray(indices, dtype=np.int64)]).data)
+    elif getattr(dataset, "samples", None) is not None:  # ImageFolder
+        for i in indices:
+            path = dataset.samples[i][0]
+            stat = os.stat(path)
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()
+
+
+def cache_key(*, teacher: nn.Module, dataset, indices: list[int], transform, seed: int, teacher_blocks: list[int],
+              norm: bool, precision: str) -> dict:
+    """What a cache entry depends on; its digest names the entry's folder."""
+    return {
+        "format": FORMAT_VERSION,
+        "teacher": fingerprint_model(teacher),
+        "data": fingerprint_data(dataset, indices),
+        "images": len(indices),
+        "transform": repr(transform),
+        "seed": int(seed),
+        "teacher_blocks": [int(b) for b in teacher_blocks],
+        "norm": bool(norm),
+        "precision": precision,
+        "dtype": "bfloat16" if precision == "bf16" else "float16",
+    }
+
+
+def _digest(key: dict) -> str:
+    return hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=12).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+
+
+def _to_numpy(tokens: torch.Tensor) -> np.ndarray:
+    tokens = tokens.detach().to("cpu").contiguous()
+    return tokens.view(torch.int16).numpy() if tokens.dtype == torch.bfloat16 else tokens.numpy()
+
+
+def _from_numpy(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+
+
+class TeacherCache:
+    """One cache entry: per view, the teacher's tokens and (when the transform splits) the uint8 images.
+
+    Example:
+        >>> cache = TeacherCache.open(default_cache_dir(), teacher=teacher, dataset=ds, indices=subset,
+        ...                           transform=tf, seed=0, teacher_blocks=[11], norm=False, precision="fp32")  # doctest: +SKIP
+        >>> cache.has_view(0)  # doctest: +SKIP
+    """
+
+    def __init__(self, folder: Path, key: dict):
+        self.folder, self.key = Path(folder), key
+        self.dtype = torch.bfloat16 if key["dtype"] == "bfloat16" else torch.float16
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, **key_args) -> TeacherCache:
+        """The entry for these inputs under ``root`` (created, with its ``meta.json``, if new)."""
+        key = cache_key(**key_args)
+        folder = Path(root) / _digest(key)
+        if not (folder / "meta.json").is_file():
+            atomic_write_text(folder / "meta.json", json.dumps(key, indent=1))
+        return cls(folder, key)
+
+    def _path(self, view: int, kind: str) -> Path:
+        return self.folder / f"view{view:04d}.{kind}.npy"
+
+    def has_view(self, view: int, *, images: bool = True) -> bool:
+        """Whether view ``view`` is complete (its tokens, and its images when ``images``)."""
+        return self._path(view, "tokens").is_file() and (not images or self._path(view, "images").is_file())
+
+    def load_view(self, view: int, *, images: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+        """Memory-mapped ``(images [n, C, H, W] uint8 or None, tokens [n, blocks, N, D])`` of a complete view."""
+        tokens = np.load(self._path(view, "tokens"), mmap_mode="r")
+        pixels = np.load(self._path(view, "images"), mmap_mode="r") if images else None
+        return pixels, tokens
+
+    def tokens(self, view: int, positions: torch.Tensor) -> list[torch.Tensor]:
+        """Cached tokens of some subset positions, one ``[B, N, D]`` tensor per matched block."""
+        _, tokens = self.load_view(view, images=False)
+        return list(_from_numpy(tokens[positions.cpu().numpy()], self.dtype).unbind(1))
+
+    def writer(self, view: int, size: int) -> ViewWriter:
+        """A writer that fills view ``view`` (``size`` rows) batch by batch and commits it when complete."""
+        return ViewWriter(self, view, size)
+
+    def nbytes_per_view(self, size: int, token_shape: tuple[int, ...], image_shape: tuple[int, ...] | None) -> int:
+        per_row = int(np.prod(token_shape)) * 2 + (int(np.prod(image_shape)) if image_shape else 0)
+        return size * per_row
+
+
+class ViewWriter:
+    """Fills one view's files under temporary names; :meth:`commit` renames them once every row is written."""
+
+    def __init__(self, cache: TeacherCache, view: int, size: int):
+        self.cache, self.view, self.size = cache, view, size
+        self.filled = np.zeros(size, dtype=bool)
+        self.files: dict[str, tuple[Path, np.ndarray]] = {}
+        self.failed = False
+
+    def _array(self, kind: str, row_shape: tuple[int, ...], dtype) -> np.ndarray:
+        if kind not in self.files:
+            self.cache.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.cache.folder, prefix=f".view{self.view:04d}.{kind}.", suffix=".tmp")
+            os.close(fd)
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(self.size, *row_shape))
+            self.files[kind] = (Path(tmp), array)
+        return self.files[kind][1]
+
+    def write(self, positions: torch.Tensor, tokens: list[torch.Tensor], images: torch.Tensor | None) -> list[torch.Tensor]:
+        """Store a batch (tokens ``[B, N, D]`` per block, uint8 images) and return the tokens as stored, in fp32.
+
+        Training on the returned values, not the unrounded ones, makes a cold run equal a warm rerun.
+        """
+        stacked = torch.stack([t.detach() for t in tokens], dim=1)  # [B, blocks, N, D]
+        stored = stacked.to(self.cache.dtype)
+        if self.cache.dtype == torch.float16 and not torch.isfinite(stored).all() and torch.isfinite(stacked).all():
+            if not self.failed:
+                _logger.warning("teacher tokens exceed the fp16 range (|x| > %g): view %d is not cached", FP16_MAX, self.view)
+            self.failed = True
+            return [t.float() for t in tokens]
+        if not self.failed:
+            rows = positions.cpu().numpy()
+            self._array("tokens", tuple(stacked.shape[1:]), np.int16 if self.cache.dtype == torch.bfloat16 else np.float16)[rows] = _to_numpy(stored)
+            if images is not None:
+                self._array("images", tuple(images.shape[1:]), np.uint8)[rows] = images.cpu().numpy()
+            self.filled[rows] = True
+        return list(stored.float().unbind(1))
+
+    def commit(self) -> bool:
+        """Rename the files into place if every row was written (tokens last); else discard them."""
+        if self.failed or not self.filled.all() or "tokens" not in self.files:
+            self.abort()
+            return False
+        for kind in sorted(self.files, key=lambda k: k == "tokens"):  # images first, tokens (the marker) last
+            tmp, array = self.files[kind]
+            array.flush()
+            del array
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.cache._path(self.view, kind))
+        self.files.clear()
+        return True
+
+    def abort(self) -> None:
+        for tmp, _ in self.files.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self.files.clear()
+
+
+class SharedWriter:
+    """A :class:`ViewWriter` shared by the processes of a multi-process run (torchrun).
+
+    Each process computes the teacher's tokens for its own batches; they are gathered every step and
+    the first process stores them all, so a view is written once and whole. Each process trains on
+    its batch's tokens rounded as stored, as a single-process cold run does.
+    """
+
+    def __init__(self, writer: ViewWriter, accelerator):
+        self.writer, self.accelerator = writer, accelerator
+
+    def write(self, positions: torch.Tensor, tokens: list[torch.Tensor], images: torch.Tensor | None) -> list[torch.Tensor]:
+        stacked = torch.stack([t.detach() for t in tokens], dim=1)  # [B, blocks, N, D]
+        stored = stacked.to(self.writer.cache.dtype)
+        overflow = (self.writer.cache.dtype == torch.float16 and not torch.isfinite(stored).all()
+                    and bool(torch.isfinite(stacked).all()))
+        parts = {"positions": positions.to(stacked.device, torch.long), "tokens": stored,
+                 "overflow": torch.tensor([int(overflow)], device=stacked.device)}
+        if images is not None:
+            parts["images"] = images
+        gathered = self.accelerator.gather(parts)  # accelerate's even batches: the same size on every process
+        if self.accelerator.is_main_process:
+            if gathered["overflow"].any():
+                if not self.writer.failed:
+                    _logger.warning("teacher tokens exceed the fp16 range (|x| > %g): view %d is not cached",
+                                    FP16_MAX, self.writer.view)
+                self.writer.failed = True
+            else:
+                self.writer.write(gathered["positions"], list(gathered["tokens"].unbind(1)), gathered.get("images"))
+        return [t.float() for t in tokens] if overflow else list(stored.float().unbind(1))
+
+    def commit(self) -> bool:
+        return self.writer.commit() if self.accelerator.is_main_process else False
+
+    def abort(self) -> None:
+        if self.accelerator.is_main_process:
+            self.writer.abort()
+
+
+def open_for_run(enabled: bool, cache_dir: str | None, *, teacher: nn.Module, dataset, indices: list[int], transform,
+                 seed: int, teacher_blocks: list[int], norm: bool, precision: str, views: int,
+                 world_size: int = 1) -> TeacherCache | None:
+    """The cache entry a distillation run uses, or None when the cache is off or cannot serve this run.
+
+    It is skipped, with a warning, when its ``views`` views would not fit on the disk that holds it. With
+    several processes (``world_size``) the first one writes it (:class:`SharedWriter`) and all read it,
+    so it belongs on a file system every node sees.
+    """
+    if not enabled:
+        return None
+    root = default_cache_dir(cache_dir)
+    cache = TeacherCache.open(root, teacher=teacher, dataset=dataset, indices=indices, transform=transform, seed=seed,
+                              teacher_blocks=teacher_blocks, norm=norm, precision=precision)
+    tokens = len(teacher_blocks), teacher.patch_embed.num_patches + teacher.num_prefix_tokens, teacher.embed_dim
+    split = split_transform(transform)
+    image = (len(split.mean), *teacher.patch_embed.img_size) if split else None
+    missing = [v for v in range(views) if not cache.has_view(v, images=split is not None)]
+    need = len(missing) * cache.nbytes_per_view(len(indices), tokens, image)
+    free = shutil.disk_usage(cache.folder).free
+    if need > free - (1 << 30):
+        _logger.warning("teacher cache: %d views need %.1f GB but %s has %.1f GB free; training without it "
+                        "(--teacher-cache DIR elsewhere, fewer --cache-views, or --no-teacher-cache)",
+                        len(missing), need / 1e9, root, free / 1e9)
+        return None
+    _logger.info("teacher cache: %s (%d of %d views stored, %.1f MB per view)", cache.folder, views - len(missing),
+                 views, cache.nbytes_per_view(len(indices), tokens, image) / 1e6)
+    return cache
+
+
+def clear(root: str | os.PathLike | None = None) -> None:
+    """Delete every teacher cache entry under ``root`` (default :func:`default_cache_dir`)."""
+    shutil.rmtree(default_cache_dir(root), ignore_errors=True)
