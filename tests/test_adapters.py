@@ -288,3 +288,55 @@ def test_unknown_target(targets):
 def test_impossible_dropout(dropout):
     with pytest.raises(UserError, match="dropout"):
         adapters.add_adapters(tiny_vit(), ALL_TARGETS, rank=4, dropout=dropout)
+
+
+# ---------------------------------------------------------------------------------------------
+# The lean training path: same function, same parameters, fused matmuls
+
+LEAN_CASES = ["wecolora", "lora-qv", "rslora", "alpha", "keep-last-r3"]
+
+
+@pytest.mark.parametrize("case", LEAN_CASES)
+def test_lean_student_computes_the_same_tokens_and_gradients(teacher, case):
+    kwargs = dict(MERGE_CASES[case])
+    reduction = kwargs.pop("reduction", 2)
+    student = st.build_student(teacher, reduction, rank=4, **kwargs).train()
+    _randomize_lora_b(student)
+    lean = adapters.lean_student(student)
+    assert lean is not student and type(lean) is timm.models.VisionTransformer
+    assert {id(p) for p in lean.parameters()} <= {id(p) for p in student.parameters()}  # shared, never copied
+    assert all(isinstance(getattr(b.attn, "qkv"), adapters.LeanLoRALinear) for b in lean.blocks)
+    images = _images(3)
+
+    def tokens_and_grads(model):
+        student.zero_grad(set_to_none=True)
+        tokens = wecolora.vit.last_block_tokens(model, images)[0]
+        (tokens ** 2).mean().backward()
+        return tokens.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    expected, expected_grads = tokens_and_grads(student)
+    got, grads = tokens_and_grads(lean)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert grads.keys() == expected_grads.keys() and all("lora_" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], atol=1e-6, rtol=1e-4)
+    # the peft student itself is untouched: still SplitQKV + peft layers, still fused attention as configured
+    assert isinstance(student.get_base_model().blocks[0].attn.qkv, adapters.SplitQKV)
+
+
+def test_lean_student_follows_training_updates(teacher):
+    student = st.build_student(teacher, 2, rank=4)
+    lean = adapters.lean_student(student)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)
+    images = _images()
+    torch.testing.assert_close(lean(images), student(images), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [dict(mode="wecolora", use_dora=True), dict(mode="wecolora", dropout=0.1),
+                                    dict(mode="weco-kd")])
+def test_lean_student_leaves_what_it_does_not_implement(teacher, kwargs):
+    student = st.build_student(teacher, 2, rank=4, **kwargs)
+    assert adapters.lean_student(student) is student

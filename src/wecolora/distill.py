@@ -193,6 +193,7 @@ def distill(config: DistillConfig) -> dict:
             if writer is not None and writer.commit():
                 _logger.info("teacher cache: view %d of %d stored in %s", subset.view, n_views, cache.folder)
         except NonFiniteLoss as err:
+            bar.close()
             if checkpoint_dir.is_dir():
                 advice = (f"the checkpoint after epoch {epoch} is kept in {checkpoint_dir}: continue from it with "
                           f"--resume auto and a lower --blr/--lr, or --precision fp32")

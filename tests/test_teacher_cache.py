@@ -1,0 +1,274 @@
+"""Tests for wecolora.teacher_cache: reproducible views, cache keys, atomic views, and distillation with the cache."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torchvision import transforms as T
+
+import wecolora.distill as distill_module
+from wecolora import data, losses, teacher_cache, vit
+from wecolora.config import DistillConfig
+from wecolora.distill import distill
+from wecolora.student import build_student
+
+from conftest import tiny_vit
+
+
+@pytest.fixture(scope="module")
+def teacher28():
+    return tiny_vit(img_size=28, patch_size=7).requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.open_dataset("mnist-5k", "train")
+
+
+def _key_args(teacher, dataset, **overrides):
+    args = dict(teacher=teacher, dataset=dataset, indices=list(range(0, 400, 10)), transform=data.train_transform(teacher),
+                seed=0, teacher_blocks=[5], norm=False, precision="fp32")
+    args.update(overrides)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Views
+
+
+def test_a_view_is_reproducible_and_views_differ(teacher28, digits):
+    transform = data.train_transform(teacher28)
+    views = teacher_cache.ViewDataset(digits, [3, 50, 700], transform, seed=0)
+    torch.manual_seed(123)
+    random.seed(123)
+    before = torch.rand(1), random.random()
+    torch.manual_seed(123)
+    random.seed(123)
+    first = [views[p][0] for p in range(3)]
+    assert (torch.rand(1), random.random()) == before  # the caller's RNG streams are left as they were
+    again = teacher_cache.ViewDataset(digits, [3, 50, 700], transform, seed=0)
+    assert all(torch.equal(a, again[p][0]) for p, a in enumerate(first))
+    assert views[1][1] == 1 and first[0].dtype == torch.uint8 and first[0].shape == (3, 28, 28)
+    views.view = 1
+    assert not all(torch.equal(a, views[p][0]) for p, a in enumerate(first))
+    other_seed = teacher_cache.ViewDataset(digits, [3, 50, 700], transform, seed=1)
+    assert not all(torch.equal(a, other_seed[p][0]) for p, a in enumerate(first))
+
+
+def test_uint8_views_normalise_to_exactly_what_the_whole_transform_gives(teacher28, digits):
+    transform = data.train_transform(teacher28)
+    views = teacher_cache.ViewDataset(digits, [5, 6, 7, 8], transform, seed=3, view=2)
+    batch = torch.stack([views[p][0] for p in range(4)])
+    expected = []
+    for index in [5, 6, 7, 8]:  # the full transform (ToTensor + Normalize included) under the same seeds
+        seed = teacher_cache.view_seed(3, 2, index)
+        random.seed(seed)
+        torch.default_generator.manual_seed(seed)
+        expected.append(transform(digits[index][0]))
+    assert torch.equal(views.uint8.normalize(batch), torch.stack(expected))
+
+
+def test_a_transform_that_does_not_split_gives_float_views(teacher28, digits):
+    transform = T.Compose([T.RandomHorizontalFlip(), T.ToTensor()])
+    assert teacher_cache.split_transform(transform) is None
+    views = teacher_cache.ViewDataset(digits, [0, 1], transform, seed=0)
+    image, position = views[1]
+    assert views.uint8 is None and image.dtype == torch.float32 and position == 1
+    assert torch.equal(image, views[1][0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys
+
+
+KEY_CHANGES = {
+    # what changes: overrides of _key_args
+    "transform": lambda t: dict(transform=T.Compose([*data.train_transform(t).transforms[:1],
+                                                     T.RandomHorizontalFlip(0.2), *data.train_transform(t).transforms[2:]])),
+    "subset": lambda t: dict(indices=list(range(1, 400, 10))),
+    "seed": lambda t: dict(seed=1),
+    "blocks": lambda t: dict(teacher_blocks=[2, 5]),
+    "norm": lambda t: dict(norm=True),
+    "precision": lambda t: dict(precision="bf16"),
+}
+
+
+@pytest.mark.parametrize("change", KEY_CHANGES)
+def test_a_changed_input_is_another_cache_entry(tmp_path, teacher28, digits, change):
+    same = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits))
+    again = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits))
+    changed = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, **KEY_CHANGES[change](teacher28)))
+    assert same.folder == again.folder
+    assert changed.folder != same.folder
+    assert (same.folder / "meta.json").is_file()
+
+
+def test_changed_teacher_weights_are_another_entry(tmp_path, teacher28, digits):
+    base = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits))
+    other = tiny_vit(img_size=28, patch_size=7)
+    with torch.no_grad():
+        other.blocks[5].mlp.fc2.bias.add_(1e-3)
+    assert teacher_cache.TeacherCache.open(tmp_path, **_key_args(other, digits)).folder != base.folder
+
+
+def test_default_cache_dir_shares_the_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("WECOLORA_CACHE_DIR", str(tmp_path))
+    assert teacher_cache.default_cache_dir() == tmp_path / "teacher"
+    assert teacher_cache.default_cache_dir(tmp_path / "x") == tmp_path / "x"
+    monkeypatch.delenv("WECOLORA_CACHE_DIR")
+    assert str(teacher_cache.default_cache_dir()).endswith(".cache/wecolora/teacher")
+
+
+# ---------------------------------------------------------------------------------------------
+# Views on disk
+
+
+def _tokens(batch, blocks=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 5, 8, generator=generator) * 3 for _ in range(blocks)]
+
+
+def test_a_view_is_complete_only_once_every_row_is_written(tmp_path, teacher28, digits):
+    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, teacher_blocks=[2, 5]))
+    writer = cache.writer(0, 6)
+    written = {}
+    for rows in ([4, 0, 2], [5, 1]):
+        positions = torch.tensor(rows)
+        tokens, images = _tokens(len(rows), seed=rows[0]), torch.randint(0, 255, (len(rows), 3, 4, 4), dtype=torch.uint8)
+        stored = writer.write(positions, tokens, images)
+        for i, p in enumerate(rows):
+            written[p] = ([t[i] for t in stored], images[i])
+            for s, t in zip(stored, tokens):  # what training sees: the fp16-rounded tokens, in fp32
+                assert s.dtype == torch.float32
+                torch.testing.assert_close(s, t, atol=1e-2, rtol=1e-3)
+    assert not cache.has_view(0)
+    assert not writer.commit()  # row 3 is missing: nothing is published
+    assert not cache.has_view(0) and not list(cache.folder.glob("*.npy")) and not list(cache.folder.glob(".*.tmp"))
+
+    writer = cache.writer(0, 6)
+    for p, (tokens, image) in written.items():
+        writer.write(torch.tensor([p]), [t[None] for t in tokens], image[None])
+    writer.write(torch.tensor([3]), _tokens(1), torch.zeros(1, 3, 4, 4, dtype=torch.uint8))
+    assert writer.commit() and cache.has_view(0) and not cache.has_view(1)
+    images, tokens = cache.load_view(0)
+    assert tokens.shape == (6, 2, 5, 8) and images.shape == (6, 3, 4, 4)
+    for p, (expected, image) in written.items():
+        assert torch.equal(torch.from_numpy(np.array(images[p])), image)
+        for b in range(2):
+            assert torch.equal(torch.from_numpy(np.array(tokens[p, b])).float(), expected[b])
+    picked = cache.tokens(0, torch.tensor([5, 0]))
+    assert len(picked) == 2 and torch.equal(picked[1][0].float(), written[5][0][1])
+    batch = teacher_cache.CachedViews(images, tokens, cache.dtype)[[[2, 4]]]  # accelerate nests the list
+    assert batch[0].shape == (2, 3, 4, 4) and batch[1].tolist() == [2, 4] and batch[2].shape == (2, 2, 5, 8)
+
+
+def test_bf16_views_round_trip(tmp_path, teacher28, digits):
+    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, precision="bf16"))
+    writer = cache.writer(0, 2)
+    stored = writer.write(torch.tensor([1, 0]), _tokens(2, blocks=1), None)
+    assert writer.commit() and cache.has_view(0, images=False) and not cache.has_view(0)
+    got = cache.tokens(0, torch.tensor([1, 0]))[0]
+    assert got.dtype == torch.bfloat16 and torch.equal(got.float(), stored[0])
+
+
+def test_tokens_beyond_fp16_are_not_cached(tmp_path, teacher28, digits, caplog):
+    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits))
+    writer = cache.writer(0, 1)
+    huge = [torch.full((1, 5, 8), 1e6)]
+    assert torch.equal(writer.write(torch.tensor([0]), huge, None)[0], huge[0])  # trained on the exact values
+    assert not writer.commit() and not cache.has_view(0, images=False)
+    assert "fp16 range" in caplog.text
+
+
+def test_open_for_run_policy(tmp_path, teacher28, digits, monkeypatch, caplog):
+    args = {k: v for k, v in _key_args(teacher28, digits).items()}
+    assert teacher_cache.open_for_run(False, str(tmp_path), views=2, **args) is None
+    assert teacher_cache.open_for_run(True, str(tmp_path), views=2, **args) is not None
+    monkeypatch.setattr(teacher_cache.shutil, "disk_usage", lambda path: type("U", (), {"free": 10_000})())
+    assert teacher_cache.open_for_run(True, str(tmp_path), views=2, **args) is None
+    assert "training without it" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation with the cache
+
+
+def _config(teacher_dir, output, cache_dir, **overrides):
+    settings = dict(teacher=f"local-dir:{teacher_dir}", data="mnist-5k", output=str(output), ratio=0.02, epochs=2,
+                    warmup_epochs=1, batch_size=16, accum_steps=2, blr=5e-3, num_workers=0, device="cpu", rank=4,
+                    teacher_cache_dir=str(cache_dir))
+    settings.update(overrides)
+    return DistillConfig(**settings)
+
+
+def _adapter(run):
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def test_a_warm_run_never_calls_the_teacher_and_ends_where_the_cold_run_did(teacher_dir, tmp_path, monkeypatch):
+    cold = distill(_config(teacher_dir, tmp_path / "cold", tmp_path / "cache"))
+    entries = list((tmp_path / "cache").iterdir())
+    assert len(entries) == 1 and sorted(p.name for p in entries[0].glob("view*")) == [
+        "view0000.images.npy", "view0000.tokens.npy", "view0001.images.npy", "view0001.tokens.npy"]
+
+    real = vit.last_block_tokens
+    calls = []
+
+    def counting(model, images, *args, **kwargs):
+        calls.append(len(model.blocks))
+        return real(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(distill_module.vit, "last_block_tokens", counting)
+    warm = distill(_config(teacher_dir, tmp_path / "warm", tmp_path / "cache"))
+    assert 6 not in calls and calls  # the 6-block teacher never ran; the 3-block student did
+    assert [r["loss"] for r in warm["epochs"]] == [r["loss"] for r in cold["epochs"]]
+    a, b = _adapter(tmp_path / "cold"), _adapter(tmp_path / "warm")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # A grid's other students share the entry; --no-teacher-cache computes the same thing, unrounded.
+    monkeypatch.setattr(distill_module.vit, "last_block_tokens", real)
+    plain = distill(_config(teacher_dir, tmp_path / "plain", tmp_path / "cache", teacher_cache=False))
+    for r_plain, r_cold in zip(plain["epochs"], cold["epochs"]):
+        assert r_plain["loss"] == pytest.approx(r_cold["loss"], rel=2e-3)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_the_cached_loss_equals_the_recomputed_teacher_loss_on_the_same_views(teacher28, digits, tmp_path):
+    transform = data.train_transform(teacher28)
+    indices = list(range(0, 4000, 250))
+    views = teacher_cache.ViewDataset(digits, indices, transform, seed=0, view=1)
+    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=indices))
+    student = build_student(teacher28, 2, mode="wecolora", rank=4)
+    loader = torch.utils.data.DataLoader(views, batch_size=5, shuffle=True)
+    writer = cache.writer(1, len(indices))
+    fresh = []
+    for images, positions in loader:
+        images = views.uint8.normalize(images)
+        with torch.no_grad():
+            targets = vit.last_block_tokens(teacher28, images, [5])
+            writer.write(positions, targets, None)
+            fresh.append((images, positions, losses.feature_loss(vit.last_block_tokens(student, images), targets)["loss"]))
+    assert writer.commit()
+    for images, positions, expected in fresh:
+        with torch.no_grad():
+            cached = [t.float() for t in cache.tokens(1, positions)]
+            loss = losses.feature_loss(vit.last_block_tokens(student, images), cached)["loss"]
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-3)
+
+
+def test_an_interrupted_epoch_leaves_no_view_behind(teacher_dir, tmp_path, monkeypatch):
+    real = distill_module.losses.feature_loss
+    steps = []
+
+    def fail_on_third(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module.losses, "feature_loss", fail_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        distill(_config(teacher_dir, tmp_path / "run", tmp_path / "cache"))
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert [p.name for p in entry.iterdir()] == ["meta.json"]  # no view, no temporary file
