@@ -340,3 +340,14 @@ def test_lean_student_follows_training_updates(teacher):
 def test_lean_student_leaves_what_it_does_not_implement(teacher, kwargs):
     student = st.build_student(teacher, 2, rank=4, **kwargs)
     assert adapters.lean_student(student) is student
+
+
+def test_lean_student_sees_base_weights_written_after_it_was_made(teacher):
+    student = st.build_student(teacher, 2, rank=4)
+    lean = adapters.lean_student(student)
+    images = _images()
+    lean(images)  # the fused frozen qkv weight is built here
+    with torch.no_grad():  # e.g. a state dict loaded into the student afterwards
+        student.get_base_model().blocks[0].attn.qkv.k.base_layer.weight.mul_(1.5)
+        student.get_base_model().blocks[1].attn.qkv.v.base_layer.bias.add_(0.1)
+    torch.testing.assert_close(lean(images), student(images), atol=1e-5, rtol=1e-4)

@@ -130,7 +130,8 @@ def _tokens(batch, blocks=2, seed=0):
 
 
 def test_a_view_is_complete_only_once_every_row_is_written(tmp_path, teacher28, digits):
-    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, teacher_blocks=[2, 5]))
+    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, teacher_blocks=[2, 5],
+                                                                  indices=list(range(6))))
     writer = cache.writer(0, 6)
     written = {}
     for rows in ([4, 0, 2], [5, 1]):
@@ -164,7 +165,7 @@ def test_a_view_is_complete_only_once_every_row_is_written(tmp_path, teacher28, 
 
 
 def test_bf16_views_round_trip(tmp_path, teacher28, digits):
-    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, precision="bf16"))
+    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, precision="bf16", indices=[7, 9]))
     writer = cache.writer(0, 2)
     stored = writer.write(torch.tensor([1, 0]), _tokens(2, blocks=1), None)
     assert writer.commit() and cache.has_view(0, images=False) and not cache.has_view(0)
@@ -272,3 +273,70 @@ def test_an_interrupted_epoch_leaves_no_view_behind(teacher_dir, tmp_path, monke
         distill(_config(teacher_dir, tmp_path / "run", tmp_path / "cache"))
     (entry,) = (tmp_path / "cache").iterdir()
     assert [p.name for p in entry.iterdir()] == ["meta.json"]  # no view, no temporary file
+
+
+def test_a_full_disk_or_damaged_view_costs_speed_not_the_run(tmp_path, teacher28, digits, monkeypatch, caplog):
+    import errno
+    import os
+
+    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=[0, 1]))
+    real = os.posix_fallocate
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    writer = cache.writer(0, 2)
+    tokens = _tokens(2, blocks=1)
+    stored = writer.write(torch.tensor([0, 1]), tokens, None)
+    torch.testing.assert_close(stored[0], tokens[0], atol=1e-2, rtol=1e-3)
+    assert not writer.commit() and not list(cache.folder.glob("view*")) and not list(cache.folder.glob(".*.tmp"))
+    assert "No space left" in caplog.text
+
+    monkeypatch.setattr(os, "posix_fallocate", real)
+    writer = cache.writer(0, 2)
+    writer.write(torch.tensor([0, 1]), tokens, None)
+    assert writer.commit() and cache.has_view(0, images=False)
+    path = cache.folder / "view0000.tokens.npy"
+    path.write_bytes(path.read_bytes()[:-100])  # truncated behind our back
+    assert not cache.has_view(0, images=False)
+
+    monkeypatch.setattr(teacher_cache, "atomic_write_text", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    assert teacher_cache.open_for_run(True, str(tmp_path / "elsewhere"), views=1,
+                                      **_key_args(teacher28, digits)) is None
+
+
+def test_fewer_views_than_epochs_reuse_them_within_one_run(teacher_dir, tmp_path, monkeypatch):
+    real = vit.last_block_tokens
+    teacher_steps = []
+
+    def counting(model, images, *args, **kwargs):
+        if len(model.blocks) == 6:
+            teacher_steps.append(images.shape[0])
+        return real(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(distill_module.vit, "last_block_tokens", counting)
+    result = distill(_config(teacher_dir, tmp_path / "run", tmp_path / "cache", epochs=3, cache_views=1))
+    assert sum(teacher_steps) == 80  # one pass over the 80 images: epochs 2 and 3 read view 0
+    assert len(result["epochs"]) == 3
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert sorted(p.name for p in entry.glob("view*")) == ["view0000.images.npy", "view0000.tokens.npy"]
+
+
+def test_temporary_files_of_dead_writers_are_removed(tmp_path, teacher28, digits):
+    import os
+    import socket
+    import subprocess
+
+    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits))
+    child = subprocess.Popen(["true"])  # its pid is free once it has exited
+    child.wait()
+    host = socket.gethostname()
+    orphan = cache.folder / f".view0000.tokens.{host}-{child.pid}.abc.tmp"
+    dotted = cache.folder / f".view0001.images.{host}-{child.pid}.x_9.tmp"
+    other_host = cache.folder / f".view0000.tokens.elsewhere-{child.pid}.abc.tmp"
+    alive = cache.folder / f".view0000.tokens.{host}-{os.getppid()}.abc.tmp"
+    for path in (orphan, dotted, other_host, alive):
+        path.write_bytes(b"x")
+    teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits))
+    assert not orphan.exists() and not dotted.exists() and other_host.exists() and alive.exists()

@@ -203,20 +203,25 @@ class LeanLoRALinear(nn.Module):
         self.lora_B = nn.ParameterList([u[1] for u in updates if u is not None])
         self.scales = [u[2] for u in updates if u is not None]
         self.adapted = [u is not None for u in updates]
-        self._frozen_weight: torch.Tensor | None = None  # the fused base weight, built once (it never changes)
+        self._fused: dict[str, tuple[tuple, torch.Tensor]] = {}  # frozen slices concatenated once, see _concat
         self.stacked = all(self.adapted) and len(updates) > 1 and len({a.shape for a in self.lora_A}) == 1 \
             and len({b.shape for b in self.lora_B}) == 1
 
-    def base_weight(self) -> torch.Tensor:
-        if len(self.weights) == 1:
-            return self.weights[0]
-        if any(w.requires_grad for w in self.weights):
-            return torch.cat(list(self.weights))
-        w = self._frozen_weight
-        if w is None or w.device != self.weights[0].device or w.dtype != self.weights[0].dtype:
+    def _concat(self, name: str, params: nn.ParameterList) -> torch.Tensor:
+        """The slices' base weights (or biases) as one tensor; frozen ones are concatenated once and reused
+        until a slice moves or is written to (its storage or version counter changes)."""
+        if len(params) == 1:
+            return params[0]
+        if any(p.requires_grad for p in params):
+            return torch.cat(list(params))
+        stamp = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._fused.get(name, (None,))[0] != stamp:
             with torch.no_grad():
-                w = self._frozen_weight = torch.cat(list(self.weights))
-        return w
+                self._fused[name] = (stamp, torch.cat(list(params)))
+        return self._fused[name][1]
+
+    def base_weight(self) -> torch.Tensor:
+        return self._concat("weight", self.weights)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW ``[sum(out), in]``: the stacked, scaled ``B_s A_s`` (zeros on slices without an adapter)."""
@@ -242,10 +247,7 @@ class LeanLoRALinear(nn.Module):
         weight = self.base_weight()
         if self.lora_A:
             weight = weight + self.delta_weight()
-        bias = None
-        if self.biases:
-            bias = self.biases[0] if len(self.biases) == 1 else torch.cat(list(self.biases))
-        return nn.functional.linear(x, weight, bias)
+        return nn.functional.linear(x, weight, self._concat("bias", self.biases) if self.biases else None)
 
 
 def _lean_linear(module: nn.Module) -> nn.Module | None:

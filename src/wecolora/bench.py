@@ -194,10 +194,25 @@ def make_trainer(teacher: nn.Module, *, mode: str, reduction: int, rank: int, pr
     if device.type == "cpu" and precision == "bf16":
         vit.use_fused_attention([lean], False)
     model = TokenMatcher(lean, student_blocks, norm).to(device)
-    optimizer = create_optimizer_v2(student, "adamw", lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95))
+    optimizer = create_optimizer_v2(student, "adamw", lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95),
+                                    fused=device.type in ("cpu", "cuda"))  # as distill does
     scheduler = make_scheduler(optimizer, 10_000, 0, updates_per_epoch)
     return Trainer(f"{mode} r={reduction}", model, optimizer, scheduler, LocalAccelerator(device, precision),
                    student_blocks, teacher_blocks, norm)
+
+
+@contextlib.contextmanager
+def _teacher_attention(teacher: nn.Module, accelerator: LocalAccelerator):
+    """The teacher's attention as distill sets it: plain matmuls under bf16 on the CPU, else as it was."""
+    modules = [m for m in teacher.modules() if hasattr(m, "fused_attn")]
+    before = [m.fused_attn for m in modules]
+    if accelerator.device.type == "cpu" and accelerator.precision == "bf16":
+        vit.use_fused_attention([teacher], False)
+    try:
+        yield
+    finally:
+        for module, fused in zip(modules, before):
+            module.fused_attn = fused
 
 
 def wecolora_epoch(trainer: Trainer, teacher, loader, *, normalize, cache=None, view=0, writer=None) -> float:
@@ -206,7 +221,7 @@ def wecolora_epoch(trainer: Trainer, teacher, loader, *, normalize, cache=None, 
 
     from .distill import train_one_epoch
 
-    with tqdm(disable=True) as bar:
+    with tqdm(disable=True) as bar, _teacher_attention(teacher, trainer.accelerator):
         metrics, _ = train_one_epoch(trainer.model, teacher, loader, trainer.optimizer, trainer.scheduler,
                                      trainer.accelerator, bar, teacher_blocks=trainer.teacher_blocks, norm=trainer.norm,
                                      loss_kind="l1", updates=0, epoch=0, normalize=normalize, cache=cache, view=view,
@@ -537,7 +552,7 @@ def _bench_inference(config, teacher, rank, device, batch, say) -> dict:
         models[f"adapters_r{r}"] = student.eval().to(device)
         models[f"merged_r{r}"] = adapters.merge(student).eval().to(device)
     images = torch.randn(batch, 3, *teacher.patch_embed.img_size, generator=torch.Generator().manual_seed(0)).to(device)
-    calls = 5 if config.quick else 20
+    calls = 10 if config.quick else 20
 
     def forward(model):
         with torch.inference_mode():
@@ -556,6 +571,7 @@ def _bench_inference(config, teacher, rank, device, batch, say) -> dict:
         out[name] = {"images_per_s": batch / min(values), "rounds": [batch / v for v in values],
                      "speedup": min(seconds["teacher"]) / min(values),
                      "blocks": len(models[name].blocks),
+                     "weights_mb": sum(t.numel() * t.element_size() for t in models[name].state_dict().values()) / 2**20,
                      "peak_mb": peak_memory_mb(lambda: forward(models[name]), device)}
     for r in (2, 3):
         out[f"merged_r{r}"]["limit"] = len(teacher.blocks) / len(models[f"merged_r{r}"].blocks)
@@ -586,15 +602,17 @@ def format_table(result: dict) -> str:
         row = d[key]
         lines.append(f"  {label:<42}{row['images_per_s']:>10.0f}{row['speedup']:>13.2f}x{row['peak_mb']:>10.1f}")
     lines += ["", f"{'inference, fp32, batch ' + str(result['batch_size']):<44}{'images/s':>10}{'vs teacher':>14}"
-                  f"{'peak MB':>10}"]
+                  f"{'peak MB':>10}{'weights MB':>12}"]
     labels = {"teacher": f"teacher ({result['teacher_blocks']} blocks)"}
     for r in (2, 3):
         labels[f"adapters_r{r}"] = f"r={r} student, adapters unmerged"
         labels[f"merged_r{r}"] = f"r={r} student, merged (limit {inf[f'merged_r{r}']['limit']:.2f}x)"
     for key, label in labels.items():
         row = inf[key]
-        lines.append(f"  {label:<42}{row['images_per_s']:>10.0f}{row['speedup']:>13.2f}x{row['peak_mb']:>10.1f}")
-    lines += ["", f"ablation grid, 6 students ({grid['precision']}), training seconds per epoch:"]
+        lines.append(f"  {label:<42}{row['images_per_s']:>10.0f}{row['speedup']:>13.2f}x{row['peak_mb']:>10.1f}"
+                     f"{row['weights_mb']:>12.1f}")
+    lines += ["(peak MB: tensor memory allocated during one step or forward, on top of the weights)", "",
+              f"ablation grid, 6 students ({grid['precision']}), training seconds per epoch:"]
     for row in grid["students"]:
         lines.append(f"  {row['mode'] + ' r=' + str(row['reduction']):<20} without cache {row['seconds_without_cache']:6.2f}"
                      f"   with the shared cache {row['seconds_with_cache']:6.2f} ({row['cache']})")

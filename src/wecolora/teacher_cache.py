@@ -21,7 +21,9 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,14 +251,27 @@ class TeacherCache:
         folder = Path(root) / _digest(key)
         if not (folder / "meta.json").is_file():
             atomic_write_text(folder / "meta.json", json.dumps(key, indent=1))
+        _remove_orphans(folder)
         return cls(folder, key)
 
     def _path(self, view: int, kind: str) -> Path:
         return self.folder / f"view{view:04d}.{kind}.npy"
 
     def has_view(self, view: int, *, images: bool = True) -> bool:
-        """Whether view ``view`` is complete (its tokens, and its images when ``images``)."""
-        return self._path(view, "tokens").is_file() and (not images or self._path(view, "images").is_file())
+        """Whether view ``view`` is complete and readable (its tokens, and its images when ``images``).
+
+        A file damaged after it was written (truncated, wrong row count) counts as missing: the view is
+        computed again and replaces it.
+        """
+        kinds = ("tokens", "images") if images else ("tokens",)
+        if not all(self._path(view, kind).is_file() for kind in kinds):
+            return False
+        try:
+            arrays = [np.load(self._path(view, kind), mmap_mode="r") for kind in kinds]
+        except (OSError, ValueError) as err:
+            _logger.warning("teacher cache: view %d in %s is unreadable (%s); computing it again", view, self.folder, err)
+            return False
+        return all(len(a) == self.key["images"] for a in arrays)
 
     def load_view(self, view: int, *, images: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
         """Memory-mapped ``(images [n, C, H, W] uint8 or None, tokens [n, blocks, N, D])`` of a complete view."""
@@ -278,6 +293,26 @@ class TeacherCache:
         return size * per_row
 
 
+_OWNER = f"{socket.gethostname()}-{os.getpid()}"  # in temporary names: whose writer made the file
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Delete temporary view files left by writers of this host that died (SIGKILL, power loss)."""
+    host = socket.gethostname()
+    for tmp in folder.glob(".view*.tmp"):
+        match = re.fullmatch(r"\.view\d+\.[a-z]+\.(.+)\.[^.]+\.tmp", tmp.name)  # .view0003.tokens.HOST-PID.XXXX.tmp
+        owner_host, _, pid = match.group(1).rpartition("-") if match else ("", "", "")
+        if owner_host != host or not pid.isdigit() or int(pid) == os.getpid():
+            continue  # another machine's (it may be writing) or ours
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        except OSError:
+            pass  # alive, owned by another user
+
+
 class ViewWriter:
     """Fills one view's files under temporary names; :meth:`commit` renames them once every row is written."""
 
@@ -290,9 +325,15 @@ class ViewWriter:
     def _array(self, kind: str, row_shape: tuple[int, ...], dtype) -> np.ndarray:
         if kind not in self.files:
             self.cache.folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.cache.folder, prefix=f".view{self.view:04d}.{kind}.", suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=self.cache.folder, suffix=".tmp",
+                                       prefix=f".view{self.view:04d}.{kind}.{_OWNER}.")
             os.close(fd)
+            self.files[kind] = (Path(tmp), None)
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(self.size, *row_shape))
+            # Reserve the blocks now: a full disk then fails here with OSError, not later with SIGBUS on the memmap.
+            if hasattr(os, "posix_fallocate"):
+                with open(tmp, "r+b") as f:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
             self.files[kind] = (Path(tmp), array)
         return self.files[kind][1]
 
@@ -310,9 +351,16 @@ class ViewWriter:
             return [t.float() for t in tokens]
         if not self.failed:
             rows = positions.cpu().numpy()
-            self._array("tokens", tuple(stacked.shape[1:]), np.int16 if self.cache.dtype == torch.bfloat16 else np.float16)[rows] = _to_numpy(stored)
-            if images is not None:
-                self._array("images", tuple(images.shape[1:]), np.uint8)[rows] = images.cpu().numpy()
+            token_dtype = np.int16 if self.cache.dtype == torch.bfloat16 else np.float16
+            try:
+                self._array("tokens", tuple(stacked.shape[1:]), token_dtype)[rows] = _to_numpy(stored)
+                if images is not None:
+                    self._array("images", tuple(images.shape[1:]), np.uint8)[rows] = images.cpu().numpy()
+            except OSError as err:  # disk full, read-only folder: train on, uncached
+                _logger.warning("teacher cache: cannot store view %d in %s (%s); it is not cached", self.view,
+                                self.cache.folder, err)
+                self.failed = True
+                self.abort()
             self.filled[rows] = True
         return list(stored.float().unbind(1))
 
@@ -327,6 +375,7 @@ class ViewWriter:
             del array
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a shared cache from other users
             os.replace(tmp, self.cache._path(self.view, kind))
         self.files.clear()
         return True
@@ -389,8 +438,13 @@ def open_for_run(enabled: bool, cache_dir: str | None, *, teacher: nn.Module, da
     if not enabled:
         return None
     root = default_cache_dir(cache_dir)
-    cache = TeacherCache.open(root, teacher=teacher, dataset=dataset, indices=indices, transform=transform, seed=seed,
-                              teacher_blocks=teacher_blocks, norm=norm, precision=precision)
+    try:
+        cache = TeacherCache.open(root, teacher=teacher, dataset=dataset, indices=indices, transform=transform,
+                                  seed=seed, teacher_blocks=teacher_blocks, norm=norm, precision=precision)
+    except OSError as err:  # an unwritable cache folder costs speed, not the run
+        _logger.warning("teacher cache: cannot use %s (%s); training without it (--teacher-cache DIR elsewhere)",
+                        root, err)
+        return None
     tokens = len(teacher_blocks), teacher.patch_embed.num_patches + teacher.num_prefix_tokens, teacher.embed_dim
     split = split_transform(transform)
     image = (len(split.mean), *teacher.patch_embed.img_size) if split else None
