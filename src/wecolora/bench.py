@@ -548,7 +548,7 @@ def _bench_inference(config, teacher, rank, device, batch, say) -> dict:
         with torch.no_grad():  # trained-looking adapters: the merge must not be a no-op
             for name, p in student.named_parameters():
                 if "lora_B" in name:
-                    p.normal_(std=0.01, generator=torch.Generator().manual_seed(r))
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(r)) * 0.01)
         models[f"adapters_r{r}"] = student.eval().to(device)
         models[f"merged_r{r}"] = adapters.merge(student).eval().to(device)
     images = torch.randn(batch, 3, *teacher.patch_embed.img_size, generator=torch.Generator().manual_seed(0)).to(device)

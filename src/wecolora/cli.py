@@ -211,7 +211,7 @@ def add_eval_parsers(sub) -> None:
                        help="CLS token after the final norm (default) or mean of patch tokens")
         p.add_argument("--device", choices=DEVICES, default="auto")
         p.add_argument("--num-workers", type=int, default=0, help="data loader workers for feature extraction")
-        p.add_argument("--cache-dir", help="feature cache (default $WECOLORA_CACHE_DIR or ~/.cache/wecolora)")
+        p.add_argument("--cache-dir", help="feature cache (default $WECOLORA_CACHE_DIR/features, else ~/.cache/wecolora/features)")
         if command == "probe":
             p.add_argument("--protocol", choices=("cached", "mae"), default="cached",
                            help="cached: head on cached features (default, fast); mae: the paper's, backbone every epoch")
@@ -275,7 +275,7 @@ def add_ablate_parsers(sub) -> None:
     p = sub.add_parser("demo", help="the embedded default end to end: bundled teacher, offline data, a results table",
                        description="Distill the bundled Fashion-MNIST teacher with every mode (scratch KD, WeCo+KD, "
                                    "plain LoRA, WeCoLoRA) at 1%% and 10%% of the images, probe every model, print "
-                                   "the table. Offline, about 15 minutes on 2 CPU cores; --quick in under 3.")
+                                   "the table. Offline, about 7 minutes on 2 CPU cores; --quick in under 3.")
     p.add_argument("--output", default="runs/demo", metavar="DIR", help="default runs/demo")
     p.add_argument("--quick", action="store_true", help="a reduced run (3 students, mnist-5k probes)")
     p.add_argument("--device", choices=DEVICES, default="auto")

@@ -443,7 +443,7 @@ def probe(
         augment: ``mae`` only: train on the training augmentation instead of the eval transform.
         train_per_class: probe on this many training images per class (seeded choice, see
             :func:`wecolora.data.few_shot_indices`); default all.
-        cache_dir: feature cache (default ``$WECOLORA_CACHE_DIR`` or ``~/.cache/wecolora/features``).
+        cache_dir: feature cache (default ``$WECOLORA_CACHE_DIR/features``, else ``~/.cache/wecolora/features``).
         Other arguments as in :func:`train_linear_probe` and :func:`~wecolora.features.extract_features`.
 
     Returns:

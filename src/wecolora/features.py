@@ -39,9 +39,11 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The feature cache folder: the argument, else ``$WECOLORA_CACHE_DIR``, else ``~/.cache/wecolora/features``."""
-    chosen = cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
-    return Path(chosen).expanduser()
+    """The feature cache folder: the argument, else ``$WECOLORA_CACHE_DIR/features``, else ``~/.cache/wecolora/features``."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() / "features" if root else Path(DEFAULT_CACHE_DIR).expanduser()
 
 
 def pool_tokens(model: nn.Module, images: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
