@@ -7,7 +7,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from timm.models.vision_transformer import VisionTransformer
 
-from wecolora import UserError, evaluate, features, vit
+from wecolora import UserError, evaluate, features, reports, vit
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_report_over_two_runs(tmp_path):
         evaluate.write_results(tmp_path / name, {"top1": top1, "top5": 0.99, "n_train": 40, "n_test": 10,
                                                  "protocol": "cached", "model": name, "data": "mnist-5k"})  # fmt: skip
         runs.append(str(tmp_path / name))
-    markdown = evaluate.write_report(runs, str(tmp_path / "report"))
+    markdown = reports.write_report(runs, str(tmp_path / "report"))
     lines = markdown.splitlines()
     assert lines[0] == "| run | model | data | protocol | top1 % | top5 % | n_train | n_test |"
     assert lines[2].endswith("| student | mnist-5k | cached | 81.25 | 99.00 | 40 | 10 |") and len(lines) == 4
@@ -163,4 +163,4 @@ def test_knn_and_extraction_reject_bad_input(tmp_path):
     with pytest.raises(UserError, match="no images"):
         features.extract_features(torch.nn.Identity(), torch.utils.data.TensorDataset(torch.empty(0, 3)))
     with pytest.raises(UserError, match="results.json"):
-        evaluate.report([str(tmp_path)])
+        reports.report([str(tmp_path)])

@@ -246,7 +246,7 @@ def run_eval(args) -> int:
 
 
 def run_report(args) -> int:
-    from .evaluate import write_report
+    from .reports import write_report
 
     print(write_report(args.runs, args.output))
     return 0

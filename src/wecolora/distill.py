@@ -58,12 +58,6 @@ def freeze_unreached(student: nn.Module, norm: bool) -> None:
             module.requires_grad_(False)
 
 
-def check_output(config: DistillConfig) -> Path:
-    """Check the paths given and refuse to clobber a finished or interrupted run unless asked to
-    (``--overwrite``/``--resume``); see :func:`wecolora.checks.check_distill`."""
-    return check_distill(config)
-
-
 class NonFiniteLoss(UserError):
     """The loss stopped being a finite number; ``epoch`` and ``step`` are 1-based."""
 
@@ -79,7 +73,7 @@ def distill(config: DistillConfig) -> dict:
         >>> from wecolora.config import DistillConfig
         >>> distill(DistillConfig(teacher="local-dir:teacher", data="fashion-mnist", output="runs/a"))  # doctest: +SKIP
     """
-    output = check_output(config)
+    output = check_distill(config)  # paths; refuses to clobber a finished or interrupted run unless asked
     # What the user gave is checked before any weight is read: the teacher's architecture on the meta
     # device, then the few-shot subset (unreadable images skipped, or refused beyond a threshold).
     check_settings(vit.model_shape(config.teacher, img_size=config.img_size), config.reduction, config.keep_blocks(),
