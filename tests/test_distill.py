@@ -88,6 +88,8 @@ def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(teache
     assert (tmp_path / "cut" / "checkpoint").is_dir()
     with pytest.raises(UserError, match="interrupted run"):
         distill(config(teacher_dir, tmp_path / "cut"))
+    with pytest.raises(UserError, match=r"other settings \(--ratio 0.02 -> 0.05"):
+        distill(config(teacher_dir, tmp_path / "cut", resume="auto", ratio=0.05))
     result = distill(config(teacher_dir, tmp_path / "cut", resume="auto"))
     assert [row["epoch"] for row in result["epochs"]] == [1, 2, 3]
 

@@ -160,13 +160,45 @@ def check_run_folder(output: str | Path, *, finished: str, overwrite: bool, resu
     return out
 
 
+# Settings a resumed run may change: where and how it runs, not what it computes. The batch split may
+# change with the number of processes (the schedule adapts, see engine.resume_schedule).
+RESUME_MAY_CHANGE = {"output", "resume", "overwrite", "device", "num_workers", "precision", "compile",
+                     "teacher_cache", "teacher_cache_dir", "batch_size", "accum_steps"}
+
+
 def check_distill(config) -> Path:
     """Every path-level check of a :class:`~wecolora.config.DistillConfig`; returns the output folder."""
     check_model_spec(config.teacher)
     check_weights_file(config.teacher_weights)
     check_dataset(config.data, ("train",))
-    return check_run_folder(config.output, finished="adapter/wecolora.json", overwrite=config.overwrite,
-                            resume=config.resume)
+    output = check_run_folder(config.output, finished="adapter/wecolora.json", overwrite=config.overwrite,
+                              resume=config.resume)
+    if config.resume == "auto" and (output / "checkpoint").is_dir():
+        check_same_settings(config, output / "config.yaml")
+    return output
+
+
+def check_same_settings(config, saved: Path) -> None:
+    """Refuse to resume a run with settings that change what it computes (another ratio, seed, mode...)."""
+    import dataclasses
+
+    import yaml
+
+    if not saved.is_file():
+        return
+    before = (yaml.safe_load(saved.read_text()) or {}).get("settings", {})
+    now = dataclasses.asdict(config)
+
+    def same(a, b) -> bool:  # one folder given two ways is the same setting
+        if isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists():
+            return Path(a).resolve() == Path(b).resolve()
+        return a == b
+
+    changed = [k for k in now if k not in RESUME_MAY_CHANGE and k in before and not same(before[k], now[k])]
+    if changed:
+        detail = ", ".join(f"--{k.replace('_', '-')} {before[k]!r} -> {now[k]!r}" for k in changed)
+        raise UserError(f"cannot resume {saved.parent} with other settings ({detail}); resume with the settings "
+                        f"in {saved}, or pass --overwrite to start again")
 
 
 def check_pretrain(config) -> Path:
