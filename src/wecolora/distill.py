@@ -110,7 +110,7 @@ def distill(config: DistillConfig) -> dict:
     cache = teacher_cache.open_for_run(
         config.teacher_cache, config.teacher_cache_dir, teacher=teacher, dataset=dataset, indices=indices,
         transform=transform, seed=config.seed, teacher_blocks=teacher_blocks, norm=norm, precision=precision,
-        views=n_views, world_size=accelerator.num_processes)
+        views=n_views)
     generator = torch.Generator()  # reseeded every epoch: order and augmentation depend on (seed, epoch) only
     num_workers = config.num_workers if config.num_workers is not None else min(8, torch.get_num_threads())
     loader = DataLoader(subset, batch_size=config.batch_size, sampler=RandomSampler(subset, generator=generator),

@@ -427,12 +427,11 @@ class SharedWriter:
 
 
 def open_for_run(enabled: bool, cache_dir: str | None, *, teacher: nn.Module, dataset, indices: list[int], transform,
-                 seed: int, teacher_blocks: list[int], norm: bool, precision: str, views: int,
-                 world_size: int = 1) -> TeacherCache | None:
+                 seed: int, teacher_blocks: list[int], norm: bool, precision: str, views: int) -> TeacherCache | None:
     """The cache entry a distillation run uses, or None when the cache is off or cannot serve this run.
 
     It is skipped, with a warning, when its ``views`` views would not fit on the disk that holds it. With
-    several processes (``world_size``) the first one writes it (:class:`SharedWriter`) and all read it,
+    several processes the first one writes it (:class:`SharedWriter`) and all read it,
     so it belongs on a file system every node sees.
     """
     if not enabled:
