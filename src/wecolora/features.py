@@ -9,7 +9,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +17,12 @@ from torch import nn
 
 from .distributed import all_agree, batch_shard, gather_batches, process_state
 from .errors import UserError
+from .files import atomic_write_bytes, cache_folder
 
 _logger = logging.getLogger(__name__)
 
 POOLINGS = ("cls", "mean")
 DEVICES = ("auto", "cpu", "cuda")
-CACHE_ENV = "WECOLORA_CACHE_DIR"
-DEFAULT_CACHE_DIR = Path("~/.cache/wecolora/features")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -40,10 +38,7 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The feature cache folder: the argument, else ``$WECOLORA_CACHE_DIR/features``, else ``~/.cache/wecolora/features``."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    root = os.environ.get(CACHE_ENV)
-    return Path(root).expanduser() / "features" if root else Path(DEFAULT_CACHE_DIR).expanduser()
+    return cache_folder("features", cache_dir)
 
 
 def pool_tokens(model: nn.Module, images: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
@@ -194,7 +189,7 @@ def cached_features(
     Returns:
         The :class:`Features`.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     key_parts = {"model": fingerprint or model_fingerprint(model), "pooling": pooling,
                  **dataset_fingerprint(dataset, data=data, split=split)}
@@ -208,16 +203,8 @@ def cached_features(
     features, labels = extract_features(model, dataset, pooling=pooling, desc=f"{split} features", **extract_options)
     if not process_state().is_main_process:  # every process holds the gathered features; one writes them
         return Features(features, labels, from_cache=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so that a killed run never leaves a truncated entry that a later run would trust.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        metadata = {k: str(v) for k, v in key_parts.items()}
-        save_file({"features": features.contiguous(), "labels": labels.contiguous()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Written then renamed, so that a killed run never leaves a truncated entry that a later run would trust.
+    metadata = {k: str(v) for k, v in key_parts.items()}
+    atomic_write_bytes(path, save({"features": features.contiguous(), "labels": labels.contiguous()}, metadata=metadata))
     _logger.info("cached %s features (%d x %d) in %s", split, *features.shape, path)
     return Features(features, labels, from_cache=False)

@@ -1,4 +1,5 @@
-"""Atomic file and folder writes: a kill at any moment leaves the old complete artifact or the new one.
+"""Atomic file and folder writes (a kill at any moment leaves the old complete artifact or the new one),
+and where wecolora's caches live.
 
 Files are written under a temporary name in the same folder, fsynced, then renamed over the target.
 Folders are swapped in one step where the kernel can (Linux ``renameat2(RENAME_EXCHANGE)``); elsewhere
@@ -170,3 +171,15 @@ def disk_error(err: BaseException) -> str | None:
             return f"cannot write: {os.strerror(int(match.group(1)))}"
         err = err.__cause__ or err.__context__
     return None
+
+
+CACHE_ENV = "WECOLORA_CACHE_DIR"  # one root for every cache: features/ (probe features), teacher/ (teacher tokens)
+DEFAULT_CACHE_ROOT = Path("~/.cache/wecolora")
+
+
+def cache_folder(kind: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A cache's folder: ``cache_dir`` if given, else ``$WECOLORA_CACHE_DIR/<kind>``, else ``~/.cache/wecolora/<kind>``."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    root = os.environ.get(CACHE_ENV)
+    return (Path(root) if root else DEFAULT_CACHE_ROOT).expanduser() / kind

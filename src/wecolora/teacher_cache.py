@@ -32,22 +32,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .files import atomic_write_text
+from .features import model_fingerprint
+from .files import atomic_write_text, cache_folder
 
 _logger = logging.getLogger(__name__)
 
-CACHE_ENV = "WECOLORA_CACHE_DIR"  # shared root: features/ (probe features) and teacher/ (this cache)
-DEFAULT_ROOT = Path("~/.cache/wecolora")
 FORMAT_VERSION = 1
 FP16_MAX = 65504.0
 
 
 def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The teacher cache folder: the argument, else ``$WECOLORA_CACHE_DIR/teacher``, else ``~/.cache/wecolora/teacher``."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    root = os.environ.get(CACHE_ENV)
-    return (Path(root) if root else DEFAULT_ROOT).expanduser() / "teacher"
+    return cache_folder("teacher", cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,20 +163,6 @@ def first_item(items: list):
 # Keys
 
 
-def fingerprint_model(model: nn.Module) -> str:
-    """A digest of a model's architecture and every tensor of its state dict (names, dtypes, shapes, bytes)."""
-    from . import vit
-
-    digest = hashlib.blake2b(digest_size=16)
-    with contextlib.suppress(Exception):  # a plain module without a timm config still has weights
-        digest.update(json.dumps([vit.architecture(model), vit.model_args(model)], sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().data if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
 def fingerprint_data(dataset, indices: list[int]) -> str:
     """A digest of the subset's images: pixels for in-memory sets, (path, size, mtime) for image folders."""
     digest = hashlib.blake2b(digest_size=16)
@@ -201,7 +183,7 @@ def cache_key(*, teacher: nn.Module, dataset, indices: list[int], transform, see
     """What a cache entry depends on; its digest names the entry's folder."""
     return {
         "format": FORMAT_VERSION,
-        "teacher": fingerprint_model(teacher),
+        "teacher": model_fingerprint(teacher),
         "data": fingerprint_data(dataset, indices),
         "images": len(indices),
         "transform": repr(transform),
