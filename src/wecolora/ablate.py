@@ -16,7 +16,8 @@ from pathlib import Path
 from .config import DistillConfig, load_yaml
 from .errors import UserError
 from .export import RUN_INFO
-from .files import atomic_write_text
+from .engine import csv_text
+from .files import atomic_write_bytes, atomic_write_text
 
 _logger = logging.getLogger(__name__)
 
@@ -178,11 +179,7 @@ def write_report(rows: list[dict], grid: Ablation, output: Path) -> str:
             f"{grid.distill} plus each row's mode, reduction r and ratio alpha.\n\n{table}\n\n"
             f"## Sources\n\n{sources}\n")
     atomic_write_text(output / "report.md", text)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(output / "results.csv", buffer.getvalue())
+    atomic_write_text(output / "results.csv", csv_text(rows, CSV_COLUMNS))
     write_chart(rows, grid.probe_data, output / "chart.png")
     return table
 
@@ -207,7 +204,7 @@ def write_chart(rows: list[dict], probe_data: list[str], path: Path) -> None:
     ax.set_ylabel("linear-probe top-1 (%)")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(path, png.getvalue())

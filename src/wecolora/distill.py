@@ -22,7 +22,7 @@ from .checks import check_distill
 from .config import DistillConfig, to_yaml
 from .distributed import all_agree
 from .errors import UserError
-from .engine import make_accelerator, make_scheduler, resume_schedule, summary_csv, versions
+from .engine import make_accelerator, make_scheduler, resume_schedule, csv_text, versions
 from .export import export_run
 from .files import atomic_write_text
 from .student import build_student, check_settings, default_rank, get_mode, group_ends
@@ -200,7 +200,7 @@ def distill(config: DistillConfig) -> dict:
                 writer.abort()  # no-op once committed; otherwise no half-written view is left behind
         rows.append({"epoch": epoch + 1, **metrics, "updates": updates})
         if accelerator.is_main_process:
-            atomic_write_text(output / "summary.csv", summary_csv(rows, SUMMARY_COLUMNS))
+            atomic_write_text(output / "summary.csv", csv_text(rows, SUMMARY_COLUMNS))
             save_checkpoint(checkpoint_dir, student, optimizer, scheduler,
                             {"epoch": epoch + 1, "updates": updates, "rows": rows,
                              "updates_per_epoch": updates_per_epoch, "lr": peak_lr})

@@ -59,10 +59,10 @@ def resume_schedule(optimizer, scheduler, progress: dict, *, epochs: int, warmup
     return scheduler, updates
 
 
-def summary_csv(rows: list[dict], columns: tuple[str, ...]) -> str:
-    """CSV text of per-epoch rows (``summary.csv``), columns in the given order."""
+def csv_text(rows: list[dict], columns, *, lineterminator: str = "\r\n") -> str:
+    """CSV text of rows (``summary.csv``, ``results.csv``, ``report.csv``), columns in the given order."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator=lineterminator)
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()

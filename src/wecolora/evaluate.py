@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checks import check_writable
 from .distributed import gather_rows, join_processes, process_state
 from .errors import UserError
 from .features import POOLINGS, cached_features, extract_features, model_fingerprint, pool_tokens, resolve_device
@@ -392,13 +393,6 @@ def _join(device: str) -> tuple:
     return state, state.device if state.num_processes > 1 and dev.type == "cuda" else dev
 
 
-def _check_output(output: str) -> Path:
-    out = Path(output).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {output} is a file; give a folder for {RESULTS}")
-    return out
-
-
 def write_results(output: str | Path, results: dict) -> Path:
     """Write ``output/results.json`` atomically (a crash leaves the old file or the new one, never half)."""
     path = Path(output) / RESULTS
@@ -459,7 +453,7 @@ def probe(
     _require(0 <= val_fraction < 1, "val_fraction", val_fraction, "a fraction in [0, 1)")
     _require(not augment or protocol == "mae", "augment", augment,
              "only with --protocol mae (cached features are fixed)")  # fmt: skip
-    out, (state, dev) = _check_output(output), _join(device)
+    out, (state, dev) = check_writable(output), _join(device)
     model = load_model(model_spec)
     transform = eval_transform(model)
     train_ds, test_ds = _open_split(data, "train", transform), _open_split(data, "test", transform)
@@ -521,7 +515,7 @@ def knn(
     _require(k >= 1, "k", k, "an integer >= 1")
     _require(temperature > 0, "temperature", temperature, "a positive number")
     _require(pooling in POOLINGS, "pooling", pooling, f"one of {', '.join(POOLINGS)}")
-    out, (state, dev) = _check_output(output), _join(device)
+    out, (state, dev) = check_writable(output), _join(device)
     model = load_model(model_spec)
     transform = eval_transform(model)
     train_ds, test_ds = _open_split(data, "train", transform), _open_split(data, "test", transform)

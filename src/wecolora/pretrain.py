@@ -23,7 +23,7 @@ from . import data
 from .checkpoint import load_checkpoint, save_checkpoint
 from .checks import check_pretrain
 from .config import DEVICES, PRECISIONS, _check, to_yaml
-from .engine import make_accelerator, make_scheduler, resume_schedule, summary_csv, versions
+from .engine import make_accelerator, make_scheduler, resume_schedule, csv_text, versions
 from .errors import UserError
 from .export import save_student
 from .files import atomic_write_text
@@ -163,7 +163,7 @@ def pretrain(config: PretrainConfig) -> dict:
         rows.append(row)
         bar.set_postfix(epoch=epoch + 1, loss=f"{row['loss']:.3f}", top1=f"{row.get('test_top1', math.nan):.4f}")
         if accelerator.is_main_process:
-            atomic_write_text(output / "summary.csv", summary_csv(rows, SUMMARY_COLUMNS))
+            atomic_write_text(output / "summary.csv", csv_text(rows, SUMMARY_COLUMNS))
             save_checkpoint(checkpoint_dir, raw_model, optimizer, scheduler, {"epoch": epoch + 1, "updates": updates, "rows": rows,
                                                                               "updates_per_epoch": len(loader), "lr": config.lr})
         accelerator.wait_for_everyone()

@@ -1,11 +1,11 @@
 """``wecolora report``: gather several ``results.json`` into one markdown table and a CSV."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
+from .checks import check_writable
+from .engine import csv_text
 from .errors import UserError
 from .evaluate import RESULTS
 from .files import atomic_write_text
@@ -57,13 +57,7 @@ def write_report(run_dirs: list[str], output: str) -> str:
     """Write ``output/report.md`` and ``output/report.csv`` (raw fractions) from several runs; returns the markdown."""
     markdown, rows = report(run_dirs)
     columns = [c for c in REPORT_COLUMNS if any(c in row for row in rows)]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    out = Path(output).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {output} is a file; give a folder for report.md")
+    out = check_writable(output)
     atomic_write_text(out / "report.md", markdown)
-    atomic_write_text(out / "report.csv", buffer.getvalue())
+    atomic_write_text(out / "report.csv", csv_text(rows, columns, lineterminator="\n"))
     return markdown
