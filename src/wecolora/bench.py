@@ -180,9 +180,7 @@ class Trainer:
 
 def make_trainer(teacher: nn.Module, *, mode: str, reduction: int, rank: int, precision: str, device: torch.device,
                  updates_per_epoch: int) -> Trainer:
-    from timm.optim import create_optimizer_v2
-
-    from .distill import TokenMatcher, freeze_unreached
+    from .distill import freeze_unreached, make_optimizer, training_view
     from .engine import make_scheduler
 
     student = build_student(teacher, reduction, "first", mode, rank if mode in ("wecolora", "lora-qv") else None)
@@ -190,12 +188,8 @@ def make_trainer(teacher: nn.Module, *, mode: str, reduction: int, rank: int, pr
     student_blocks, teacher_blocks, norm = losses.matched_blocks(
         "last", len(kept), group_ends(kept, len(teacher.blocks), "first"))
     freeze_unreached(student, norm)
-    lean = adapters.lean_student(student)
-    if device.type == "cpu" and precision == "bf16":
-        vit.use_fused_attention([lean], False)
-    model = TokenMatcher(lean, student_blocks, norm).to(device)
-    optimizer = create_optimizer_v2(student, "adamw", lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95),
-                                    fused=device.type in ("cpu", "cuda"))  # as distill does
+    model = training_view(student, student_blocks, norm, device=device, precision=precision).to(device)
+    optimizer = make_optimizer(student, 1e-4, 0.05, device)
     scheduler = make_scheduler(optimizer, 10_000, 0, updates_per_epoch)
     return Trainer(f"{mode} r={reduction}", model, optimizer, scheduler, LocalAccelerator(device, precision),
                    student_blocks, teacher_blocks, norm)
@@ -204,9 +198,11 @@ def make_trainer(teacher: nn.Module, *, mode: str, reduction: int, rank: int, pr
 @contextlib.contextmanager
 def _teacher_attention(teacher: nn.Module, accelerator: LocalAccelerator):
     """The teacher's attention as distill sets it: plain matmuls under bf16 on the CPU, else as it was."""
+    from .distill import plain_attention
+
     modules = [m for m in teacher.modules() if hasattr(m, "fused_attn")]
     before = [m.fused_attn for m in modules]
-    if accelerator.device.type == "cpu" and accelerator.precision == "bf16":
+    if plain_attention(accelerator.device, accelerator.precision):
         vit.use_fused_attention([teacher], False)
     try:
         yield

@@ -58,6 +58,29 @@ def freeze_unreached(student: nn.Module, norm: bool) -> None:
             module.requires_grad_(False)
 
 
+def make_optimizer(student: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+    """The paper's AdamW (betas 0.9, 0.95) on the trainable parameters, no decay on 1-D ones; one fused kernel."""
+    from timm.optim import create_optimizer_v2
+
+    return create_optimizer_v2(student, "adamw", lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95),
+                               fused=device.type in ("cpu", "cuda"))
+
+
+def plain_attention(device: torch.device, precision: str) -> bool:
+    """Whether attention should run as plain matmuls: the CPU's bf16 fused-attention backward is ~10x slower."""
+    return device.type == "cpu" and precision == "bf16"
+
+
+def training_view(student: nn.Module, student_blocks: list[int], norm: bool, *, device: torch.device,
+                  precision: str) -> TokenMatcher:
+    """What training calls: the student's lean view (fused adapter matmuls, the same parameters) returning
+    the tokens the loss matches."""
+    lean = adapters.lean_student(student)
+    if plain_attention(device, precision):
+        vit.use_fused_attention([lean], False)
+    return TokenMatcher(lean, student_blocks, norm)
+
+
 class NonFiniteLoss(UserError):
     """The loss stopped being a finite number; ``epoch`` and ``step`` are 1-based."""
 
@@ -118,19 +141,15 @@ def distill(config: DistillConfig) -> dict:
                         persistent_workers=False)
 
     # Optimisation: AdamW without decay on 1-D params, warmup from 0 then per-iteration cosine to 0.
-    from timm.optim import create_optimizer_v2
-
     world = accelerator.num_processes
     peak_lr = config.peak_lr(world)
-    optimizer = create_optimizer_v2(student, "adamw", lr=peak_lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
-                                    fused=accelerator.device.type in ("cpu", "cuda"))  # one kernel, not one per tensor
+    optimizer = make_optimizer(student, peak_lr, config.weight_decay, accelerator.device)
     updates_per_epoch = math.ceil(math.ceil(len(subset) / (config.batch_size * world)) / config.accum_steps)
     scheduler = make_scheduler(optimizer, config.epochs, config.warmup_epochs, updates_per_epoch)
-    # The student trains through a lean view of itself (fused adapter matmuls, same parameters).
-    lean = adapters.lean_student(student)
-    if accelerator.device.type == "cpu" and precision == "bf16":
-        vit.use_fused_attention([lean, teacher], False)  # the CPU's bf16 fused-attention backward is ~10x slower
-    matcher = TokenMatcher(lean, student_blocks, norm)
+    matcher = training_view(student, student_blocks, norm, device=accelerator.device, precision=precision)
+    lean_adapters = matcher.student is not student
+    if plain_attention(accelerator.device, precision):
+        vit.use_fused_attention([teacher], False)
     if config.compile:
         matcher = torch.compile(matcher)
     model, optimizer, loader = accelerator.prepare(matcher, optimizer, loader)
@@ -142,7 +161,7 @@ def distill(config: DistillConfig) -> dict:
         "teacher_blocks": depth, "matched_student_blocks": student_blocks, "matched_teacher_blocks": teacher_blocks,
         "images": len(subset), "unreadable_images": len(unreadable), "updates_per_epoch": updates_per_epoch,
         "num_workers": num_workers, "views": n_views, "teacher_cache": str(cache.folder) if cache else None,
-        "lean_adapters": lean is not student, "versions": versions(),
+        "lean_adapters": lean_adapters, "versions": versions(),
     }
     start_epoch, updates, rows = 0, 0, []
     checkpoint_dir = output / "checkpoint"
