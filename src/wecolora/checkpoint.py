@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
+from .checks import CHECKPOINT_FILES
 from .errors import UserError
 from .files import atomic_dir
 
-WEIGHTS, OPTIMIZER, STATE = "trainable.safetensors", "optimizer.pt", "state.json"
+WEIGHTS, OPTIMIZER, STATE = CHECKPOINT_FILES  # named in checks.py, which reads them without torch
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

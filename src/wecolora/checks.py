@@ -16,17 +16,18 @@ from .files import recover_folder
 BUILTIN_DATASET_NAMES = ("fashion-mnist", "mnist-5k")  # keys of data.BUILTIN_DATASETS (data imports torch)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "state.json")  # checkpoint.py's
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "state.json")  # weights, optimizer, state (checkpoint.py)
 
 
-def _is_image(name: str) -> bool:
+def is_image_name(name: str) -> bool:
+    """Whether a file name is an image we read (hidden files such as macOS ``._x.png`` excluded)."""
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
 def _has_image(folder: str) -> bool:
     """Whether ``folder`` holds an image file at any depth (what torchvision's ImageFolder would find)."""
     for _, _, files in os.walk(folder, followlinks=True):
-        if any(_is_image(name) for name in files):
+        if any(is_image_name(name) for name in files):
             return True
     return False
 

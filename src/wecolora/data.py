@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
+from .checks import IMAGE_EXTENSIONS, is_image_name
 from .errors import UserError
 from .files import atomic_write_text
 
@@ -35,7 +36,6 @@ BUILTIN_DATASETS = {
     "last 100 test (4,000 / 1,000), 10 classes",
 }
 SPLITS = ("train", "test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -113,8 +113,7 @@ def _class_folders(directory: Path) -> list[str]:
 
 def is_image_file(path: str) -> bool:
     """Whether ``path`` names an image we read (hidden files such as macOS ``._x.png`` excluded)."""
-    name = os.path.basename(path)
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+    return is_image_name(os.path.basename(path))
 
 
 def load_rgb(path: str) -> Image.Image:
