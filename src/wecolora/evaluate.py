@@ -393,6 +393,21 @@ def _join(device: str) -> tuple:
     return state, state.device if state.num_processes > 1 and dev.type == "cuda" else dev
 
 
+def _split_features(model, train_ds, test_ds, *, data: str, **options):
+    """Cached features of the train and test splits (the model's weights hashed once for both keys)."""
+    fingerprint = model_fingerprint(model)
+    return tuple(cached_features(model, ds, data=data, split=split, fingerprint=fingerprint, **options)
+                 for ds, split in ((train_ds, "train"), (test_ds, "test")))
+
+
+def _publish(state, out: Path, results: dict, what: str) -> None:
+    """``results.json`` from the first process, then every process waits for it."""
+    if state.is_main_process:
+        write_results(out, results)
+        _logger.info("%s: top1 %.2f%%", what, 100 * results["top1"])
+    state.wait_for_everyone()
+
+
 def write_results(output: str | Path, results: dict) -> Path:
     """Write ``output/results.json`` atomically (a crash leaves the old file or the new one, never half)."""
     path = Path(output) / RESULTS
@@ -463,12 +478,10 @@ def probe(
                    val_fraction=val_fraction, seed=seed, device=dev, num_classes=len(train_ds.classes))  # fmt: skip
     start = time.perf_counter()
     if protocol == "cached":
-        extract = dict(pooling=pooling, cache_dir=cache_dir, fingerprint=model_fingerprint(model),
-                       batch_size=extract_batch_size, device=dev, num_workers=num_workers)  # fmt: skip
         # Only the chosen images are extracted; their ids are part of the cache key.
         fit_ds = train_ds if chosen is None else _Subset(train_ds, chosen)
-        train = cached_features(model, fit_ds, data=data, split="train", **extract)
-        test = cached_features(model, test_ds, data=data, split="test", **extract)
+        train, test = _split_features(model, fit_ds, test_ds, data=data, pooling=pooling, cache_dir=cache_dir,
+                                      batch_size=extract_batch_size, device=dev, num_workers=num_workers)
         metrics = train_linear_probe(train.features, train.labels, test.features, test.labels, **options)
         metrics["features_cached"] = train.from_cache and test.from_cache
     else:
@@ -482,10 +495,7 @@ def probe(
                "augment": augment, "train_per_class": train_per_class, "seed": seed, "device": str(dev),
                "processes": state.num_processes,
                "seconds": time.perf_counter() - start}  # fmt: skip
-    if state.is_main_process:
-        write_results(out, results)
-        _logger.info("probe %s on %s (%s): top1 %.2f%%", model_spec, data, protocol, 100 * results["top1"])
-    state.wait_for_everyone()
+    _publish(state, out, results, f"probe {model_spec} on {data} ({protocol})")
     return results
 
 
@@ -520,10 +530,8 @@ def knn(
     transform = eval_transform(model)
     train_ds, test_ds = _open_split(data, "train", transform), _open_split(data, "test", transform)
     start = time.perf_counter()
-    extract = dict(pooling=pooling, cache_dir=cache_dir, fingerprint=model_fingerprint(model),
-                   batch_size=extract_batch_size, device=dev, num_workers=num_workers)  # fmt: skip
-    train = cached_features(model, train_ds, data=data, split="train", **extract)
-    test = cached_features(model, test_ds, data=data, split="test", **extract)
+    train, test = _split_features(model, train_ds, test_ds, data=data, pooling=pooling, cache_dir=cache_dir,
+                                  batch_size=extract_batch_size, device=dev, num_workers=num_workers)
     scores = knn_classify(train.features.to(dev), train.labels.to(dev), test.features.to(dev), k=k,
                           temperature=temperature, num_classes=len(train_ds.classes)).cpu()  # fmt: skip
     results = {**classification_metrics(scores, test.labels), "n_train": len(train.labels), "n_test": len(test.labels),
@@ -531,8 +539,5 @@ def knn(
                "feature_dim": train.features.shape[1], "model": model_spec, "data": data, "pooling": pooling,
                "device": str(dev), "features_cached": train.from_cache and test.from_cache,
                "seconds": time.perf_counter() - start}  # fmt: skip
-    if state.is_main_process:
-        write_results(out, results)
-        _logger.info("kNN %s on %s (k=%d): top1 %.2f%%", model_spec, data, k, 100 * results["top1"])
-    state.wait_for_everyone()
+    _publish(state, out, results, f"kNN {model_spec} on {data} (k={k})")
     return results
