@@ -6,7 +6,7 @@ import torch so that ``wecolora --help`` stays instant.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml

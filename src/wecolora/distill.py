@@ -9,7 +9,6 @@ import logging
 import math
 import shutil
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,7 +21,7 @@ from .checks import check_distill
 from .config import DistillConfig, to_yaml
 from .distributed import all_agree
 from .errors import UserError
-from .engine import make_accelerator, make_scheduler, resume_schedule, csv_text, versions
+from .engine import csv_text, make_accelerator, make_scheduler, resume_schedule, resume_source, versions
 from .export import export_run
 from .files import atomic_write_text
 from .student import build_student, check_settings, default_rank, get_mode, group_ends
@@ -165,7 +164,7 @@ def distill(config: DistillConfig) -> dict:
     }
     start_epoch, updates, rows = 0, 0, []
     checkpoint_dir = output / "checkpoint"
-    resume_from = checkpoint_dir if config.resume == "auto" else (Path(config.resume) if config.resume else None)
+    resume_from = resume_source(checkpoint_dir, config.resume)
     if resume_from is not None and resume_from.is_dir():
         progress = load_checkpoint(resume_from, student, optimizer, scheduler)
         start_epoch, updates, rows = progress["epoch"], progress["updates"], progress["rows"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from pathlib import Path
 
 import torch
 
@@ -36,6 +37,13 @@ def make_scheduler(optimizer, epochs: int, warmup_epochs: int, updates_per_epoch
     )
     scheduler.step_update(0)
     return scheduler
+
+
+def resume_source(checkpoint_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint ``--resume`` names: ``auto`` is the run's own ``checkpoint_dir``, a path is itself."""
+    if resume == "auto":
+        return checkpoint_dir
+    return Path(resume) if resume else None
 
 
 def resume_schedule(optimizer, scheduler, progress: dict, *, epochs: int, warmup_epochs: int,

@@ -11,7 +11,6 @@ import math
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +22,7 @@ from . import data
 from .checkpoint import load_checkpoint, save_checkpoint
 from .checks import check_pretrain
 from .config import DEVICES, PRECISIONS, _check, to_yaml
-from .engine import make_accelerator, make_scheduler, resume_schedule, csv_text, versions
+from .engine import csv_text, make_accelerator, make_scheduler, resume_schedule, resume_source, versions
 from .errors import UserError
 from .export import save_student
 from .files import atomic_write_text
@@ -119,7 +118,7 @@ def pretrain(config: PretrainConfig) -> dict:
 
     start_epoch, updates, rows = 0, 0, []
     checkpoint_dir = output / "checkpoint"
-    resume_from = checkpoint_dir if config.resume == "auto" else (Path(config.resume) if config.resume else None)
+    resume_from = resume_source(checkpoint_dir, config.resume)
     if resume_from is not None and resume_from.is_dir():
         progress = load_checkpoint(resume_from, raw_model, optimizer, scheduler)
         start_epoch, rows = progress["epoch"], progress["rows"]

@@ -88,6 +88,24 @@ def _resolve_spec(spec: str) -> str:
     raise UserError(f"{spec} is a folder without config.json: give a timm model folder, a run folder or a model name")
 
 
+def _checked_spec(spec: str) -> tuple[str, str]:
+    """``(spec in timm's form, source)``: source ``local-dir``, ``hf-hub`` or ``""`` for a timm name; missing
+    folders and unknown names are refused."""
+    import timm
+
+    spec = _resolve_spec(spec)
+    source, _, name = spec.partition(":") if spec.startswith(("local-dir:", "hf-hub:")) else ("", "", spec)
+    if source == "local-dir" and not Path(name).is_dir():
+        raise UserError(f"model folder {name} does not exist")
+    if not source and not timm.is_model(name.split(".")[0]):
+        raise UserError(f"unknown model {spec!r}: not a timm model name, a folder, local-dir:FOLDER or hf-hub:ORG/NAME")
+    return spec, source
+
+
+def _size_args(img_size: int | None, num_classes: int | None) -> dict:
+    return {k: v for k, v in (("img_size", img_size), ("num_classes", num_classes)) if v is not None}
+
+
 def load_model(spec: str, *, weights: str | None = None, img_size: int | None = None, num_classes: int | None = None,
                pretrained: bool = True) -> nn.Module:
     """Create a timm ViT from a spec, with pretrained weights from the spec or from a local file.
@@ -106,17 +124,8 @@ def load_model(spec: str, *, weights: str | None = None, img_size: int | None = 
     """
     import timm
 
-    spec = _resolve_spec(spec)
-    kwargs = {}
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    source, _, name = spec.partition(":") if spec.startswith(("local-dir:", "hf-hub:")) else ("", "", spec)
-    if source == "local-dir" and not Path(name).is_dir():
-        raise UserError(f"model folder {name} does not exist")
-    if not source and not timm.is_model(name.split(".")[0]):
-        raise UserError(f"unknown model {spec!r}: not a timm model name, a folder, local-dir:FOLDER or hf-hub:ORG/NAME")
+    spec, source = _checked_spec(spec)
+    kwargs = _size_args(img_size, num_classes)
     if pretrained and source != "hf-hub":
         # The architecture is checked on a weightless copy first: a ResNet or an EVA is refused before
         # any download or multi-GB read.
@@ -143,13 +152,10 @@ def model_shape(spec: str, *, img_size: int | None = None, num_classes: int | No
     """
     import timm
 
-    spec = _resolve_spec(spec)
-    if not spec.startswith(("local-dir:", "hf-hub:")) and not timm.is_model(spec.split(".")[0]):
-        raise UserError(f"unknown model {spec!r}: not a timm model name, a folder, local-dir:FOLDER or hf-hub:ORG/NAME")
-    kwargs = {k: v for k, v in (("img_size", img_size), ("num_classes", num_classes)) if v is not None}
+    spec, _ = _checked_spec(spec)
     try:
         with torch.device("meta"):
-            model = timm.create_model(spec, pretrained=False, **kwargs)
+            model = timm.create_model(spec, pretrained=False, **_size_args(img_size, num_classes))
     except Exception as err:
         raise UserError(_explain_load_error(spec, None, err)) from err
     require_supported_vit(model)
