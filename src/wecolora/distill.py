@@ -21,7 +21,8 @@ from .checks import check_distill
 from .config import DistillConfig, to_yaml
 from .distributed import all_agree
 from .errors import UserError
-from .engine import csv_text, make_accelerator, make_scheduler, resume_schedule, resume_source, versions
+from .engine import (csv_text, loader_workers, make_accelerator, make_scheduler, resume_schedule, resume_source,
+                     versions)
 from .export import export_run
 from .files import atomic_write_text
 from .student import build_student, check_settings, default_rank, get_mode, group_ends
@@ -134,7 +135,7 @@ def distill(config: DistillConfig) -> dict:
         transform=transform, seed=config.seed, teacher_blocks=teacher_blocks, norm=norm, precision=precision,
         views=n_views)
     generator = torch.Generator()  # reseeded every epoch: order and augmentation depend on (seed, epoch) only
-    num_workers = config.num_workers if config.num_workers is not None else min(8, torch.get_num_threads())
+    num_workers = loader_workers(config.num_workers)
     loader = DataLoader(subset, batch_size=config.batch_size, sampler=RandomSampler(subset, generator=generator),
                         generator=generator, num_workers=num_workers, pin_memory=accelerator.device.type == "cuda",
                         persistent_workers=False)

@@ -27,6 +27,11 @@ def make_accelerator(device: str, precision: str | None, accum_steps: int = 1):
     return Accelerator(cpu=use_cpu, mixed_precision=mixed, gradient_accumulation_steps=accum_steps), precision
 
 
+def loader_workers(requested: int | None) -> int:
+    """``--num-workers``, or by default one worker per CPU thread torch uses, at most 8."""
+    return requested if requested is not None else min(8, torch.get_num_threads())
+
+
 def make_scheduler(optimizer, epochs: int, warmup_epochs: int, updates_per_epoch: int):
     """timm per-iteration schedule: linear warmup from 0 over ``warmup_epochs``, then half-cosine to 0."""
     from timm.scheduler import create_scheduler_v2

@@ -22,7 +22,8 @@ from . import data
 from .checkpoint import load_checkpoint, save_checkpoint
 from .checks import check_pretrain
 from .config import DEVICES, PRECISIONS, _check, to_yaml
-from .engine import csv_text, make_accelerator, make_scheduler, resume_schedule, resume_source, versions
+from .engine import (csv_text, loader_workers, make_accelerator, make_scheduler, resume_schedule, resume_source,
+                     versions)
 from .errors import UserError
 from .export import save_student
 from .files import atomic_write_text
@@ -105,7 +106,7 @@ def pretrain(config: PretrainConfig) -> dict:
     test_set.transform = data.eval_transform(model)
 
     generator = torch.Generator()
-    workers = config.num_workers if config.num_workers is not None else min(8, torch.get_num_threads())
+    workers = loader_workers(config.num_workers)
     loader = DataLoader(train_set, batch_size=config.batch_size, sampler=RandomSampler(train_set, generator=generator),
                         generator=generator, num_workers=workers, drop_last=True,
                         pin_memory=accelerator.device.type == "cuda")
