@@ -29,13 +29,36 @@ def _clusters(n_per_class, classes=3, dim=16, seed=0):
     return centres[y] + torch.randn(len(y), dim, generator=g), y
 
 
-def test_linear_probe_separable_features_reach_100():
+@pytest.mark.parametrize("settings", [
+    dict(optimizer="sgd", epochs=20),
+    dict(optimizer="lars", epochs=50, lr=1.0),  # the trust ratio moves the weights by ~0.1% x lr per step
+])
+def test_linear_probe_separable_features_reach_100(settings):
     x, y = _clusters(70)
     is_test = torch.arange(len(y)) % 7 < 2  # 20 test images per class
     train_x, train_y, test_x, test_y = x[~is_test], y[~is_test], x[is_test], y[is_test]
-    result = evaluate.train_linear_probe(train_x, train_y, test_x, test_y, epochs=20, batch_size=32, val_fraction=0.2)
-    assert result["top1"] == 1.0 and result["val_top1"] == 1.0
+    result = evaluate.train_linear_probe(train_x, train_y, test_x, test_y, batch_size=32, val_fraction=0.2, **settings)
+    assert result["top1"] == 1.0 and result["val_top1"] == 1.0 and result["optimizer"] == settings["optimizer"]
     assert (result["n_train"], result["n_val"], result["n_test"]) == (120, 30, 60)
+
+
+def test_one_lars_step_scales_the_weight_update_by_the_trust_ratio_and_not_the_bias():
+    """MAE's LARS at weight decay 0: w -= lr * 0.001 * |w| / |g| * g for the weight, b -= lr * g for the bias."""
+    torch.manual_seed(0)
+    head = evaluate.linear_head(8, 3)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    torch.nn.functional.cross_entropy(head(x), y).backward()
+    weight, bias = head[1].weight, head[1].bias
+    w0, gw, b0, gb = weight.detach().clone(), weight.grad.clone(), bias.detach().clone(), bias.grad.clone()
+    lr = 0.5
+    evaluate.probe_optimizer(head, "lars", lr).step()
+    assert torch.allclose(weight, w0 - lr * 0.001 * w0.norm() / gw.norm() * gw, atol=1e-7, rtol=0)
+    assert torch.allclose(bias, b0 - lr * gb, atol=1e-7, rtol=0)
+    head[1].weight.data, head[1].bias.data = w0.clone(), b0.clone()  # sgd: the plain step for both
+    evaluate.probe_optimizer(head, "sgd", lr).step()
+    assert torch.allclose(weight, w0 - lr * gw, atol=1e-7, rtol=0)
+    with pytest.raises(UserError, match="lars or sgd"):
+        evaluate.probe_optimizer(head, "adam", lr)
 
 
 def test_linear_probe_multilabel_reports_auc():
@@ -90,7 +113,8 @@ def test_probe_protocols_agree_on_mnist_5k(tiny_model_dir, tmp_path):
     assert cached["top1"] > 0.25  # random-weight CLS features of digits: about 0.4, chance is 0.1
     written = json.loads((tmp_path / "cached" / "results.json").read_text())
     assert {"top1", "top5", "val_top1", "n_train", "n_test", "protocol", "epochs", "feature_dim", "seconds",
-            "model", "data"} <= written.keys()  # fmt: skip
+            "model", "data", "optimizer"} <= written.keys()  # fmt: skip
+    assert written["optimizer"] == "lars" and mae["optimizer"] == "lars"  # MAE's probe is the default
     assert (written["n_train"], written["n_val"], written["n_test"], written["feature_dim"]) == (3600, 400, 1000, 64)
     assert 0 <= written["top1"] <= 1 and written["protocol"] == "cached"
 
@@ -143,6 +167,8 @@ BAD_INPUTS = [
     (dict(epochs=0), "epochs"),
     (dict(val_fraction=1.0), "val-fraction"),
     (dict(augment=True), "protocol mae"),
+    (dict(optimizer="adam"), "lars, sgd"),
+    (dict(epoch=3), "unknown probe setting"),
     (dict(model_spec="/no/such/model"), "unknown model"),
     (dict(data="/no/such/data"), "built-in"),
 ]

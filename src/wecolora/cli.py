@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 
-from .config import DEVICES, LOSS_NAMES, MATCH_NAMES, MODE_NAMES, PRECISIONS, DistillConfig, build_config
+from .config import (DEVICES, LOSS_NAMES, MATCH_NAMES, MODE_NAMES, POOLINGS, PRECISIONS, PROBE_OPTIMIZERS,
+                     PROBE_PROTOCOLS, DistillConfig, ProbeConfig, build_config)
 from .checks import check_ablation, check_distill, check_evaluation, check_model_spec, check_pretrain
 from .errors import UserError
 from .files import disk_error
@@ -211,21 +212,27 @@ def add_eval_parsers(sub) -> None:
         p.add_argument("--model", required=True, help="run folder, student/ folder, or teacher spec (e.g. bundled)")
         p.add_argument("--data", required=True, help="dataset with train and test splits, or fashion-mnist, mnist-5k")
         p.add_argument("--output", required=True, metavar="DIR", help="writes DIR/results.json")
-        p.add_argument("--pooling", choices=("cls", "mean"), default="cls",
-                       help="CLS token after the final norm (default) or mean of patch tokens")
         p.add_argument("--device", choices=DEVICES, default="auto")
-        p.add_argument("--num-workers", type=int, default=0, help="data loader workers for feature extraction")
+        # probe options default to None: ProbeConfig holds the one set of defaults
+        p.add_argument("--pooling", choices=POOLINGS, default=None if command == "probe" else "cls",
+                       help="CLS token after the final norm (default) or mean of patch tokens")
+        p.add_argument("--num-workers", type=int, default=None if command == "probe" else 0,
+                       help="data loader workers for feature extraction (default 0)")
         p.add_argument("--cache-dir", help="feature cache (default $WECOLORA_CACHE_DIR/features, else ~/.cache/wecolora/features)")
         if command == "probe":
-            p.add_argument("--protocol", choices=("cached", "mae"), default="cached",
+            p.add_argument("--protocol", choices=PROBE_PROTOCOLS,
                            help="cached: head on cached features (default, fast); mae: the paper's, backbone every epoch")
+            p.add_argument("--optimizer", choices=PROBE_OPTIMIZERS,
+                           help="lars (default): MAE's LARS, trust ratio on the weight matrix; sgd: SGD + momentum "
+                                "(the behaviour of wecolora 0.1.0)")
             p.add_argument("--epochs", type=int, help="default 50; the last epoch's test score is reported")
-            p.add_argument("--batch-size", type=int, default=512)
-            p.add_argument("--lr", type=float, help="default 0.1 x batch / 256 (LARS)")
-            p.add_argument("--val-fraction", type=float, default=0.0, help="carve a validation split from train")
+            p.add_argument("--batch-size", type=int, help="default 512")
+            p.add_argument("--lr", type=float, help="default 0.1 x batch / 256")
+            p.add_argument("--warmup-epochs", type=int, help="default min(10, epochs / 5)")
+            p.add_argument("--val-fraction", type=float, help="carve a validation split from train (default 0)")
             p.add_argument("--train-per-class", type=int, help="probe on a fixed number of training images per class")
-            p.add_argument("--augment", action="store_true", help="mae protocol: train on augmented images")
-            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--augment", action="store_true", default=None, help="mae protocol: train on augmented images")
+            p.add_argument("--seed", type=int, help="head init, batch order, train_per_class choice (default 0)")
         else:
             p.add_argument("--k", type=int, default=20)
             p.add_argument("--temperature", type=float, default=0.07)
@@ -238,12 +245,16 @@ def add_eval_parsers(sub) -> None:
 
 
 def run_eval(args) -> int:
+    options = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "model", "data", "output", "device")}
+    if args.command == "probe":
+        config = build_config(ProbeConfig, None, **options)  # validated before any work
     check_evaluation(args.model, args.data, args.output)  # before torch is imported
     from . import evaluate
 
-    options = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "model", "data", "output")}
-    function = evaluate.probe if args.command == "probe" else evaluate.knn
-    results = function(args.model, args.data, args.output, **options)
+    if args.command == "probe":
+        results = evaluate.probe(args.model, args.data, args.output, config, device=args.device)
+    else:
+        results = evaluate.knn(args.model, args.data, args.output, device=args.device, **options)
     print(f"{args.command} {args.model} on {args.data}: top-1 {100 * results['top1']:.2f}% "
           f"(n_train {results['n_train']}, n_test {results['n_test']}) -> {args.output}/results.json")
     return 0

@@ -18,6 +18,9 @@ LOSS_NAMES = ("l1", "mse")  # registry: losses.LOSSES
 MATCH_NAMES = ("last", "last-norm", "per-block")  # registry: losses.MATCHES
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+PROBE_PROTOCOLS = ("cached", "mae")
+PROBE_OPTIMIZERS = ("lars", "sgd")  # lars: MAE's rule (trust ratio on >1-D params); sgd: momentum SGD (0.1.0)
+POOLINGS = ("cls", "mean")
 
 
 def _check(ok: bool, name: str, value, expected: str) -> None:
@@ -110,6 +113,50 @@ class DistillConfig:
 
     def effective_batch(self, world_size: int = 1) -> int:
         return self.batch_size * self.accum_steps * world_size
+
+
+@dataclass
+class ProbeConfig:
+    """A linear probe (``wecolora probe``, the ablation grids' ``probe:`` section): MAE's recipe by default.
+
+    The head is MAE's (BatchNorm without affine + Linear), trained with LARS at lr = 0.1 x batch / 256,
+    weight decay 0, linear warmup then a per-iteration cosine; the LAST epoch's test score is reported.
+    """
+    protocol: str = "cached"  # cached: head on features extracted once; mae: backbone run every epoch
+    optimizer: str = "lars"  # lars: MAE's LARS; sgd: SGD + momentum 0.9 (what timm's Lars does at weight decay 0)
+    epochs: int = 50  # the paper's recipe for downstream sets (90 for ImageNet)
+    batch_size: int = 512
+    lr: float | None = None  # absolute peak lr; default 0.1 x batch / 256
+    warmup_epochs: int | None = None  # default min(10, epochs // 5)
+    pooling: str = "cls"  # cls: CLS token after the final norm; mean: mean of the patch tokens
+    val_fraction: float = 0.0
+    augment: bool = False  # mae protocol only: train the head on augmented images
+    train_per_class: int | None = None  # probe on this many training images per class (seeded); default all
+    seed: int = 0
+    num_workers: int = 0
+    extract_batch_size: int = 256
+    cache_dir: str | None = None  # default $WECOLORA_CACHE_DIR/features, else ~/.cache/wecolora/features
+
+    def __post_init__(self):
+        _check(self.protocol in PROBE_PROTOCOLS, "protocol", self.protocol, f"one of {', '.join(PROBE_PROTOCOLS)}")
+        _check(self.optimizer in PROBE_OPTIMIZERS, "optimizer", self.optimizer, f"one of {', '.join(PROBE_OPTIMIZERS)}")
+        _check(self.pooling in POOLINGS, "pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
+        _check(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        _check(self.batch_size >= 2, "batch_size", self.batch_size, "an integer >= 2")
+        _check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number")
+        _check(self.warmup_epochs is None or 0 <= self.warmup_epochs < self.epochs, "warmup_epochs",
+               self.warmup_epochs, f"an integer in [0, epochs={self.epochs})")
+        _check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "a fraction in [0, 1)")
+        _check(not self.augment or self.protocol == "mae", "augment", self.augment,
+               "only with --protocol mae (cached features are fixed)")
+        _check(self.train_per_class is None or self.train_per_class >= 1, "train_per_class", self.train_per_class,
+               "an integer >= 1")
+        _check(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        _check(self.extract_batch_size >= 1, "extract_batch_size", self.extract_batch_size, "an integer >= 1")
+
+    @property
+    def resolved_warmup(self) -> int:
+        return min(10, self.epochs // 5) if self.warmup_epochs is None else self.warmup_epochs
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -1,6 +1,6 @@
 """Frozen-feature evaluation of any student or teacher: linear probes and weighted kNN (reports: ``reports.py``).
 
-Two linear-probe protocols train the same head (MAE's: BatchNorm without affine + Linear, LARS,
+Two linear-probe protocols train the same head (MAE's: BatchNorm without affine + Linear, MAE's LARS,
 lr = 0.1 * batch / 256, warmup + cosine per iteration) and report the LAST epoch's test score:
 
 - ``cached`` (default): on features extracted once and cached on disk; many epochs in seconds.
@@ -21,22 +21,16 @@ import torch
 from torch import nn
 
 from .checks import check_writable
+from .config import ProbeConfig, _check
 from .distributed import gather_rows, join_processes, process_state
 from .errors import UserError
-from .features import POOLINGS, cached_features, extract_features, model_fingerprint, pool_tokens, resolve_device
+from .features import cached_features, extract_features, model_fingerprint, pool_tokens, resolve_device
 from .files import atomic_write_text
 
 _logger = logging.getLogger(__name__)
 
-PROTOCOLS = ("cached", "mae")
-DEFAULT_EPOCHS = 50  # the paper's recipe for downstream sets (90 for ImageNet)
 BASE_LR = 0.1  # lr = BASE_LR * batch / 256
 RESULTS = "results.json"
-
-
-def _require(ok: bool, name: str, value, expected: str) -> None:
-    if not ok:
-        raise UserError(f"--{name.replace('_', '-')} {value!r} is invalid: expected {expected}")
 
 
 # ---------------------------------------------------------------- metrics
@@ -144,6 +138,27 @@ def split_validation(targets: torch.Tensor, fraction: float, seed: int = 0) -> t
     return torch.nonzero(keep).flatten(), val
 
 
+def probe_optimizer(head: nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
+    """The probe head's optimizer, momentum 0.9 and weight decay 0 as in MAE's ``main_linprobe``.
+
+    ``lars`` is MAE's LARS: every parameter with more than one dimension has its update scaled by the
+    trust ratio 0.001 x |w| / |g| (even at weight decay 0), biases get plain SGD. timm's ``Lars`` skips
+    the trust ratio at weight decay 0 unless ``always_adapt`` (which would adapt biases too), hence two
+    groups. ``sgd`` is SGD with momentum for every parameter (what 0.1.0 ran).
+    """
+    from timm.optim import Lars
+
+    params = [p for p in head.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.0)
+    if name != "lars":
+        raise UserError(f"--optimizer {name!r} is invalid: expected lars or sgd")
+    groups = [{"params": [p for p in params if p.ndim > 1], "always_adapt": True},
+              {"params": [p for p in params if p.ndim <= 1], "always_adapt": False}]
+    # eps 0: MAE's ratio has no epsilon (a zero norm gives ratio 1 in both implementations).
+    return Lars(groups, lr=lr, momentum=0.9, weight_decay=0.0, trust_coeff=0.001, eps=0.0)
+
+
 def _train_head(dim: int, num_outputs: int, epoch_batches, *, sampler: EpochBatches, settings: dict,
                 multilabel: bool, seed: int, device: torch.device) -> tuple[nn.Module, float]:
     """Train a fresh head on ``epoch_batches()`` (``(features, targets)`` per step) each epoch.
@@ -151,15 +166,13 @@ def _train_head(dim: int, num_outputs: int, epoch_batches, *, sampler: EpochBatc
     Returns:
         The head in eval mode and the last step's loss.
     """
-    from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     head = linear_head(dim, num_outputs).to(device)
     epochs, warmup = settings["epochs"], settings["warmup_epochs"]
-    # With weight decay 0 timm's LARS applies no trust ratio: it is SGD with momentum 0.9, as MAE's is for biases.
-    optimizer = create_optimizer_v2(head, "lars", lr=settings["lr"], weight_decay=0.0, momentum=0.9)
+    optimizer = probe_optimizer(head, settings["optimizer"], settings["lr"])
     scheduler, _ = create_scheduler_v2(
         optimizer, "cosine", num_epochs=epochs - warmup, warmup_epochs=warmup, warmup_prefix=True,
         warmup_lr=0.0, min_lr=0.0, step_on_epochs=False, updates_per_epoch=len(sampler),
@@ -179,15 +192,14 @@ def _train_head(dim: int, num_outputs: int, epoch_batches, *, sampler: EpochBatc
     return head.eval(), loss.item()
 
 
-def _probe_settings(n_train: int, *, epochs: int, batch_size: int, lr: float | None, warmup_epochs: int | None) -> dict:
+def _probe_settings(n_train: int, config: ProbeConfig) -> dict:
     """Resolve the effective batch (at most the train size), absolute lr and warmup."""
     if n_train < 2:
         raise UserError(f"a linear probe needs at least 2 training images, got {n_train}")
-    batch = min(batch_size, n_train)
-    warmup = min(10, epochs // 5) if warmup_epochs is None else warmup_epochs
-    _require(0 <= warmup < epochs, "warmup_epochs", warmup, f"an integer in [0, epochs={epochs})")
-    return {"epochs": epochs, "batch_size": batch, "lr": BASE_LR * batch / 256 if lr is None else lr,
-            "warmup_epochs": warmup}  # fmt: skip
+    batch = min(config.batch_size, n_train)
+    return {"epochs": config.epochs, "batch_size": batch, "optimizer": config.optimizer,
+            "lr": BASE_LR * batch / 256 if config.lr is None else config.lr,
+            "warmup_epochs": config.resolved_warmup}  # fmt: skip
 
 
 @torch.no_grad()
@@ -215,13 +227,9 @@ def train_linear_probe(
     test_y: torch.Tensor,
     *,
     num_classes: int | None = None,
-    epochs: int = DEFAULT_EPOCHS,
-    batch_size: int = 512,
-    lr: float | None = None,
-    warmup_epochs: int | None = None,
-    val_fraction: float = 0.0,
-    seed: int = 0,
+    config: ProbeConfig | None = None,
     device: str | torch.device = "cpu",
+    **settings,
 ) -> dict:
     """Train the probe head on fixed features and score the last epoch on the test features.
 
@@ -229,30 +237,38 @@ def train_linear_probe(
         train_feats, test_feats: ``[N, D]`` features.
         train_y, test_y: ``[N]`` class indices, or ``[N, C]`` multi-hot (BCE loss, mean ROC-AUC).
         num_classes: head size for single-label data (default: largest label + 1).
-        epochs: training epochs; the score is the last epoch's, never the best.
-        batch_size: images per step (capped at the train size); sets the default lr.
-        lr: absolute peak lr (default ``0.1 * batch / 256``).
-        warmup_epochs: linear warmup before the cosine (default ``min(10, epochs // 5)``).
-        val_fraction: share of each train class held out and scored as ``val_top1``.
-        seed: head init, batch order and validation split.
+        config: the probe's settings (epochs, batch size, lr, warmup, optimizer, val_fraction, seed);
+            ``**settings`` builds one instead, e.g. ``epochs=20, optimizer="sgd"``. The batch is capped
+            at the train size; the score is the last epoch's, never the best.
         device: where the head trains.
 
     Returns:
         ``top1``, ``top5`` (fractions), ``auc`` for multi-label, ``val_top1`` (``val_top5``, ...) when
         validating, ``n_train``, ``n_val``, ``n_test``, ``feature_dim``, ``final_loss`` and the resolved settings.
     """
-    device = torch.device(device)
-    fit_idx, val_idx = split_validation(train_y, val_fraction, seed)
-    settings = _probe_settings(len(fit_idx), epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs)
-    sampler = EpochBatches(len(fit_idx), settings["batch_size"], seed)
+    config, device = config or probe_config(**settings), torch.device(device)
+    fit_idx, val_idx = split_validation(train_y, config.val_fraction, config.seed)
+    resolved = _probe_settings(len(fit_idx), config)
+    sampler = EpochBatches(len(fit_idx), resolved["batch_size"], config.seed)
     fit_feats, fit_y = train_feats[fit_idx].to(device), train_y[fit_idx].to(device)
     head, loss = _train_head(train_feats.shape[1], _num_outputs(train_y, test_y, num_classes),
                              lambda: ((fit_feats[idx], fit_y[idx]) for idx in sampler), sampler=sampler,
-                             settings=settings, multilabel=train_y.ndim == 2, seed=seed, device=device)  # fmt: skip
+                             settings=resolved, multilabel=train_y.ndim == 2, seed=config.seed, device=device)  # fmt: skip
     val = None if val_idx is None else (train_feats[val_idx], train_y[val_idx])
     return {**_score(head, (test_feats, test_y), val, device), "n_train": len(fit_idx),
             "n_val": 0 if val_idx is None else len(val_idx), "n_test": len(test_y),
-            "feature_dim": train_feats.shape[1], "final_loss": loss, **settings}  # fmt: skip
+            "feature_dim": train_feats.shape[1], "final_loss": loss, **resolved}  # fmt: skip
+
+
+def probe_config(**settings) -> ProbeConfig:
+    """A :class:`~wecolora.config.ProbeConfig` from keywords, an unknown one named with the valid choices."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(ProbeConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise UserError(f"unknown probe setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return ProbeConfig(**settings)
 
 
 def mae_linear_probe(
@@ -260,18 +276,10 @@ def mae_linear_probe(
     train_ds: torch.utils.data.Dataset,
     test_ds: torch.utils.data.Dataset,
     *,
+    config: ProbeConfig,
     eval_train_ds: torch.utils.data.Dataset | None = None,
-    pooling: str = "cls",
     num_classes: int | None = None,
-    epochs: int = DEFAULT_EPOCHS,
-    batch_size: int = 512,
-    lr: float | None = None,
-    warmup_epochs: int | None = None,
-    val_fraction: float = 0.0,
-    seed: int = 0,
     device: str | torch.device = "cpu",
-    num_workers: int = 0,
-    extract_batch_size: int = 256,
 ) -> dict:
     """The paper's online protocol: every epoch runs the frozen ``model`` on the (augmented) train images.
 
@@ -279,9 +287,10 @@ def mae_linear_probe(
         model: frozen backbone; never updated.
         train_ds: train images (with ``targets``) and the training transform (the eval one for no augmentation).
         test_ds: test images with the eval transform.
+        config: the probe's settings (pooling, epochs, batch size, lr, optimizer, workers, ...).
         eval_train_ds: the train images with the eval transform, for the validation split
             (default ``train_ds``).
-        Other arguments as in :func:`train_linear_probe`; ``pooling`` as in :func:`~wecolora.features.pool_tokens`.
+        num_classes, device: as in :func:`train_linear_probe`.
 
     Returns:
         The same keys as :func:`train_linear_probe`.
@@ -289,13 +298,14 @@ def mae_linear_probe(
     device = torch.device(device)
     model.eval().to(device)
     train_y = torch.as_tensor(train_ds.targets)
-    extract = dict(pooling=pooling, batch_size=extract_batch_size, device=device, num_workers=num_workers)
+    pooling, workers = config.pooling, config.num_workers
+    extract = dict(pooling=pooling, batch_size=config.extract_batch_size, device=device, num_workers=workers)
     test_feats, test_y = extract_features(model, test_ds, desc="test features", **extract)
-    fit_idx, val_idx = split_validation(train_y, val_fraction, seed)
-    settings = _probe_settings(len(fit_idx), epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs)
-    sampler = EpochBatches(len(fit_idx), settings["batch_size"], seed)
+    fit_idx, val_idx = split_validation(train_y, config.val_fraction, config.seed)
+    resolved = _probe_settings(len(fit_idx), config)
+    sampler = EpochBatches(len(fit_idx), resolved["batch_size"], config.seed)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_ds, fit_idx.tolist()), batch_sampler=sampler,
-                                         num_workers=num_workers, persistent_workers=num_workers > 0)  # fmt: skip
+                                         num_workers=workers, persistent_workers=workers > 0)  # fmt: skip
 
     state = process_state()
 
@@ -310,7 +320,7 @@ def mae_linear_probe(
             yield features, torch.as_tensor(targets).to(device)
 
     head, loss = _train_head(test_feats.shape[1], _num_outputs(train_y, test_y, num_classes), epoch_batches,
-                             sampler=sampler, settings=settings, multilabel=train_y.ndim == 2, seed=seed,
+                             sampler=sampler, settings=resolved, multilabel=train_y.ndim == 2, seed=config.seed,
                              device=device)  # fmt: skip
     val = None
     if val_idx is not None:
@@ -318,7 +328,7 @@ def mae_linear_probe(
         val = extract_features(model, val_ds, desc="val features", **extract)
     return {**_score(head, (test_feats, test_y), val, device), "n_train": len(fit_idx),
             "n_val": 0 if val_idx is None else len(val_idx), "n_test": len(test_y),
-            "feature_dim": test_feats.shape[1], "final_loss": loss, **settings}  # fmt: skip
+            "feature_dim": test_feats.shape[1], "final_loss": loss, **resolved}  # fmt: skip
 
 
 # ---------------------------------------------------------------- kNN
@@ -347,8 +357,8 @@ def knn_classify(
     Returns:
         ``[N_test, C]`` class scores (summed vote weights).
     """
-    _require(k >= 1, "k", k, "an integer >= 1")
-    _require(temperature > 0, "temperature", temperature, "a positive number")
+    _check(k >= 1, "k", k, "an integer >= 1")
+    _check(temperature > 0, "temperature", temperature, "a positive number")
     if len(train_feats) == 0:
         raise UserError("kNN needs at least one training image")
     votes = train_y.float() if train_y.ndim == 2 else nn.functional.one_hot(
@@ -415,87 +425,56 @@ def write_results(output: str | Path, results: dict) -> Path:
     return path
 
 
-def probe(
-    model_spec: str,
-    data: str,
-    output: str,
-    *,
-    protocol: str = "cached",
-    epochs: int | None = None,
-    batch_size: int = 512,
-    lr: float | None = None,
-    warmup_epochs: int | None = None,
-    pooling: str = "cls",
-    val_fraction: float = 0.0,
-    augment: bool = False,
-    train_per_class: int | None = None,
-    device: str = "auto",
-    cache_dir: str | None = None,
-    seed: int = 0,
-    num_workers: int = 0,
-    extract_batch_size: int = 256,
-) -> dict:
+def probe(model_spec: str, data: str, output: str, config: ProbeConfig | None = None, *, device: str = "auto",
+          **settings) -> dict:
     """Linear-probe a frozen model on a dataset and write ``output/results.json``.
 
     Args:
         model_spec: a run folder, a ``student/`` folder or a teacher spec (see :func:`wecolora.vit.load_model`).
         data: a dataset spec (see :func:`wecolora.data.open_dataset`); its test split is scored.
         output: folder for ``results.json``.
-        protocol: ``cached`` (features extracted once, cached) or ``mae`` (backbone run every epoch).
-        epochs: default 50; the last epoch is scored.
-        augment: ``mae`` only: train on the training augmentation instead of the eval transform.
-        train_per_class: probe on this many training images per class (seeded choice, see
-            :func:`wecolora.data.few_shot_indices`); default all.
-        cache_dir: feature cache (default ``$WECOLORA_CACHE_DIR/features``, else ``~/.cache/wecolora/features``).
-        Other arguments as in :func:`train_linear_probe` and :func:`~wecolora.features.extract_features`.
+        config: the probe's settings (:class:`~wecolora.config.ProbeConfig`: protocol, optimizer, epochs,
+            batch size, lr, pooling, train_per_class, ...); ``**settings`` builds one instead.
+        device: ``auto``, ``cpu`` or ``cuda``.
 
     Returns:
-        The results written (``top1``, ``top5``, ``n_train``, ``n_test``, ``protocol``, ``epochs``, ...).
+        The results written (``top1``, ``top5``, ``n_train``, ``n_test``, ``protocol``, ``optimizer``, ``epochs``, ...).
 
     Example:
         >>> results = probe("runs/vit-s", "mnist-5k", "runs/vit-s/probe", epochs=90)  # doctest: +SKIP
-        >>> results["top1"], results["n_train"]  # doctest: +SKIP
+        >>> results["top1"], results["optimizer"]  # doctest: +SKIP
     """
     from .data import eval_transform, few_shot_indices, train_transform
     from .vit import load_model
 
-    _require(protocol in PROTOCOLS, "protocol", protocol, f"one of {', '.join(PROTOCOLS)}")
-    _require(pooling in POOLINGS, "pooling", pooling, f"one of {', '.join(POOLINGS)}")
-    epochs = DEFAULT_EPOCHS if epochs is None else epochs
-    _require(epochs >= 1, "epochs", epochs, "an integer >= 1")
-    _require(batch_size >= 2, "batch_size", batch_size, "an integer >= 2")
-    _require(lr is None or lr > 0, "lr", lr, "a positive number")
-    _require(0 <= val_fraction < 1, "val_fraction", val_fraction, "a fraction in [0, 1)")
-    _require(not augment or protocol == "mae", "augment", augment,
-             "only with --protocol mae (cached features are fixed)")  # fmt: skip
+    config = config or probe_config(**settings)
     out, (state, dev) = check_writable(output), _join(device)
     model = load_model(model_spec)
     transform = eval_transform(model)
     train_ds, test_ds = _open_split(data, "train", transform), _open_split(data, "test", transform)
-    chosen = None if train_per_class is None else few_shot_indices(train_ds.targets, per_class=train_per_class,
-                                                                   seed=seed)  # fmt: skip
-    options = dict(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,
-                   val_fraction=val_fraction, seed=seed, device=dev, num_classes=len(train_ds.classes))  # fmt: skip
+    chosen = None if config.train_per_class is None else few_shot_indices(
+        train_ds.targets, per_class=config.train_per_class, seed=config.seed)  # fmt: skip
     start = time.perf_counter()
-    if protocol == "cached":
+    if config.protocol == "cached":
         # Only the chosen images are extracted; their ids are part of the cache key.
         fit_ds = train_ds if chosen is None else _Subset(train_ds, chosen)
-        train, test = _split_features(model, fit_ds, test_ds, data=data, pooling=pooling, cache_dir=cache_dir,
-                                      batch_size=extract_batch_size, device=dev, num_workers=num_workers)
-        metrics = train_linear_probe(train.features, train.labels, test.features, test.labels, **options)
+        train, test = _split_features(model, fit_ds, test_ds, data=data, pooling=config.pooling,
+                                      cache_dir=config.cache_dir, batch_size=config.extract_batch_size, device=dev,
+                                      num_workers=config.num_workers)  # fmt: skip
+        metrics = train_linear_probe(train.features, train.labels, test.features, test.labels, config=config,
+                                     num_classes=len(train_ds.classes), device=dev)  # fmt: skip
         metrics["features_cached"] = train.from_cache and test.from_cache
     else:
-        fit_ds = _open_split(data, "train", train_transform(model)) if augment else train_ds
+        fit_ds = _open_split(data, "train", train_transform(model)) if config.augment else train_ds
         if chosen is not None:
             fit_ds, train_ds = _Subset(fit_ds, chosen), _Subset(train_ds, chosen)
-        metrics = mae_linear_probe(model, fit_ds, test_ds, eval_train_ds=train_ds, pooling=pooling,
-                                   num_workers=num_workers, extract_batch_size=extract_batch_size,
-                                   **options)  # fmt: skip
-    results = {**metrics, "protocol": protocol, "model": model_spec, "data": data, "pooling": pooling,
-               "augment": augment, "train_per_class": train_per_class, "seed": seed, "device": str(dev),
-               "processes": state.num_processes,
+        metrics = mae_linear_probe(model, fit_ds, test_ds, config=config, eval_train_ds=train_ds,
+                                   num_classes=len(train_ds.classes), device=dev)  # fmt: skip
+    results = {**metrics, "protocol": config.protocol, "model": model_spec, "data": data, "pooling": config.pooling,
+               "augment": config.augment, "train_per_class": config.train_per_class, "seed": config.seed,
+               "device": str(dev), "processes": state.num_processes,
                "seconds": time.perf_counter() - start}  # fmt: skip
-    _publish(state, out, results, f"probe {model_spec} on {data} ({protocol})")
+    _publish(state, out, results, f"probe {model_spec} on {data} ({config.protocol}, {config.optimizer})")
     return results
 
 
@@ -522,9 +501,9 @@ def knn(
     from .data import eval_transform
     from .vit import load_model
 
-    _require(k >= 1, "k", k, "an integer >= 1")
-    _require(temperature > 0, "temperature", temperature, "a positive number")
-    _require(pooling in POOLINGS, "pooling", pooling, f"one of {', '.join(POOLINGS)}")
+    _check(k >= 1, "k", k, "an integer >= 1")
+    _check(temperature > 0, "temperature", temperature, "a positive number")
+    probe_config(pooling=pooling)  # validates the pooling
     out, (state, dev) = check_writable(output), _join(device)
     model = load_model(model_spec)
     transform = eval_transform(model)

@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from .distributed import all_agree, batch_shard, gather_batches, process_state
+from .config import POOLINGS
 from .errors import UserError
 from .files import atomic_write_bytes, cache_folder
 
 _logger = logging.getLogger(__name__)
 
-POOLINGS = ("cls", "mean")
 DEVICES = ("auto", "cpu", "cuda")
 
 
