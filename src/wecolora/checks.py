@@ -163,8 +163,9 @@ def check_run_folder(output: str | Path, *, finished: str, overwrite: bool, resu
 
 # Settings a resumed run may change: where and how it runs, not what it computes. The batch split may
 # change with the number of processes (the schedule adapts, see engine.resume_schedule).
-RESUME_MAY_CHANGE = {"output", "resume", "overwrite", "device", "num_workers", "precision", "compile",
-                     "teacher_cache", "teacher_cache_dir", "batch_size", "accum_steps"}
+EXECUTION_SETTINGS = {"output", "resume", "overwrite", "device", "num_workers", "precision", "compile",
+                      "teacher_cache", "teacher_cache_dir"}  # how a run executes, not what it computes
+RESUME_MAY_CHANGE = EXECUTION_SETTINGS | {"batch_size", "accum_steps"}
 
 
 def check_distill(config) -> Path:
@@ -181,12 +182,21 @@ def check_distill(config) -> Path:
 
 def check_same_settings(config, saved: Path) -> None:
     """Refuse to resume a run with settings that change what it computes (another ratio, seed, mode...)."""
+    changed = changed_settings(config, saved)
+    if changed:
+        raise UserError(f"cannot resume {saved.parent} with other settings ({changed}); resume with the settings "
+                        f"in {saved}, or pass --overwrite to start again")
+
+
+def changed_settings(config, saved: Path, ignore=None) -> str:
+    """The settings of ``config`` that differ from a run's saved ``config.yaml``, as ``--key old -> new`` text
+    (empty when none does); ``ignore`` (default: what a resume may change) names settings left out."""
     import dataclasses
 
     import yaml
 
     if not saved.is_file():
-        return
+        return ""
     before = (yaml.safe_load(saved.read_text()) or {}).get("settings", {})
     now = dataclasses.asdict(config)
 
@@ -195,11 +205,9 @@ def check_same_settings(config, saved: Path) -> None:
             return Path(a).resolve() == Path(b).resolve()
         return a == b
 
-    changed = [k for k in now if k not in RESUME_MAY_CHANGE and k in before and not same(before[k], now[k])]
-    if changed:
-        detail = ", ".join(f"--{k.replace('_', '-')} {before[k]!r} -> {now[k]!r}" for k in changed)
-        raise UserError(f"cannot resume {saved.parent} with other settings ({detail}); resume with the settings "
-                        f"in {saved}, or pass --overwrite to start again")
+    ignore = RESUME_MAY_CHANGE if ignore is None else ignore
+    changed = [k for k in now if k not in ignore and k in before and not same(before[k], now[k])]
+    return ", ".join(f"--{k.replace('_', '-')} {before[k]!r} -> {now[k]!r}" for k in changed)
 
 
 def check_pretrain(config) -> Path:
