@@ -177,8 +177,11 @@ def test_timm_file_overlay_loads_into_overridden_architecture(tmp_path, num_clas
     path = tmp_path / "tiny.safetensors"
     safetensors.torch.save_file(tiny.state_dict(), path)
     torch.manual_seed(123)
+    # the overlay load_model passes (a state dict read by wecolora); a `file` overlay would hit timm < 1.0.31's
+    # custom (npz) loader of this architecture's default weights
+    overlay = dict(source="", state_dict=safetensors.torch.load_file(path), file=None)
     loaded = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+        "vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=overlay,
         img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=num_classes,
     )
     body = {k: v for k, v in tiny.state_dict().items() if not k.startswith("head.")}

@@ -55,12 +55,74 @@ def require_supported_vit(model: nn.Module) -> None:
 
 def model_args(model: nn.Module) -> dict:
     """Arguments that rebuild ``model``'s architecture with ``timm.create_model(architecture, **args)``."""
-    from timm.models import get_model_args
-
-    args = get_model_args(model)
+    try:
+        from timm.models import get_model_args  # timm >= 1.0.31 records the arguments a model was built with
+    except ImportError:
+        args = _args_from_modules(model)
+    else:
+        args = get_model_args(model)
     args["depth"] = len(model.blocks)
     if isinstance(args.get("img_size"), tuple):
         args["img_size"] = list(args["img_size"])
+    return args
+
+
+def _observed_args(model: nn.Module) -> dict:
+    """The VisionTransformer constructor arguments that can be read back from its modules."""
+    from timm.layers import LayerScale
+
+    block = model.blocks[0]
+    patch_embed = model.patch_embed
+    width = model.embed_dim
+    hidden = block.mlp.fc1.out_features
+    img_size = getattr(patch_embed, "img_size", None)
+    return {
+        "img_size": list(img_size) if img_size is not None else None,
+        "patch_size": list(patch_embed.patch_size),
+        "in_chans": patch_embed.proj.in_channels,
+        "num_classes": model.num_classes,
+        "global_pool": model.global_pool,
+        "embed_dim": width,
+        "num_heads": block.attn.num_heads,
+        "mlp_ratio": hidden / width,
+        "qkv_bias": block.attn.qkv.bias is not None,
+        "qk_norm": not isinstance(block.attn.q_norm, nn.Identity),
+        "proj_bias": block.attn.proj.bias is not None,
+        "layer_scale": isinstance(block.ls1, LayerScale),
+        "class_token": model.cls_token is not None,
+        "no_embed_class": model.no_embed_class,
+        "reg_tokens": model.num_reg_tokens,
+        "pre_norm": not isinstance(model.norm_pre, nn.Identity),
+        "fc_norm": not isinstance(model.fc_norm, nn.Identity),
+        "dynamic_img_size": model.dynamic_img_size,
+    }
+
+
+def _args_from_modules(model: nn.Module) -> dict:
+    """:func:`model_args` for timm < 1.0.31, which does not record a model's arguments.
+
+    The modules are compared with a weightless copy of the registered architecture and only what
+    differs is returned, as timm's own record would be: what the architecture fixes beyond these
+    arguments (activation, norm layer, embed layer) comes back from its name.
+    """
+    import inspect
+
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not len(model.blocks):
+        raise UserError("the model has no transformer blocks, so its architecture cannot be rebuilt")
+    with torch.device("meta"):
+        reference = timm.create_model(architecture(model), pretrained=False)
+    observed, default = _observed_args(model), _observed_args(reference)
+    accepted = inspect.signature(VisionTransformer.__init__).parameters
+    args = {k: v for k, v in observed.items() if k in accepted and v != default[k]}
+    if observed["layer_scale"] != default["layer_scale"]:
+        # Only LayerScale's presence is architecture; its initial value matters only to a student that
+        # starts from random weights (scratch-kd), so the value DINOv2 uses stands in for it.
+        args["init_values"] = 1e-5 if observed["layer_scale"] else None
+    if len(set(args.get("patch_size", ()))) == 1:
+        args["patch_size"] = args["patch_size"][0]
     return args
 
 
