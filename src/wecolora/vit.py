@@ -1,7 +1,8 @@
 """The timm VisionTransformer surface wecolora relies on: loading teachers and checking their layout.
 
 A teacher is given as a spec string (``vit_base_patch16_224.mae``, ``local-dir:FOLDER``,
-``hf-hub:ORG/NAME``, or a finished run / ``student`` folder) plus optional local weights.
+``hf-hub:ORG/NAME``, a finished run / ``student`` folder, or a transformers model folder) plus optional
+local weights.
 """
 from __future__ import annotations
 
@@ -174,7 +175,9 @@ def load_model(spec: str, *, weights: str | None = None, img_size: int | None = 
 
     Args:
         spec: timm name (``vit_small_patch16_224.dino``), ``local-dir:FOLDER``, ``hf-hub:ORG/NAME``, ``bundled``,
-            or a folder holding ``config.json`` (a run folder resolves to its ``student/``).
+            a folder holding ``config.json`` (a run folder resolves to its ``student/``), or a Hugging Face
+            transformers ViT/DeiT/ViT-MAE/DINOv2 folder (also ``hf-transformers:FOLDER``), converted by
+            :mod:`wecolora.hf_transformers`.
         weights: optional local ``.safetensors``/``.pth`` loaded into that architecture through timm's
             pretrained path (handles MAE/DINOv2/CLIP layouts, pos-embed resize and head drop).
         img_size: optional input size override (pos-embed is resized by timm).
@@ -186,6 +189,16 @@ def load_model(spec: str, *, weights: str | None = None, img_size: int | None = 
     """
     import timm
 
+    from . import hf_transformers
+
+    folder = hf_transformers.transformers_folder(spec)
+    if folder is not None:
+        if weights is not None:
+            raise UserError(f"--teacher-weights cannot be combined with the transformers folder {folder}: its "
+                            f"model.safetensors is the weights; drop --teacher-weights or save the model again")
+        model = hf_transformers.load(folder, img_size=img_size, num_classes=num_classes, pretrained=pretrained)
+        require_supported_vit(model)
+        return model
     spec, source = _checked_spec(spec)
     kwargs = _size_args(img_size, num_classes)
     if pretrained and source != "hf-hub":
@@ -214,6 +227,14 @@ def model_shape(spec: str, *, img_size: int | None = None, num_classes: int | No
     """
     import timm
 
+    from . import hf_transformers
+
+    folder = hf_transformers.transformers_folder(spec)
+    if folder is not None:
+        with torch.device("meta"):
+            model = hf_transformers.load(folder, img_size=img_size, num_classes=num_classes, pretrained=False)
+        require_supported_vit(model)
+        return model
     spec, _ = _checked_spec(spec)
     try:
         with torch.device("meta"):
