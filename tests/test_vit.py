@@ -221,3 +221,16 @@ def test_last_block_tokens(overrides):
     torch.testing.assert_close(first, outs[0])
     torch.testing.assert_close(second, outs[1])
     torch.testing.assert_close(normed, model.forward_features(images))
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(reg_tokens=2, no_embed_class=True, init_values=1e-5),
+                                       dict(class_token=False, global_pool="avg", mlp_ratio=3.0, qkv_bias=False)])
+def test_args_rebuilt_from_modules_rebuild_the_model(overrides):
+    """timm < 1.0.31 has no get_model_args: the arguments read back from the modules rebuild the same ViT."""
+    model = tiny_vit(depth=2, **overrides)
+    args = dict(vit._args_from_modules(model), depth=2)
+    rebuilt = timm.create_model(vit.architecture(model), pretrained=False, **args).eval()
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images), model(images))
