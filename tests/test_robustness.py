@@ -208,7 +208,7 @@ CASES = [
     ("rank-above-width", D + " --rank 64", "rank 64 does not fit the teacher's width 32"),
     ("unknown-mode", D + " --mode distil", "argument --mode: invalid choice: 'distil'"),
     ("epochs-zero", D + " --epochs 0", "--epochs 0 is invalid"),
-    ("warmup-not-below-epochs", D + " --epochs 3 --warmup-epochs 3", "--warmup-epochs 3 is invalid"),
+    ("warmup-not-below-epochs", D + " --epochs 3 --warmup-epochs 3", "--warmup-epochs 3 does not fit --epochs 3"),
     ("not-an-integer", D + " --epochs two", "argument --epochs: invalid int value: 'two'"),
     ("unknown-option", D + " --learning-rate 1", "unrecognized arguments: --learning-rate"),
     ("missing-teacher", "distill --data mnist-5k --output {out}", "missing required setting(s): --teacher"),

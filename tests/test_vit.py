@@ -177,8 +177,11 @@ def test_timm_file_overlay_loads_into_overridden_architecture(tmp_path, num_clas
     path = tmp_path / "tiny.safetensors"
     safetensors.torch.save_file(tiny.state_dict(), path)
     torch.manual_seed(123)
+    # the overlay load_model passes (a state dict read by wecolora); a `file` overlay would hit timm < 1.0.31's
+    # custom (npz) loader of this architecture's default weights
+    overlay = dict(source="", state_dict=safetensors.torch.load_file(path), file=None)
     loaded = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+        "vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=overlay,
         img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=num_classes,
     )
     body = {k: v for k, v in tiny.state_dict().items() if not k.startswith("head.")}
@@ -218,3 +221,16 @@ def test_last_block_tokens(overrides):
     torch.testing.assert_close(first, outs[0])
     torch.testing.assert_close(second, outs[1])
     torch.testing.assert_close(normed, model.forward_features(images))
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(reg_tokens=2, no_embed_class=True, init_values=1e-5),
+                                       dict(class_token=False, global_pool="avg", mlp_ratio=3.0, qkv_bias=False)])
+def test_args_rebuilt_from_modules_rebuild_the_model(overrides):
+    """timm < 1.0.31 has no get_model_args: the arguments read back from the modules rebuild the same ViT."""
+    model = tiny_vit(depth=2, **overrides)
+    args = dict(vit._args_from_modules(model), depth=2)
+    rebuilt = timm.create_model(vit.architecture(model), pretrained=False, **args).eval()
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images), model(images))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .files import recover_folder
+from .hf_transformers import check_folder, transformers_folder
 
 BUILTIN_DATASET_NAMES = ("fashion-mnist", "mnist-5k")  # keys of data.BUILTIN_DATASETS (data imports torch)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -73,10 +74,18 @@ def check_dataset(spec: str, splits: tuple[str, ...] = ("train",), option: str =
 
 
 def check_model_spec(spec: str, option: str = "--teacher") -> None:
-    """Folders named by a model spec exist and hold a ``config.json``; names are left to timm."""
+    """Folders named by a model spec exist and hold a ``config.json``; names are left to timm.
+
+    A transformers folder (``config.json`` with a ``model_type``) must be one that converts to a timm ViT.
+    """
     if not spec:
-        raise UserError(f"{option} is empty; give a timm model name, a folder, local-dir:FOLDER or hf-hub:ORG/NAME")
+        raise UserError(f"{option} is empty; give a timm model name, a folder, local-dir:FOLDER, hf-hub:ORG/NAME or "
+                        f"hf-transformers:FOLDER")
     if spec == "bundled" or spec.startswith("hf-hub:"):
+        return
+    folder = transformers_folder(spec)
+    if folder is not None:
+        check_folder(folder, option)
         return
     if spec.startswith("local-dir:"):
         folder = Path(spec.partition(":")[2]).expanduser()

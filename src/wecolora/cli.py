@@ -86,7 +86,7 @@ def add_distill_parser(sub) -> None:
     g.add_argument("--accum-steps", type=int, help="gradient accumulation steps (default 8)")
     g.add_argument("--blr", type=float, help="base lr; lr = blr x effective batch / 256 (default 1e-3)")
     g.add_argument("--lr", type=float, help="absolute peak lr (overrides --blr)")
-    g.add_argument("--warmup-epochs", type=int, help="linear warmup from 0 (default 2)")
+    g.add_argument("--warmup-epochs", type=int, help="linear warmup from 0 (default 2, shortened to fit shorter runs)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay, not on 1-D params (default 0.05)")
     g.add_argument("--seed", type=int, help="training seed (default 0)")
     g.add_argument("--precision", choices=PRECISIONS, help="default bf16 on CUDA, fp32 on CPU")
@@ -173,7 +173,7 @@ def add_pretrain_parser(sub) -> None:
     for name, what in (("img-size", "input size (default 28)"), ("patch-size", "default 7"),
                        ("embed-dim", "width (default 128)"), ("depth", "blocks (default 12)"),
                        ("num-heads", "default 4"), ("epochs", "default 100"), ("batch-size", "default 256"),
-                       ("warmup-epochs", "default 5"), ("shift", "random translation in pixels (default 2)"),
+                       ("warmup-epochs", "default 5, shortened to fit shorter runs"), ("shift", "random translation in pixels (default 2)"),
                        ("eval-every", "test accuracy every N epochs (default 5)"), ("seed", "default 0"),
                        ("num-workers", "data loader workers")):
         p.add_argument(f"--{name}", type=int, help=what)

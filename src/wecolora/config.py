@@ -6,12 +6,15 @@ import torch so that ``wecolora --help`` stays instant.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from .errors import UserError
+
+_logger = logging.getLogger(__name__)
 
 MODE_NAMES = ("wecolora", "lora-qv", "weco-kd", "scratch-kd")  # registry: student.MODES
 LOSS_NAMES = ("l1", "mse")  # registry: losses.LOSSES
@@ -21,11 +24,34 @@ DEVICES = ("auto", "cpu", "cuda")
 PROBE_PROTOCOLS = ("cached", "mae")
 PROBE_OPTIMIZERS = ("lars", "sgd")  # lars: MAE's rule (trust ratio on >1-D params); sgd: momentum SGD (0.1.0)
 POOLINGS = ("cls", "mean")
+PAPER_WARMUP_EPOCHS = 2
 
 
 def _check(ok: bool, name: str, value, expected: str) -> None:
     if not ok:
         raise UserError(f"--{name.replace('_', '-')} {value!r} is invalid: expected {expected}")
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'' if n == 1 else 's'}"
+
+
+def resolve_warmup(warmup_epochs: int | None, epochs: int, default: int) -> int:
+    """Warmup epochs of a run: the given value, or ``default`` capped to leave at least one epoch of decay.
+
+    A default that does not fit a short run is shortened, not an error: the user never asked for it.
+    A value the user gave that does not fit is refused with what would.
+    """
+    if warmup_epochs is None:
+        resolved = min(default, epochs - 1)
+        _logger.info("warmup %s (of %s)", _epochs(resolved), _epochs(epochs))
+        return resolved
+    _check(isinstance(warmup_epochs, int) and warmup_epochs >= 0, "warmup_epochs", warmup_epochs, "an integer >= 0")
+    if warmup_epochs >= epochs:
+        raise UserError(f"--warmup-epochs {warmup_epochs} does not fit --epochs {epochs}: the warmup must end before "
+                        f"the last epoch; give --warmup-epochs {epochs - 1} or less, more --epochs, or leave "
+                        f"--warmup-epochs out (default {default}, shortened to fit the run)")
+    return warmup_epochs
 
 
 @dataclass
@@ -59,7 +85,7 @@ class DistillConfig:
     accum_steps: int = 8
     blr: float = 1e-3
     lr: float | None = None  # absolute peak lr; default blr * effective_batch / 256
-    warmup_epochs: int = 2
+    warmup_epochs: int | None = None  # default: the paper's 2, shortened to fit a run of fewer than 3 epochs
     weight_decay: float = 0.05
     seed: int = 0
     precision: str | None = None  # default: bf16 on CUDA, fp32 on CPU
@@ -89,7 +115,7 @@ class DistillConfig:
             _check(self.per_class >= 1, "per_class", self.per_class, "an integer >= 1")
         _check(self.min_per_class >= 0, "min_per_class", self.min_per_class, "an integer >= 0")
         _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
-        _check(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", self.warmup_epochs, f"0 <= warmup < epochs ({self.epochs})")
+        self.warmup_epochs = resolve_warmup(self.warmup_epochs, self.epochs, PAPER_WARMUP_EPOCHS)
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         _check(self.accum_steps >= 1, "accum_steps", self.accum_steps, "an integer >= 1")
         _check(self.blr > 0, "blr", self.blr, "a positive number")

@@ -123,12 +123,12 @@ def extract_features(
 
 def model_fingerprint(model: nn.Module) -> str:
     """A digest of the model's class, architecture arguments and every tensor of its state dict."""
-    from timm.models import get_model_args
+    from .vit import model_args
 
     digest = hashlib.blake2b(digest_size=16)
     digest.update(type(model).__qualname__.encode())
     # Shapes alone do not pin the architecture (the number of heads, for one), so hash its arguments too.
-    digest.update(json.dumps(get_model_args(model), sort_keys=True, default=str).encode())
+    digest.update(json.dumps(model_args(model), sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import data
 from .checkpoint import load_checkpoint, save_checkpoint
 from .checks import check_pretrain
-from .config import DEVICES, PRECISIONS, _check, to_yaml
+from .config import DEVICES, PRECISIONS, _check, resolve_warmup, to_yaml
 from .engine import (csv_text, loader_workers, make_accelerator, make_scheduler, resume_schedule, resume_source,
                      versions)
 from .errors import UserError
@@ -31,6 +31,7 @@ from .files import atomic_write_text
 _logger = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = ("epoch", "loss", "lr", "test_top1", "images_per_s", "seconds")
+PRETRAIN_WARMUP_EPOCHS = 5  # the bundled teacher's recipe
 
 
 @dataclass
@@ -47,7 +48,7 @@ class PretrainConfig:
     epochs: int = 100
     batch_size: int = 256
     lr: float = 1e-3
-    warmup_epochs: int = 5
+    warmup_epochs: int | None = None  # default: 5, shortened to fit a run of fewer than 6 epochs
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     shift: int = 2  # random translation in pixels (pad + random crop)
@@ -64,7 +65,7 @@ class PretrainConfig:
             _check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
         _check(self.img_size % self.patch_size == 0, "patch_size", self.patch_size, f"a divisor of --img-size {self.img_size}")
         _check(self.embed_dim % self.num_heads == 0, "num_heads", self.num_heads, f"a divisor of --embed-dim {self.embed_dim}")
-        _check(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", self.warmup_epochs, "0 <= warmup < epochs")
+        self.warmup_epochs = resolve_warmup(self.warmup_epochs, self.epochs, PRETRAIN_WARMUP_EPOCHS)
         _check(self.lr > 0, "lr", self.lr, "a positive number")
         _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "a value in [0, 1)")
         _check(self.shift >= 0, "shift", self.shift, "an integer >= 0")

@@ -1,7 +1,8 @@
 """The timm VisionTransformer surface wecolora relies on: loading teachers and checking their layout.
 
 A teacher is given as a spec string (``vit_base_patch16_224.mae``, ``local-dir:FOLDER``,
-``hf-hub:ORG/NAME``, or a finished run / ``student`` folder) plus optional local weights.
+``hf-hub:ORG/NAME``, a finished run / ``student`` folder, or a transformers model folder) plus optional
+local weights.
 """
 from __future__ import annotations
 
@@ -55,12 +56,74 @@ def require_supported_vit(model: nn.Module) -> None:
 
 def model_args(model: nn.Module) -> dict:
     """Arguments that rebuild ``model``'s architecture with ``timm.create_model(architecture, **args)``."""
-    from timm.models import get_model_args
-
-    args = get_model_args(model)
+    try:
+        from timm.models import get_model_args  # timm >= 1.0.31 records the arguments a model was built with
+    except ImportError:
+        args = _args_from_modules(model)
+    else:
+        args = get_model_args(model)
     args["depth"] = len(model.blocks)
     if isinstance(args.get("img_size"), tuple):
         args["img_size"] = list(args["img_size"])
+    return args
+
+
+def _observed_args(model: nn.Module) -> dict:
+    """The VisionTransformer constructor arguments that can be read back from its modules."""
+    from timm.layers import LayerScale
+
+    block = model.blocks[0]
+    patch_embed = model.patch_embed
+    width = model.embed_dim
+    hidden = block.mlp.fc1.out_features
+    img_size = getattr(patch_embed, "img_size", None)
+    return {
+        "img_size": list(img_size) if img_size is not None else None,
+        "patch_size": list(patch_embed.patch_size),
+        "in_chans": patch_embed.proj.in_channels,
+        "num_classes": model.num_classes,
+        "global_pool": model.global_pool,
+        "embed_dim": width,
+        "num_heads": block.attn.num_heads,
+        "mlp_ratio": hidden / width,
+        "qkv_bias": block.attn.qkv.bias is not None,
+        "qk_norm": not isinstance(block.attn.q_norm, nn.Identity),
+        "proj_bias": block.attn.proj.bias is not None,
+        "layer_scale": isinstance(block.ls1, LayerScale),
+        "class_token": model.cls_token is not None,
+        "no_embed_class": model.no_embed_class,
+        "reg_tokens": model.num_reg_tokens,
+        "pre_norm": not isinstance(model.norm_pre, nn.Identity),
+        "fc_norm": not isinstance(model.fc_norm, nn.Identity),
+        "dynamic_img_size": model.dynamic_img_size,
+    }
+
+
+def _args_from_modules(model: nn.Module) -> dict:
+    """:func:`model_args` for timm < 1.0.31, which does not record a model's arguments.
+
+    The modules are compared with a weightless copy of the registered architecture and only what
+    differs is returned, as timm's own record would be: what the architecture fixes beyond these
+    arguments (activation, norm layer, embed layer) comes back from its name.
+    """
+    import inspect
+
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not len(model.blocks):
+        raise UserError("the model has no transformer blocks, so its architecture cannot be rebuilt")
+    with torch.device("meta"):
+        reference = timm.create_model(architecture(model), pretrained=False)
+    observed, default = _observed_args(model), _observed_args(reference)
+    accepted = inspect.signature(VisionTransformer.__init__).parameters
+    args = {k: v for k, v in observed.items() if k in accepted and v != default[k]}
+    if observed["layer_scale"] != default["layer_scale"]:
+        # Only LayerScale's presence is architecture; its initial value matters only to a student that
+        # starts from random weights (scratch-kd), so the value DINOv2 uses stands in for it.
+        args["init_values"] = 1e-5 if observed["layer_scale"] else None
+    if len(set(args.get("patch_size", ()))) == 1:
+        args["patch_size"] = args["patch_size"][0]
     return args
 
 
@@ -112,7 +175,9 @@ def load_model(spec: str, *, weights: str | None = None, img_size: int | None = 
 
     Args:
         spec: timm name (``vit_small_patch16_224.dino``), ``local-dir:FOLDER``, ``hf-hub:ORG/NAME``, ``bundled``,
-            or a folder holding ``config.json`` (a run folder resolves to its ``student/``).
+            a folder holding ``config.json`` (a run folder resolves to its ``student/``), or a Hugging Face
+            transformers ViT/DeiT/ViT-MAE/DINOv2 folder (also ``hf-transformers:FOLDER``), converted by
+            :mod:`wecolora.hf_transformers`.
         weights: optional local ``.safetensors``/``.pth`` loaded into that architecture through timm's
             pretrained path (handles MAE/DINOv2/CLIP layouts, pos-embed resize and head drop).
         img_size: optional input size override (pos-embed is resized by timm).
@@ -124,6 +189,16 @@ def load_model(spec: str, *, weights: str | None = None, img_size: int | None = 
     """
     import timm
 
+    from . import hf_transformers
+
+    folder = hf_transformers.transformers_folder(spec)
+    if folder is not None:
+        if weights is not None:
+            raise UserError(f"--teacher-weights cannot be combined with the transformers folder {folder}: its "
+                            f"model.safetensors is the weights; drop --teacher-weights or save the model again")
+        model = hf_transformers.load(folder, img_size=img_size, num_classes=num_classes, pretrained=pretrained)
+        require_supported_vit(model)
+        return model
     spec, source = _checked_spec(spec)
     kwargs = _size_args(img_size, num_classes)
     if pretrained and source != "hf-hub":
@@ -152,6 +227,14 @@ def model_shape(spec: str, *, img_size: int | None = None, num_classes: int | No
     """
     import timm
 
+    from . import hf_transformers
+
+    folder = hf_transformers.transformers_folder(spec)
+    if folder is not None:
+        with torch.device("meta"):
+            model = hf_transformers.load(folder, img_size=img_size, num_classes=num_classes, pretrained=False)
+        require_supported_vit(model)
+        return model
     spec, _ = _checked_spec(spec)
     try:
         with torch.device("meta"):
