@@ -638,3 +638,43 @@ def test_the_torch_free_checks_agree_with_the_modules_they_stand_in_for():
     assert checks.IMAGE_EXTENSIONS == data.IMAGE_EXTENSIONS
     assert checks.CHECKPOINT_FILES == (checkpoint.WEIGHTS, checkpoint.OPTIMIZER, checkpoint.STATE)
     assert export.RUN_INFO == "wecolora.json"  # check_distill's marker of a finished run: adapter/wecolora.json
+
+
+def test_probe_and_knn_skip_and_count_damaged_images_up_to_a_threshold(teacher_dir, tmp_path, caplog, one_thread):
+    from wecolora import evaluate
+
+    data = tmp_path / "data"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            for i in range(10):
+                save_png(data / split / c / f"{i}.png", digit(i + 10 * (c == "b")))
+    (data / "train" / "a" / "truncated.png").write_bytes((data / "train" / "a" / "0.png").read_bytes()[:100])
+    common = dict(device="cpu", cache_dir=str(tmp_path / "cache"))
+    result = evaluate.probe(f"local-dir:{teacher_dir}", str(data), str(tmp_path / "probe"), epochs=2, **common)
+    assert (result["n_train"], result["unreadable_train"], result["unreadable_test"]) == (20, 1, 0)
+    written = json.loads((tmp_path / "probe" / "results.json").read_text())
+    assert written["unreadable_images"] == ["train/a/truncated.png"] and written["unreadable_train"] == 1
+    assert "skipping 1 unreadable image(s) of 21: train/a/truncated.png" in caplog.text
+    neighbours = evaluate.knn(f"local-dir:{teacher_dir}", str(data), str(tmp_path / "knn"), k=3, **common)
+    assert neighbours["n_train"] == 20 and neighbours["unreadable_train"] == 1
+    # Beyond the threshold (a setting, not a constant): one line, exit 2, no results.json.
+    proc = cli("probe", "--model", f"local-dir:{teacher_dir}", "--data", str(data), "--output",
+               str(tmp_path / "strict"), "--max-unreadable", "0.01", "--device", "cpu")
+    assert_user_error(proc, "1 of the 21 chosen images cannot be read")
+    assert "--max-unreadable" in proc.stderr and not (tmp_path / "strict").exists()
+
+
+def test_an_image_damaged_during_a_run_stops_with_one_line(tmp_path):
+    """A file that breaks after the start-up check: the loader worker's error reaches the user as one line."""
+    from wecolora import cli as cli_module, data
+
+    for i in range(4):
+        save_png(tmp_path / "a" / f"{i}.png", digit(i))
+    dataset = data.open_dataset(str(tmp_path))
+    (tmp_path / "a" / "2.png").write_bytes(b"broken")  # damaged after the dataset was listed
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1)
+    with pytest.raises(UserError) as err:
+        next(iter(loader))
+    line = cli_module.one_line(err.value)
+    assert "\n" not in line and line.startswith(f"image {tmp_path / 'a' / '2.png'} cannot be read any more")
+    assert "--resume auto" in line

@@ -79,6 +79,8 @@ def add_distill_parser(sub) -> None:
     g.add_argument("--ratio", type=float, help="fraction of each class's images used (default 0.01)")
     g.add_argument("--per-class", type=int, help="a fixed number of images per class instead of --ratio")
     g.add_argument("--min-per-class", type=int, help="fail if a class gets fewer images (default 1)")
+    g.add_argument("--max-unreadable", type=float,
+                   help="share of the chosen images that may be unreadable, skipped and counted (default 0.05)")
     g.add_argument("--subset-seed", type=int, help="seed of the per-class shuffle (default 0)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help="default 10")
@@ -219,6 +221,8 @@ def add_eval_parsers(sub) -> None:
         p.add_argument("--num-workers", type=int, default=None if command == "probe" else 0,
                        help="data loader workers for feature extraction (default 0)")
         p.add_argument("--cache-dir", help="feature cache (default $WECOLORA_CACHE_DIR/features, else ~/.cache/wecolora/features)")
+        p.add_argument("--max-unreadable", type=float, default=None if command == "probe" else 0.05,
+                       help="share of a split's images that may be unreadable, skipped and counted (default 0.05)")
         if command == "probe":
             p.add_argument("--protocol", choices=PROBE_PROTOCOLS,
                            help="cached: head on cached features (default, fast); mae: the paper's, backbone every epoch")
@@ -269,16 +273,21 @@ def run_report(args) -> int:
 
 ABLATE_EXAMPLES = """examples:
   wecolora ablate --preset demo --output runs/demo
+  wecolora ablate --preset lr-sweep --output runs/lr-sweep           # probe top-1 against the peak lr, 3 seeds
+  wecolora ablate --preset lr-sweep --quick --output /tmp/lr-sweep
   wecolora ablate --preset paper-table-a --data /data/imagenet --probe-data /data/imagenet /data/cifar100 --output runs/table-a
   wecolora ablate --config my-grid.yaml --output runs/grid
-presets: demo (bundled teacher, offline), paper-table-a, paper-table-b (ImageNet settings; need the data and a GPU)
+a grid file holds teacher, distill_data, probe_data, distill: {...}, probe: {...}, reference: [teacher, copy],
+seeds: [0, 1, 2] (each run once per seed; cells are mean ± std) and runs: [{mode, reduction, ratio, ...}]
+(any distill setting per run, e.g. lr; a run may give its own seeds). See the presets' files.
 """
 
 
 def add_ablate_parsers(sub) -> None:
     p = sub.add_parser("ablate", help="run a grid of distillations and probes; write report.md, results.csv, chart.png",
                        epilog=ABLATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", help="demo, paper-table-a or paper-table-b")
+    p.add_argument("--preset", help="a preset name: demo, lr-sweep (offline), paper-table-a, paper-table-b, ... "
+                                    "(ImageNet settings; need the data and a GPU)")
     p.add_argument("--config", dest="config_file", metavar="FILE.yaml", help="a grid file in the presets' format")
     p.add_argument("--output", required=True, metavar="DIR")
     p.add_argument("--teacher", help="override the preset's teacher")
@@ -391,6 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(err: Exception) -> str:
+    """The user's message of a UserError, also when a data-loader worker wrapped it in its traceback text."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+    return lines[-1].removeprefix(prefix) if len(lines) > 1 and lines[-1].startswith(prefix) else " ".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -400,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
             return args.handler(args)
     except UserError as err:
-        print(f"wecolora: error: {err}", file=sys.stderr)
+        print(f"wecolora: error: {one_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # a full disk or a read-only folder is the user's to fix, not a crash
         message = disk_error(err)

@@ -78,6 +78,7 @@ class DistillConfig:
     ratio: float | None = 0.01
     per_class: int | None = None  # overrides ratio
     min_per_class: int = 1
+    max_unreadable: float = 0.05  # fraction of the chosen images that may be unreadable (skipped) before a run stops
     subset_seed: int = 0
     # optimisation
     epochs: int = 10
@@ -114,6 +115,7 @@ class DistillConfig:
         else:
             _check(self.per_class >= 1, "per_class", self.per_class, "an integer >= 1")
         _check(self.min_per_class >= 0, "min_per_class", self.min_per_class, "an integer >= 0")
+        _check(0 <= self.max_unreadable < 1, "max_unreadable", self.max_unreadable, "a fraction in [0, 1)")
         _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
         self.warmup_epochs = resolve_warmup(self.warmup_epochs, self.epochs, PAPER_WARMUP_EPOCHS)
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
@@ -162,6 +164,7 @@ class ProbeConfig:
     num_workers: int = 0
     extract_batch_size: int = 256
     cache_dir: str | None = None  # default $WECOLORA_CACHE_DIR/features, else ~/.cache/wecolora/features
+    max_unreadable: float = 0.05  # fraction of a split's images that may be unreadable (skipped, counted)
 
     def __post_init__(self):
         _check(self.protocol in PROBE_PROTOCOLS, "protocol", self.protocol, f"one of {', '.join(PROBE_PROTOCOLS)}")
@@ -179,6 +182,7 @@ class ProbeConfig:
                "an integer >= 1")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
         _check(self.extract_batch_size >= 1, "extract_batch_size", self.extract_batch_size, "an integer >= 1")
+        _check(0 <= self.max_unreadable < 1, "max_unreadable", self.max_unreadable, "a fraction in [0, 1)")
 
     @property
     def resolved_warmup(self) -> int:

@@ -117,9 +117,17 @@ def is_image_file(path: str) -> bool:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Open an image file as 8-bit RGB (grey, palette, alpha and 16-bit images included)."""
-    with open(path, "rb") as f:
-        return to_rgb(Image.open(f))
+    """Open an image file as 8-bit RGB (grey, palette, alpha and 16-bit images included).
+
+    Images are checked before a run starts (:func:`drop_unreadable`); one that cannot be read later
+    (changed or removed during the run) stops the run with a UserError naming it, not a traceback.
+    """
+    try:
+        with open(path, "rb") as f:
+            return to_rgb(Image.open(f))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"image {path} cannot be read any more ({err}); it changed during the run: repair or "
+                        f"remove it and run again (--resume auto continues a distillation)") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -288,9 +296,6 @@ def write_subset(path, dataset, indices) -> None:
     atomic_write_text(path, "".join(dataset.sample_ids[i] + "\n" for i in indices))
 
 
-MAX_UNREADABLE = 0.05  # fraction of the chosen images that may be unreadable before a run stops
-
-
 def _decodes(path: str) -> bool:
     try:
         with open(path, "rb") as f:
@@ -300,7 +305,7 @@ def _decodes(path: str) -> bool:
         return False
 
 
-def drop_unreadable(dataset, indices: list[int], *, max_fraction: float = MAX_UNREADABLE, min_per_class: int = 0,
+def drop_unreadable(dataset, indices: list[int], *, max_fraction: float = 0.05, min_per_class: int = 0,
                     workers: int = 8) -> tuple[list[int], list[str]]:
     """The chosen images whose files decode, and the ``sample_ids`` of those skipped (with a warning).
 
@@ -323,7 +328,7 @@ def drop_unreadable(dataset, indices: list[int], *, max_fraction: float = MAX_UN
     shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
     if len(skipped) > max_fraction * len(indices):
         raise UserError(f"{len(skipped)} of the {len(indices)} chosen images cannot be read ({shown}): more than "
-                        f"{max_fraction:.0%}; repair or remove the damaged files")
+                        f"{max_fraction:.0%}; repair or remove the damaged files, or raise --max-unreadable")
     counts = np.bincount(np.asarray([dataset.targets[i] for i in kept], dtype=np.int64), minlength=len(dataset.classes))
     short = [dataset.classes[c] for c in np.unique([dataset.targets[i] for i in indices]) if counts[c] < min_per_class]
     if short:

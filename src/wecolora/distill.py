@@ -105,7 +105,8 @@ def distill(config: DistillConfig) -> dict:
     indices = data.few_shot_indices(dataset.targets, ratio=None if config.per_class else config.ratio,
                                     per_class=config.per_class, seed=config.subset_seed,
                                     min_per_class=config.min_per_class, classes=dataset.classes)
-    indices, unreadable = data.drop_unreadable(dataset, indices, min_per_class=config.min_per_class)
+    indices, unreadable = data.drop_unreadable(dataset, indices, max_fraction=config.max_unreadable,
+                                                min_per_class=config.min_per_class)
     accelerator, precision = make_accelerator(config.device, config.precision, config.accum_steps)
     from accelerate.utils import set_seed
 

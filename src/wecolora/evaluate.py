@@ -395,6 +395,23 @@ class _Subset(torch.utils.data.Subset):
         self.sample_ids = [dataset.sample_ids[i] for i in indices]
 
 
+def _readable(dataset, indices: list[int] | None, max_fraction: float) -> tuple[list[int] | None, list[str]]:
+    """``indices`` (None: the whole split) without unreadable images, and the skipped ``sample_ids``.
+
+    Damaged files are skipped and counted as ``distill`` does; beyond ``max_fraction`` the probe stops.
+    """
+    from .data import drop_unreadable
+
+    kept, skipped = drop_unreadable(dataset, list(range(len(dataset))) if indices is None else indices,
+                                    max_fraction=max_fraction)  # fmt: skip
+    return (None if indices is None and not skipped else kept), skipped
+
+
+def _unreadable_record(train: list[str], test: list[str]) -> dict:
+    """What ``results.json`` says of skipped images: their count per split and their names."""
+    return {"unreadable_train": len(train), "unreadable_test": len(test), "unreadable_images": train + test}
+
+
 def _join(device: str) -> tuple:
     """``(process state, device)``: under torchrun each process gets its own GPU (cuda) and extracts a
     shard of the features; see :mod:`wecolora.distributed`."""
@@ -454,6 +471,9 @@ def probe(model_spec: str, data: str, output: str, config: ProbeConfig | None = 
     train_ds, test_ds = _open_split(data, "train", transform), _open_split(data, "test", transform)
     chosen = None if config.train_per_class is None else few_shot_indices(
         train_ds.targets, per_class=config.train_per_class, seed=config.seed)  # fmt: skip
+    chosen, bad_train = _readable(train_ds, chosen, config.max_unreadable)
+    test_chosen, bad_test = _readable(test_ds, None, config.max_unreadable)
+    test_ds = test_ds if test_chosen is None else _Subset(test_ds, test_chosen)
     start = time.perf_counter()
     if config.protocol == "cached":
         # Only the chosen images are extracted; their ids are part of the cache key.
@@ -472,7 +492,7 @@ def probe(model_spec: str, data: str, output: str, config: ProbeConfig | None = 
                                    num_classes=len(train_ds.classes), device=dev)  # fmt: skip
     results = {**metrics, "protocol": config.protocol, "model": model_spec, "data": data, "pooling": config.pooling,
                "augment": config.augment, "train_per_class": config.train_per_class, "seed": config.seed,
-               "device": str(dev), "processes": state.num_processes,
+               "device": str(dev), "processes": state.num_processes, **_unreadable_record(bad_train, bad_test),
                "seconds": time.perf_counter() - start}  # fmt: skip
     _publish(state, out, results, f"probe {model_spec} on {data} ({config.protocol}, {config.optimizer})")
     return results
@@ -490,6 +510,7 @@ def knn(
     cache_dir: str | None = None,
     num_workers: int = 0,
     extract_batch_size: int = 256,
+    max_unreadable: float = 0.05,
 ) -> dict:
     """Weighted kNN (DINO's) of the test split on the train split's cached features; writes ``results.json``.
 
@@ -508,6 +529,9 @@ def knn(
     model = load_model(model_spec)
     transform = eval_transform(model)
     train_ds, test_ds = _open_split(data, "train", transform), _open_split(data, "test", transform)
+    (train_chosen, bad_train), (test_chosen, bad_test) = (_readable(ds, None, max_unreadable) for ds in (train_ds, test_ds))
+    train_ds = train_ds if train_chosen is None else _Subset(train_ds, train_chosen)
+    test_ds = test_ds if test_chosen is None else _Subset(test_ds, test_chosen)
     start = time.perf_counter()
     train, test = _split_features(model, train_ds, test_ds, data=data, pooling=pooling, cache_dir=cache_dir,
                                   batch_size=extract_batch_size, device=dev, num_workers=num_workers)
@@ -517,6 +541,6 @@ def knn(
                "protocol": "knn", "k": min(k, len(train.labels)), "temperature": temperature,
                "feature_dim": train.features.shape[1], "model": model_spec, "data": data, "pooling": pooling,
                "device": str(dev), "features_cached": train.from_cache and test.from_cache,
-               "seconds": time.perf_counter() - start}  # fmt: skip
+               **_unreadable_record(bad_train, bad_test), "seconds": time.perf_counter() - start}  # fmt: skip
     _publish(state, out, results, f"kNN {model_spec} on {data} (k={k})")
     return results
