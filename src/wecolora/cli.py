@@ -231,7 +231,9 @@ def add_eval_parsers(sub) -> None:
                                 "(the behaviour of wecolora 0.1.0)")
             p.add_argument("--epochs", type=int, help="default 50; the last epoch's test score is reported")
             p.add_argument("--batch-size", type=int, help="default 512")
-            p.add_argument("--lr", type=float, help="default 0.1 x batch / 256")
+            p.add_argument("--lr", type=float,
+                           help="default 0.1 x batch / 256 (MAE's rule); on a few thousand images MAE's LARS "
+                                "barely moves the head at that lr: try --lr 4 (see the README)")
             p.add_argument("--warmup-epochs", type=int, help="default min(10, epochs / 5)")
             p.add_argument("--val-fraction", type=float, help="carve a validation split from train (default 0)")
             p.add_argument("--train-per-class", type=int, help="probe on a fixed number of training images per class")
