@@ -119,8 +119,13 @@ def load_ablation(preset: str | None = None, config_file: str | None = None, *, 
         raise UserError(f"invalid ablation settings: {err}") from None
 
 
-def ablate(grid: Ablation, output: str | Path, *, device: str = "auto") -> list[dict]:
+def ablate(grid: Ablation, output: str | Path, *, device: str = "auto", shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """Run every distillation and probe of ``grid`` under ``output``; write report.md, results.csv, chart.png.
+
+    Args:
+        shard: ``(k, n)``: run only the runs ``k, k + n, k + 2n, ...`` (the reference rows in shard 0)
+            and write no report, so that n processes or machines can share one grid folder; a last call
+            without a shard reuses everything and writes the report.
 
     Returns:
         The result rows: one per model (and seed) and probe set.
@@ -130,13 +135,16 @@ def ablate(grid: Ablation, output: str | Path, *, device: str = "auto") -> list[
     from .evaluate import probe
     from .features import resolve_device
 
+    index, shards = shard
+    if not 0 <= index < shards:
+        raise UserError(f"--shard {index}/{shards} is invalid: expected K/N with 0 <= K < N")
     state = join_processes(resolve_device(device))  # under torchrun the processes run the grid together
     output = Path(output)
     rows = []
-    for name, method, source, folder, settings in _reference_models(grid, output, state):
+    for name, method, source, folder, settings in _reference_models(grid, output, state) if index == 0 else ():
         rows += [_probe_row(probe, name, method, source, folder, settings, data, grid, device)
                  for data in grid.probe_data]
-    for folder_name, settings in grid.planned_runs():
+    for folder_name, settings in grid.planned_runs()[index::shards]:
         run_dir = output / "runs" / folder_name
         config = DistillConfig(**{**settings, "device": device, "output": str(run_dir),
                                   "resume": "auto" if (run_dir / "checkpoint").is_dir() else None})
@@ -155,7 +163,7 @@ def ablate(grid: Ablation, output: str | Path, *, device: str = "auto") -> list[
         cell = run_name(settings, _cell_settings(grid))
         rows += [_probe_row(probe, cell, METHOD_NAMES[settings["mode"]], run_dir, run_dir, row_settings, data, grid,
                             device) for data in grid.probe_data]
-    if state.is_main_process:
+    if state.is_main_process and shards == 1:
         write_report(rows, grid, output)
     return rows
 

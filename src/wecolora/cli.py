@@ -296,6 +296,9 @@ def add_ablate_parsers(sub) -> None:
     p.add_argument("--data", dest="distill_data", help="override the preset's distillation set")
     p.add_argument("--probe-data", nargs="+", help="override the preset's probe sets")
     p.add_argument("--quick", action="store_true", help="the preset's reduced variant")
+    p.add_argument("--shard", metavar="K/N", help="run only every N-th run starting at K, and no report (N processes "
+                                                  "or machines sharing one --output; then one call without --shard "
+                                                  "reuses everything and writes the report)")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.set_defaults(handler=run_ablate)
     p = sub.add_parser("demo", help="the embedded default end to end: bundled teacher, offline data, a results table",
@@ -309,7 +312,7 @@ def add_ablate_parsers(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a reduced run (3 students, mnist-5k probes)")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.set_defaults(handler=run_ablate, preset="demo", config_file=None, teacher=None, distill_data=None,
-                   probe_data=None)
+                   probe_data=None, shard=None)
 
 
 def run_ablate(args) -> int:
@@ -317,10 +320,26 @@ def run_ablate(args) -> int:
 
     grid = load_ablation(args.preset, args.config_file, quick=args.quick, teacher=args.teacher,
                          distill_data=args.distill_data, probe_data=args.probe_data)
+    shard = _parse_shard(args.shard)
     check_ablation(grid, args.output)  # every path of the grid, before its first run
-    rows = ablate(grid, args.output, device=args.device)
+    rows = ablate(grid, args.output, device=args.device, shard=shard)
+    if shard != (0, 1):
+        print(f"done: shard {args.shard} of the grid in {args.output} (run once more without --shard for the report)")
+        return 0
     print(f"\n{markdown_table(rows, grid.probe_data)}\n\nreport: {args.output}/report.md, results.csv, chart.png")
     return 0
+
+
+def _parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {text!r} is invalid: expected K/N such as 0/3") from None
+    if not 0 <= index < count:
+        raise UserError(f"--shard {text!r} is invalid: expected K/N with 0 <= K < N")
+    return index, count
 
 
 BENCH_EXAMPLES = """examples:
