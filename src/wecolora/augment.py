@@ -92,6 +92,26 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int
     return F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
 
 
+def normalize(images: torch.Tensor, mean, std, channels: int = 3) -> torch.Tensor:
+    """Float images in [0, 1] -> ``(x - mean) / std`` per channel; a grey image becomes ``channels`` alike,
+    as the PIL path's RGB conversion of a grey image."""
+    if images.shape[1] == 1 and channels > 1:
+        images = images.expand(-1, channels, -1, -1)
+    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images - mean) / std
+
+
+def resize_normalize(images: torch.Tensor, size: int, mean, std, channels: int = 3) -> torch.Tensor:
+    """uint8 ``[N, H, W]`` or ``[N, C, H, W]`` -> whole images resized to ``size`` (bicubic, as the model's
+    eval preprocessing at crop 1.0) and normalised: evaluation inputs made on the device."""
+    images = images if images.ndim == 4 else images[:, None]
+    x = images.float() / 255
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
+    return normalize(x, mean, std, channels)
+
+
 class DeviceCropLoader:
     """Training batches from a uint8 image tensor on the device: RandomResizedCrop + flip + normalise.
 
@@ -121,8 +141,7 @@ class DeviceCropLoader:
         self.scale, self.ratio, self.hflip = scale, ratio, hflip
         self.num_processes, self.process_index = num_processes, process_index
         device = images.device
-        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.std = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.mean, self.std = mean, std
         self.order = torch.Generator(device=device)
         self.augment = torch.Generator(device=device)
         self.set_seed(0)
@@ -141,8 +160,7 @@ class DeviceCropLoader:
         boxes = sample_crop_boxes(b, height, width, scale=self.scale, ratio=self.ratio, generator=self.augment)
         flip = torch.rand(b, device=images.device, generator=self.augment) < self.hflip
         x = crop_resize(images.float() / 255, boxes, self.size, flip=flip).clamp_(0, 1)
-        x = x.expand(-1, self.channels, -1, -1) if x.shape[1] == 1 else x
-        return (x - self.mean) / self.std
+        return normalize(x, self.mean, self.std, self.channels)
 
     def __iter__(self):
         order = torch.randperm(len(self.images), device=self.images.device, generator=self.order)

@@ -30,7 +30,7 @@ from torchvision import transforms as T
 from tqdm.auto import tqdm
 
 from . import data
-from .augment import DeviceCropLoader, stream_seed
+from .augment import DeviceCropLoader, resize_normalize, stream_seed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .checks import check_pretrain
 from .config import DEVICES, PRECISIONS, _check, resolve_warmup, to_yaml
@@ -191,9 +191,9 @@ def mae_objective(config, model, train_set, test_set, accelerator, generator, wo
             batches.set_seed(stream_seed(config.seed, epoch))
         masks.manual_seed(stream_seed(config.seed, epoch, 1, rank))  # each process masks its own images
 
-    monitor_sets = [knn_monitor_set(config.data, split, limit, model) for split, limit in (("train", KNN_TRAIN),
-                                                                                         ("test", KNN_TEST))]
-    return Objective(mae, batches, loss, lambda: knn_top1(model, *monitor_sets, accelerator, workers), start_epoch)
+    monitor_sets = [knn_monitor_set(config.data, split, limit, model, device, workers)
+                    for split, limit in (("train", KNN_TRAIN), ("test", KNN_TEST))]
+    return Objective(mae, batches, loss, lambda: knn_top1(model, *monitor_sets, accelerator), start_epoch)
 
 
 OBJECTIVE_SETUPS = {"supervised": supervised_objective, "mae": mae_objective}
@@ -301,18 +301,27 @@ def evaluate_top1(model, loader, accelerator) -> float:
     return correct / max(1, total)
 
 
-def knn_monitor_set(spec: str, split: str, limit: int, model) -> Subset:
-    """Up to ``limit`` evenly spaced images of a split (the same ones at every eval), eval preprocessing.
+def knn_monitor_set(spec: str, split: str, limit: int, model, device: torch.device, workers: int):
+    """Batches ``(images, labels)`` of up to ``limit`` evenly spaced images of a split, the same at every eval.
 
-    A dataset of its own, so that the training set keeps its augmentation.
+    In-memory datasets are preprocessed once on the device (resize to the input size, normalise); image
+    folders are read through the model's eval transform at each eval, by a dataset of their own so that
+    the training set keeps its augmentation.
     """
-    dataset = data.open_dataset(spec, split, transform=data.eval_transform(model))
-    step = max(1, math.ceil(len(dataset) / limit))
-    return Subset(dataset, range(0, len(dataset), step))
+    dataset = data.open_dataset(spec, split)
+    rows = list(range(0, len(dataset), max(1, math.ceil(len(dataset) / limit))))
+    if isinstance(dataset, data.ArrayDataset):
+        cfg = model.pretrained_cfg
+        images = resize_normalize(torch.tensor(dataset.images[rows], device=device), model.patch_embed.img_size[0],
+                                  cfg["mean"], cfg["std"])
+        labels = torch.tensor([dataset.targets[i] for i in rows], device=device)
+        return list(zip(images.split(512), labels.split(512)))
+    dataset.transform = data.eval_transform(model)
+    return DataLoader(Subset(dataset, rows), batch_size=512, num_workers=workers)
 
 
 @torch.inference_mode()
-def knn_top1(model, train_set, test_set, accelerator, workers: int) -> float:
+def knn_top1(model, train_batches, test_batches, accelerator) -> float:
     """Weighted kNN (k 20, T 0.07) top-1 of the final-norm CLS feature: test slice vs train slice.
 
     Every process computes it alike (a few thousand images), so nothing is gathered.
@@ -322,13 +331,13 @@ def knn_top1(model, train_set, test_set, accelerator, workers: int) -> float:
 
     model.eval()
     features, labels = [], []
-    for subset in (train_set, test_set):
+    for batches in (train_batches, test_batches):
         chunks, targets = [], []
-        for images, y in DataLoader(subset, batch_size=512, num_workers=workers):
+        for images, y in batches:
             with accelerator.autocast():
                 chunks.append(pool_tokens(model, images.to(accelerator.device), "cls").float())
-            targets.append(y)
+            targets.append(y.to(accelerator.device))
         features.append(torch.cat(chunks))
-        labels.append(torch.cat(targets).to(accelerator.device))
-    scores = knn_classify(features[0], labels[0], features[1], num_classes=len(train_set.dataset.classes))
+        labels.append(torch.cat(targets))
+    scores = knn_classify(features[0], labels[0], features[1], num_classes=int(torch.cat(labels).max()) + 1)
     return (scores.argmax(dim=1) == labels[1]).float().mean().item()
