@@ -122,6 +122,17 @@ def test_the_decoder_learns_from_the_masked_patches_through_the_mask_token():
     assert "decoder.pos_embed" not in dict(model.named_parameters())  # fixed sin-cos, not learned
 
 
+def test_tokens_and_position_embeddings_get_no_weight_decay():
+    from timm.optim import create_optimizer_v2
+
+    model = mae.MaskedAutoencoder(tiny_vit(depth=1, num_classes=0), decoder_dim=32, decoder_depth=1)
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    undecayed = {names[id(p)] for group in optimizer.param_groups if group["weight_decay"] == 0 for p in group["params"]}
+    assert {"encoder.pos_embed", "encoder.cls_token", "decoder.mask_token", "decoder.norm.weight"} <= undecayed
+    assert "encoder.blocks.0.attn.qkv.weight" not in undecayed and "decoder.pred.weight" not in undecayed
+
+
 def test_sincos_positions_are_distinct_and_bounded():
     pos = mae.sincos_pos_embed((4, 4), 32)
     assert pos.shape == (16, 32) and pos.abs().max() <= 1
@@ -191,7 +202,7 @@ def test_stream_seeds_differ_for_every_key():
 
 def mae_config(output, **overrides) -> PretrainConfig:
     settings = dict(data="mnist-5k", output=str(output), objective="mae", depth=1, embed_dim=32, num_heads=2,
-                    decoder_dim=32, decoder_depth=1, epochs=2, warmup_epochs=1, batch_size=512, eval_every=2,
+                    decoder_dim=32, decoder_depth=1, epochs=2, warmup_epochs=1, batch_size=1024, eval_every=2,
                     num_workers=0, device="cpu")
     return PretrainConfig(**{**settings, **overrides})
 

@@ -196,6 +196,11 @@ class MaskedAutoencoder(nn.Module):
                                   patch_pixels=self.patch_size ** 2 * encoder.patch_embed.proj.in_channels,
                                   dim=decoder_dim, depth=decoder_depth)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters timm's optimizer factory keeps free of weight decay (besides biases and norms): the
+        encoder's own list (position embedding, class and register tokens) and the mask token."""
+        return {f"encoder.{name}" for name in self.encoder.no_weight_decay()} | {"decoder.mask_token"}
+
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         """``{'loss'}`` of a batch ``[B, C, H, W]`` of preprocessed images under a fresh random mask."""
         keep, mask = random_masking(images.shape[0], self.num_patches, self.mask_ratio, generator,

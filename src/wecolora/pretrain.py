@@ -38,8 +38,8 @@ from .engine import (csv_text, loader_workers, make_accelerator, make_scheduler,
                      versions)
 from .errors import UserError
 from .export import save_student
-from .mae import MaskedAutoencoder, decoder_heads
 from .files import atomic_write_text
+from .mae import MaskedAutoencoder, decoder_heads
 
 _logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class PretrainConfig:
     shift: int = 2  # supervised: random translation in pixels (pad + random crop)
     # mae: 3 of 4 patches hidden (MAE's ratio); a decoder half the encoder's width and 4 blocks deep:
     # deeper decoders gave MAE much better linear probes (its Table 1a), and at 17 tokens x width 64
-    # four blocks cost about a third of the 12-block encoder on its 5 visible tokens.
+    # four blocks cost about 30% of the 12-block encoder on its 5 visible tokens.
     mask_ratio: float = 0.75
     decoder_dim: int = 64
     decoder_depth: int = 4
