@@ -212,13 +212,13 @@ def add_pretrain_parser(sub) -> None:
 
 
 def run_pretrain(args) -> int:
-    from .pretrain import PretrainConfig, pretrain
+    from .pretrain import MONITORS, PretrainConfig, pretrain
 
     flags = {k: v for k, v in vars(args).items() if k not in ("handler", "config_file", "command")}
     config = build_config(PretrainConfig, args.config_file, **flags)
     check_pretrain(config)
     result = pretrain(config)
-    monitor = "test_top1" if config.objective == "supervised" else "knn_top1"
+    monitor = MONITORS[config.objective]
     print(f"done: {result['output']}/model ({monitor.replace('_', ' ')} {result[monitor]:.4f})")
     return 0
 
