@@ -136,7 +136,7 @@ class Objective:
     """What the two objectives do differently inside the one training loop."""
     module: torch.nn.Module  # trained and checkpointed (for MAE: encoder + decoder)
     batches: Iterable  # one epoch of training batches (prepared: this process's share)
-    loss: Callable  # batch -> scalar loss
+    loss: Callable  # (prepared module, batch) -> scalar loss; the prepared (DDP) module syncs the gradients
     monitor: Callable[[], float]  # the label-using score at eval epochs
     start_epoch: Callable[[int], None]  # seeds an epoch's order, augmentation and masks
 
@@ -150,11 +150,11 @@ def supervised_objective(config, model, train_set, test_set, accelerator, genera
     loader = DataLoader(train_set, batch_size=config.batch_size, sampler=RandomSampler(train_set, generator=generator),
                         generator=generator, num_workers=workers, drop_last=True,
                         pin_memory=accelerator.device.type == "cuda")
-    test_loader = DataLoader(test_set, batch_size=512, num_workers=workers)
+    test_loader = accelerator.prepare(DataLoader(test_set, batch_size=512, num_workers=workers))  # sharded
 
-    def loss(batch):
+    def loss(module, batch):
         images, labels = batch
-        return F.cross_entropy(model(images), labels, label_smoothing=config.label_smoothing)
+        return F.cross_entropy(module(images), labels, label_smoothing=config.label_smoothing)
 
     def start_epoch(epoch):
         set_seed(config.seed + epoch, device_specific=True)  # each process draws its own augmentations
@@ -180,9 +180,9 @@ def mae_objective(config, model, train_set, test_set, accelerator, generator, wo
                              num_workers=workers, drop_last=True, pin_memory=device.type == "cuda")
     masks = torch.Generator(device=device)
 
-    def loss(batch):
+    def loss(module, batch):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return mae(images, masks)["loss"]
+        return module(images, masks)["loss"]
 
     def start_epoch(epoch):
         set_seed(config.seed + epoch, device_specific=True)  # the PIL path's augmentations
@@ -253,7 +253,7 @@ def pretrain(config: PretrainConfig) -> dict:
         loss_sum, start = torch.zeros((), device=accelerator.device), time.perf_counter()
         for batch in batches:
             with accelerator.autocast():
-                loss = objective.loss(batch)
+                loss = objective.loss(module, batch)
             if not torch.isfinite(loss):
                 kept = f"the last checkpoint is in {checkpoint_dir}" if checkpoint_dir.is_dir() else "no checkpoint yet"
                 raise UserError(f"the loss became {loss.item()} at epoch {epoch + 1}, update {updates + 1}; {kept}; "
