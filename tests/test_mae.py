@@ -1,4 +1,6 @@
 """MAE pre-training (mae.py), batched device augmentation (augment.py) and the ``bundled-mae`` teacher spec."""
+import math
+
 import pytest
 import torch
 from conftest import tiny_vit
@@ -65,8 +67,8 @@ def test_the_encoder_on_every_patch_in_order_is_timms_forward_features(overrides
         shuffled = mae.encode(model, images, keep=order)
     prefix = model.num_prefix_tokens
     torch.testing.assert_close(shuffled[:, :prefix], expected[:, :prefix], atol=1e-5, rtol=0)
-    torch.testing.assert_close(shuffled[:, prefix:], expected[:, prefix:].gather(1, order[..., None].expand(-1, -1, 32)),
-                               atol=1e-5, rtol=0)
+    permuted = expected[:, prefix:].gather(1, order[..., None].expand(-1, -1, 32))
+    torch.testing.assert_close(shuffled[:, prefix:], permuted, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -128,7 +130,8 @@ def test_tokens_and_position_embeddings_get_no_weight_decay():
     model = mae.MaskedAutoencoder(tiny_vit(depth=1, num_classes=0), decoder_dim=32, decoder_depth=1)
     optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
     names = {id(p): n for n, p in model.named_parameters()}
-    undecayed = {names[id(p)] for group in optimizer.param_groups if group["weight_decay"] == 0 for p in group["params"]}
+    undecayed = {names[id(p)] for group in optimizer.param_groups if group["weight_decay"] == 0
+                 for p in group["params"]}
     assert {"encoder.pos_embed", "encoder.cls_token", "decoder.mask_token", "decoder.norm.weight"} <= undecayed
     assert "encoder.blocks.0.attn.qkv.weight" not in undecayed and "decoder.pred.weight" not in undecayed
 
@@ -244,6 +247,22 @@ def test_mae_pretraining_writes_a_headless_encoder_and_resumes_exactly(tmp_path,
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_mae_pretraining_reads_class_folders_through_the_pil_loader(tmp_path, monkeypatch):
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            for i in range(8):
+                pixels = torch.randint(0, 256, (28, 28), generator=generator, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / "data" / split / label / f"{i}.png")
+    result = pretrain(mae_config(tmp_path / "run", data=str(tmp_path / "data"), batch_size=4, epochs=1,
+                                 warmup_epochs=0, eval_every=1))
+    assert len(result["epochs"]) == 1 and 0 <= result["knn_top1"] <= 1 and math.isfinite(result["epochs"][0]["loss"])
+    assert vit.load_model(str(tmp_path / "run")).num_classes == 0
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -165,6 +165,6 @@ class DeviceCropLoader:
     def __iter__(self):
         order = torch.randperm(len(self.images), device=self.images.device, generator=self.order)
         step = self.batch_size * self.num_processes
-        for start in range(0, len(self) * step, step):
-            mine = order[start + self.process_index * self.batch_size: start + (self.process_index + 1) * self.batch_size]
+        for start in range(self.process_index * self.batch_size, len(self) * step, step):  # this process's share
+            mine = order[start: start + self.batch_size]
             yield self.augment_batch(self.images[mine])

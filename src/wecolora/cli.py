@@ -167,7 +167,7 @@ PRETRAIN_EXAMPLES = """examples:
 
   # self-supervised (MAE, no labels; kNN top-1 as the monitor), as the bundled-mae teacher; on one GPU
   wecolora pretrain --objective mae --data fashion-mnist --output runs/teacher-mae \
-      --epochs 300 --warmup-epochs 20 --batch-size 2048 --lr 2.4e-3 --eval-every 25
+      --epochs 400 --warmup-epochs 20 --batch-size 2048 --lr 1.2e-3 --eval-every 50
   # then distill it: wecolora distill --teacher runs/teacher-mae --data fashion-mnist --output runs/mae-r2
 """
 

@@ -101,7 +101,8 @@ class PretrainConfig:
         _check(self.precision in (None, *PRECISIONS), "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
         _check(self.device in DEVICES, "device", self.device, f"one of {', '.join(DEVICES)}")
         _check(0 < self.mask_ratio < 1, "mask_ratio", self.mask_ratio, "a fraction in (0, 1), e.g. 0.75")
-        _check(self.decoder_dim % 4 == 0, "decoder_dim", self.decoder_dim, "a multiple of 4 (2-D sine-cosine positions)")
+        _check(self.decoder_dim % 4 == 0, "decoder_dim", self.decoder_dim,
+               "a multiple of 4 (2-D sine-cosine positions)")
         decoder_heads(self.decoder_dim)  # equal-width decoder heads
 
 
