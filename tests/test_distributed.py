@@ -249,6 +249,26 @@ def test_pretrain_on_two_processes_completes_its_schedule(tmp_path):
     assert len(model.blocks) == 2
 
 
+def mae_pretrain_in_process(output: Path) -> dict:
+    import wecolora.pretrain as pretrain_module
+
+    # The monitor reports a checksum of this process's encoder instead: equal on both processes only
+    # if their gradients were averaged (each process trains on its own share of every batch).
+    pretrain_module.knn_top1 = lambda model, *args: float(sum(p.double().sum() for p in model.parameters()))
+    config = PretrainConfig(data="mnist-5k", output=str(output), objective="mae", depth=1, embed_dim=32, num_heads=2,
+                            decoder_dim=32, decoder_depth=1, epochs=1, warmup_epochs=0, batch_size=256,
+                            num_workers=0, device="cpu")
+    return pretrain(config)
+
+
+def test_mae_pretraining_on_two_processes_keeps_one_encoder(tmp_path):
+    rank0, rank1 = run_processes(2, mae_pretrain_in_process, tmp_path / "teacher-mae")
+    assert rank0["knn_top1"] == rank1["knn_top1"]  # the encoders' checksums
+    assert rank0["epochs"][0]["loss"] == rank1["epochs"][0]["loss"]  # reduced across processes
+    model = timm.create_model(f"local-dir:{tmp_path / 'teacher-mae' / 'model'}", pretrained=True)
+    assert model.num_classes == 0 and len(model.blocks) == 1
+
+
 def test_torchrun_distills_on_two_cpu_processes_into_a_student_timm_loads(teacher_dir, tmp_path):
     output = tmp_path / "run"
     command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2",

@@ -18,6 +18,12 @@ BUILTIN_DATASET_NAMES = ("fashion-mnist", "mnist-5k")  # keys of data.BUILTIN_DA
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "state.json")  # weights, optimizer, state (checkpoint.py)
+# The teachers shipped with the package (timm folders; see each folder's RECIPE.md): the supervised
+# Fashion-MNIST ViT and the self-supervised (MAE) one.
+BUNDLED_TEACHERS = {"bundled": Path(__file__).parent / "assets" / "teacher",
+                    "bundled-mae": Path(__file__).parent / "assets" / "teacher-mae"}
+BUNDLED_HOW = {"bundled": "wecolora pretrain --data fashion-mnist",
+               "bundled-mae": "wecolora pretrain --objective mae --data fashion-mnist"}
 
 
 def is_image_name(name: str) -> bool:
@@ -73,15 +79,27 @@ def check_dataset(spec: str, splits: tuple[str, ...] = ("train",), option: str =
                             f"add {'/'.join(IMAGE_EXTENSIONS)} files or remove the folders")
 
 
+def bundled_teacher(spec: str) -> Path:
+    """The folder of a bundled teacher (``bundled``, ``bundled-mae``), refused in one line when not installed."""
+    folder = BUNDLED_TEACHERS[spec]
+    if not (folder / "config.json").is_file():
+        raise UserError(f"the {spec} teacher is not in this install ({folder} has no config.json); train one with "
+                        f"`{BUNDLED_HOW[spec]} --output DIR` and pass DIR, or use another teacher")
+    return folder
+
+
 def check_model_spec(spec: str, option: str = "--teacher") -> None:
     """Folders named by a model spec exist and hold a ``config.json``; names are left to timm.
 
     A transformers folder (``config.json`` with a ``model_type``) must be one that converts to a timm ViT.
     """
     if not spec:
-        raise UserError(f"{option} is empty; give a timm model name, a folder, local-dir:FOLDER, hf-hub:ORG/NAME or "
-                        f"hf-transformers:FOLDER")
-    if spec == "bundled" or spec.startswith("hf-hub:"):
+        raise UserError(f"{option} is empty; give a timm model name, a folder, local-dir:FOLDER, hf-hub:ORG/NAME, "
+                        f"hf-transformers:FOLDER, bundled or bundled-mae")
+    if spec in BUNDLED_TEACHERS:
+        bundled_teacher(spec)
+        return
+    if spec.startswith("hf-hub:"):
         return
     folder = transformers_folder(spec)
     if folder is not None:

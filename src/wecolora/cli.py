@@ -56,7 +56,8 @@ def add_distill_parser(sub) -> None:
     p.add_argument("--config", dest="config_file", metavar="FILE.yaml",
                    help="settings file (defaults < file < flags); a run's config.yaml 'settings' block works")
     g = p.add_argument_group("inputs and outputs")
-    g.add_argument("--teacher", help="timm name[.tag], local-dir:FOLDER, hf-hub:ORG/NAME or a run folder")
+    g.add_argument("--teacher", help="timm name[.tag], local-dir:FOLDER, hf-hub:ORG/NAME, a run folder, bundled "
+                                     "(supervised Fashion-MNIST ViT) or bundled-mae (its self-supervised MAE twin)")
     g.add_argument("--teacher-weights", metavar="FILE", help="local .safetensors/.pth loaded into --teacher's architecture")
     g.add_argument("--img-size", type=int, help="input size (default: the teacher's)")
     g.add_argument("--data", help="class-folder dataset (D/train/<class>/...) or fashion-mnist, mnist-5k")
@@ -124,7 +125,8 @@ def run_distill(args) -> int:
 def add_inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="kept blocks and parameter counts of a student, without training",
                        epilog=INSPECT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True, help="timm name, local-dir:FOLDER or run folder (weights not loaded)")
+    p.add_argument("--teacher", required=True, help="timm name, local-dir:FOLDER, run folder, bundled or bundled-mae "
+                                                    "(weights not loaded)")
     p.add_argument("--img-size", type=int, help="input size (default: the teacher's)")
     p.add_argument("--reduction", type=int, default=2)
     p.add_argument("--keep", default="first", help="first, last or block indices like 0,4,8")
@@ -162,26 +164,46 @@ PRETRAIN_EXAMPLES = """examples:
   wecolora pretrain --data fashion-mnist --output runs/teacher
   # a quick smaller one on the CPU
   wecolora pretrain --data mnist-5k --output runs/t-small --depth 6 --epochs 10 --batch-size 128
+
+  # self-supervised (MAE, no labels; kNN top-1 as the monitor), as the bundled-mae teacher; on one GPU
+  wecolora pretrain --objective mae --data fashion-mnist --output runs/teacher-mae \
+      --epochs 400 --warmup-epochs 20 --batch-size 2048 --lr 1.2e-3 --eval-every 50
+  # then distill it: wecolora distill --teacher runs/teacher-mae --data fashion-mnist --output runs/mae-r2
 """
 
 
 def add_pretrain_parser(sub) -> None:
-    p = sub.add_parser("pretrain", help="train a teacher ViT with labels (how the bundled teacher was made)",
+    p = sub.add_parser("pretrain", help="train a teacher ViT, with labels or as a masked autoencoder (how the "
+                                        "bundled teachers were made)",
+                       description="Train a timm ViT from scratch. --objective supervised (default, the bundled "
+                                   "teacher): cross-entropy on the labels. --objective mae (the bundled-mae teacher): "
+                                   "masked-autoencoder reconstruction without labels; only the encoder is saved, "
+                                   "headless. For fashion-mnist and mnist-5k the MAE augmentation (RandomResizedCrop "
+                                   "0.2-1 + flip) runs batched on the device.",
                        epilog=PRETRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", dest="config_file", metavar="FILE.yaml", help="settings file (defaults < file < flags)")
     p.add_argument("--data", help="class-folder dataset with a test split, or fashion-mnist, mnist-5k")
     p.add_argument("--output", metavar="DIR", help="writes DIR/model (timm folder), summary.csv, config.yaml")
+    p.add_argument("--objective", choices=("supervised", "mae"),
+                   help="supervised (default): labels, test top-1 monitor; mae: masked autoencoder, no labels, "
+                        "kNN top-1 monitor")
     p.add_argument("--model", help="timm ViT architecture whose sizes are overridden (default vit_tiny_patch16_224)")
     for name, what in (("img-size", "input size (default 28)"), ("patch-size", "default 7"),
                        ("embed-dim", "width (default 128)"), ("depth", "blocks (default 12)"),
                        ("num-heads", "default 4"), ("epochs", "default 100"), ("batch-size", "default 256"),
-                       ("warmup-epochs", "default 5, shortened to fit shorter runs"), ("shift", "random translation in pixels (default 2)"),
-                       ("eval-every", "test accuracy every N epochs (default 5)"), ("seed", "default 0"),
-                       ("num-workers", "data loader workers")):
+                       ("warmup-epochs", "default 5, shortened to fit shorter runs"),
+                       ("shift", "supervised: random translation in pixels (default 2)"),
+                       ("eval-every", "monitor (test or kNN top-1) every N epochs (default 5)"), ("seed", "default 0"),
+                       ("num-workers", "data loader workers"),
+                       ("decoder-dim", "mae: decoder width (default 64)"),
+                       ("decoder-depth", "mae: decoder blocks (default 4)")):
         p.add_argument(f"--{name}", type=int, help=what)
-    for name, what in (("lr", "peak AdamW lr (default 1e-3)"), ("weight-decay", "default 0.05"),
-                       ("label-smoothing", "default 0.1")):
+    for name, what in (("lr", "peak AdamW lr, absolute, not scaled with the batch (default 1e-3)"),
+                       ("weight-decay", "default 0.05"), ("label-smoothing", "supervised: default 0.1"),
+                       ("mask-ratio", "mae: share of patches hidden from the encoder (default 0.75)")):
         p.add_argument(f"--{name}", type=float, help=what)
+    p.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false", default=None,
+                   help="mae: predict raw pixels instead of per-patch normalised ones")
     p.add_argument("--precision", choices=PRECISIONS, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", choices=DEVICES, help="auto (default): cuda when available")
     p.add_argument("--resume", metavar="auto|PATH", help="continue an interrupted run (auto: DIR/checkpoint)")
@@ -190,13 +212,14 @@ def add_pretrain_parser(sub) -> None:
 
 
 def run_pretrain(args) -> int:
-    from .pretrain import PretrainConfig, pretrain
+    from .pretrain import MONITORS, PretrainConfig, pretrain
 
     flags = {k: v for k, v in vars(args).items() if k not in ("handler", "config_file", "command")}
     config = build_config(PretrainConfig, args.config_file, **flags)
     check_pretrain(config)
     result = pretrain(config)
-    print(f"done: {result['output']}/model (test top-1 {result['test_top1']:.4f})")
+    monitor = MONITORS[config.objective]
+    print(f"done: {result['output']}/model ({monitor.replace('_', ' ')} {result[monitor]:.4f})")
     return 0
 
 
@@ -211,7 +234,7 @@ EVAL_EXAMPLES = """examples:
 def add_eval_parsers(sub) -> None:
     for command, what in (("probe", "linear probe of a frozen model"), ("knn", "weighted kNN on frozen features")):
         p = sub.add_parser(command, help=what, epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--model", required=True, help="run folder, student/ folder, or teacher spec (e.g. bundled)")
+        p.add_argument("--model", required=True, help="run folder, student/ folder, or teacher spec (e.g. bundled, bundled-mae)")
         p.add_argument("--data", required=True, help="dataset with train and test splits, or fashion-mnist, mnist-5k")
         p.add_argument("--output", required=True, metavar="DIR", help="writes DIR/results.json")
         p.add_argument("--device", choices=DEVICES, default="auto")
@@ -277,6 +300,7 @@ ABLATE_EXAMPLES = """examples:
   wecolora ablate --preset demo --output runs/demo
   wecolora ablate --preset lr-sweep --output runs/lr-sweep           # probe top-1 against the peak lr, 3 seeds
   wecolora ablate --preset lr-sweep --quick --output /tmp/lr-sweep
+  wecolora ablate --preset paper-table-a-toy --output runs/table-a-toy  # the MAE teacher (bundled-mae), 3 seeds
   wecolora ablate --preset paper-table-a --data /data/imagenet --probe-data /data/imagenet /data/cifar100 --output runs/table-a
   wecolora ablate --config my-grid.yaml --output runs/grid
 a grid file holds teacher, distill_data, probe_data, distill: {...}, probe: {...}, reference: [teacher, copy],
@@ -288,8 +312,8 @@ seeds: [0, 1, 2] (each run once per seed; cells are mean ± std) and runs: [{mod
 def add_ablate_parsers(sub) -> None:
     p = sub.add_parser("ablate", help="run a grid of distillations and probes; write report.md, results.csv, chart.png",
                        epilog=ABLATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", help="a preset name: demo, lr-sweep (offline), paper-table-a, paper-table-b, ... "
-                                    "(ImageNet settings; need the data and a GPU)")
+    p.add_argument("--preset", help="a preset name: demo, lr-sweep, paper-table-a-toy (offline), paper-table-a, "
+                                    "paper-table-b, ... (ImageNet settings; need the data and a GPU)")
     p.add_argument("--config", dest="config_file", metavar="FILE.yaml", help="a grid file in the presets' format")
     p.add_argument("--output", required=True, metavar="DIR")
     p.add_argument("--teacher", help="override the preset's teacher")
@@ -358,7 +382,7 @@ def add_bench_parser(sub) -> None:
                        epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer images and rounds (under 2 minutes on 2 cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--teacher", default="bundled", help="default: the bundled Fashion-MNIST teacher")
+    p.add_argument("--teacher", default="bundled", help="default: the bundled Fashion-MNIST teacher (or bundled-mae)")
     p.add_argument("--data", default="fashion-mnist", help="default fashion-mnist (mnist-5k if not installed)")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",

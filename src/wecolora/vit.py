@@ -1,8 +1,8 @@
 """The timm VisionTransformer surface wecolora relies on: loading teachers and checking their layout.
 
 A teacher is given as a spec string (``vit_base_patch16_224.mae``, ``local-dir:FOLDER``,
-``hf-hub:ORG/NAME``, a finished run / ``student`` folder, or a transformers model folder) plus optional
-local weights.
+``hf-hub:ORG/NAME``, ``bundled``, ``bundled-mae``, a finished run / ``student`` folder, or a transformers
+model folder) plus optional local weights.
 """
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checks import BUNDLED_TEACHERS, bundled_teacher
 from .errors import UserError
 
 _logger = logging.getLogger(__name__)
 
-# The small Fashion-MNIST teacher shipped with the package (see assets/teacher/RECIPE.md).
-BUNDLED_TEACHER = Path(__file__).parent / "assets" / "teacher"
+# The small Fashion-MNIST teachers shipped with the package (see assets/teacher*/RECIPE.md).
+BUNDLED_TEACHER = BUNDLED_TEACHERS["bundled"]
 
 SUPPORTED_FAMILIES = "timm VisionTransformer models (vit_*, deit*, DINOv2, MAE, CLIP/SigLIP ViTs)"
 
@@ -137,11 +138,9 @@ def architecture(model: nn.Module) -> str:
 
 
 def _resolve_spec(spec: str) -> str:
-    """Turn ``bundled``, run folders and plain folders into timm's ``local-dir:`` form."""
-    if spec == "bundled":
-        if not (BUNDLED_TEACHER / "config.json").is_file():
-            raise UserError(f"the bundled teacher is missing from this install ({BUNDLED_TEACHER})")
-        return f"local-dir:{BUNDLED_TEACHER}"
+    """Turn ``bundled``, ``bundled-mae``, run folders and plain folders into timm's ``local-dir:`` form."""
+    if spec in BUNDLED_TEACHERS:
+        return f"local-dir:{bundled_teacher(spec)}"
     path = Path(spec)
     if spec.startswith(("local-dir:", "hf-hub:")) or not path.exists():
         return spec
@@ -175,9 +174,9 @@ def load_model(spec: str, *, weights: str | None = None, img_size: int | None = 
 
     Args:
         spec: timm name (``vit_small_patch16_224.dino``), ``local-dir:FOLDER``, ``hf-hub:ORG/NAME``, ``bundled``,
-            a folder holding ``config.json`` (a run folder resolves to its ``student/``), or a Hugging Face
-            transformers ViT/DeiT/ViT-MAE/DINOv2 folder (also ``hf-transformers:FOLDER``), converted by
-            :mod:`wecolora.hf_transformers`.
+            ``bundled-mae`` (the self-supervised Fashion-MNIST teacher), a folder holding ``config.json`` (a run
+            folder resolves to its ``student/``), or a Hugging Face transformers ViT/DeiT/ViT-MAE/DINOv2 folder
+            (also ``hf-transformers:FOLDER``), converted by :mod:`wecolora.hf_transformers`.
         weights: optional local ``.safetensors``/``.pth`` loaded into that architecture through timm's
             pretrained path (handles MAE/DINOv2/CLIP layouts, pos-embed resize and head drop).
         img_size: optional input size override (pos-embed is resized by timm).
