@@ -17,7 +17,7 @@ def test_default_warmup_is_the_papers_two_epochs_shortened_to_fit(epochs, warmup
 def test_the_resolved_warmup_is_logged_once(caplog):
     with caplog.at_level(logging.INFO, logger="wecolora"):
         DistillConfig(teacher="bundled", data="mnist-5k", output="run", epochs=2)
-    assert [r.getMessage() for r in caplog.records if "warmup" in r.getMessage()] == ["warmup 1 epoch (of 2 epochs)"]
+    assert [r.getMessage() for r in caplog.records if "warmup" in r.getMessage()] == ["warmup shortened to 1 epoch to fit 2 epochs"]
 
 
 def test_a_warmup_the_user_gave_that_does_not_fit_says_what_would():

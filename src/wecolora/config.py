@@ -44,7 +44,8 @@ def resolve_warmup(warmup_epochs: int | None, epochs: int, default: int) -> int:
     """
     if warmup_epochs is None:
         resolved = min(default, epochs - 1)
-        _logger.info("warmup %s (of %s)", _epochs(resolved), _epochs(epochs))
+        if resolved < default:  # said only when it differs from the recipe (config.yaml records it always)
+            _logger.info("warmup shortened to %s to fit %s", _epochs(resolved), _epochs(epochs))
         return resolved
     _check(isinstance(warmup_epochs, int) and warmup_epochs >= 0, "warmup_epochs", warmup_epochs, "an integer >= 0")
     if warmup_epochs >= epochs:
