@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, RandomSampler, Subset
 
 from . import adapters, data, losses, teacher_cache, vit
 from .errors import UserError
-from .student import build_student, default_rank, group_ends
+from .student import build_student, plan_student, student_from_plan
 
 _logger = logging.getLogger(__name__)
 
@@ -183,10 +183,9 @@ def make_trainer(teacher: nn.Module, *, mode: str, reduction: int, rank: int, pr
     from .distill import freeze_unreached, make_optimizer, training_view
     from .engine import make_scheduler
 
-    student = build_student(teacher, reduction, "first", mode, rank if mode in ("wecolora", "lora-qv") else None)
-    kept = student.wecolora_kept_blocks
-    student_blocks, teacher_blocks, norm = losses.matched_blocks(
-        "last", len(kept), group_ends(kept, len(teacher.blocks), "first"))
+    plan = plan_student(teacher, reduction, "first", mode, rank)
+    student = student_from_plan(teacher, plan)
+    student_blocks, teacher_blocks, norm = losses.matched_blocks("last", list(plan.segment_ends))
     freeze_unreached(student, norm)
     model = training_view(student, student_blocks, norm, device=device, precision=precision).to(device)
     optimizer = make_optimizer(student, 1e-4, 0.05, device)
@@ -346,7 +345,7 @@ def run_bench(config: BenchConfig, progress=None) -> dict:
     device = resolve_device(config.device)
     torch.manual_seed(0)
     teacher = vit.load_model(config.teacher).requires_grad_(False).to(device)
-    rank = default_rank(teacher.embed_dim)
+    rank = plan_student(teacher, 2, mode="wecolora").rank  # the default rank of this teacher
     precisions = ["fp32", "bf16"] if config.precision == "auto" and fast_bf16(device) else \
         (["fp32"] if config.precision == "auto" else [config.precision])
     if "bf16" in precisions and device.type == "cpu" and not fast_bf16(device):

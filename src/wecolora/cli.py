@@ -67,7 +67,10 @@ def add_distill_parser(sub) -> None:
     g = p.add_argument_group("student")
     g.add_argument("--mode", choices=MODE_NAMES, help="wecolora (default), lora-qv, weco-kd or scratch-kd")
     g.add_argument("--reduction", type=int, help="keep every r-th teacher block (default 2)")
-    g.add_argument("--keep", help="first (default), last, or teacher block indices like 0,4,8")
+    g.add_argument("--keep", help="first (default), last, teacher block indices like 0,4,8, or chosen from the "
+                   "subset: auto (best of first, last, greedy, influence by the initial L1), greedy, influence")
+    g.add_argument("--keep-images", type=int, metavar="N",
+                   help="subset images a searched --keep looks at (default 384: 2/3 search, 1/3 scoring)")
     g.add_argument("--rank", type=int, help="adapter rank (default 128, width/4 for narrow teachers)")
     g.add_argument("--lora-alpha", type=float, help="peft lora_alpha (default: rank, i.e. scale 1)")
     g.add_argument("--lora-dropout", type=float, help="adapter dropout (default 0)")
@@ -117,6 +120,11 @@ def run_distill(args) -> int:
     last = result["epochs"][-1] if result["epochs"] else {}
     unreadable = len(result.get("unreadable_images", ()))
     skipped = f", {unreadable} unreadable images skipped" if unreadable else ""
+    search = result.get("block_search")
+    if search:
+        print(f"keep {search['method']}: " + ", ".join(f"{name} {c['kept']} initial L1 {c['l1']:.4f}"
+                                                     for name, c in search["candidates"].items())
+              + f" -> {search['chosen']}")
     print(f"done: {result['output']}/student (mode {result['mode']}, blocks {result['kept_blocks']}, "
           f"final loss {last.get('loss', float('nan')):.4f}{skipped})")
     return 0
@@ -129,7 +137,8 @@ def add_inspect_parser(sub) -> None:
                                                     "(weights not loaded)")
     p.add_argument("--img-size", type=int, help="input size (default: the teacher's)")
     p.add_argument("--reduction", type=int, default=2)
-    p.add_argument("--keep", default="first", help="first, last or block indices like 0,4,8")
+    p.add_argument("--keep", default="first", help="first, last or block indices like 0,4,8 (a searched keep "
+                   "needs the subset: use distill, then inspect its kept list)")
     p.add_argument("--mode", choices=MODE_NAMES, default="wecolora")
     p.add_argument("--rank", type=int, help="adapter rank (default 128, width/4 for narrow teachers)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -141,9 +150,8 @@ def run_inspect(args) -> int:
     from .student import describe
     from .vit import load_model
 
-    keep = DistillConfig(teacher="", data="", output="", keep=args.keep).keep_blocks()
     teacher = load_model(args.teacher, img_size=args.img_size, pretrained=False)
-    info = describe(teacher, args.reduction, keep, args.mode, args.rank)
+    info = describe(teacher, args.reduction, args.keep, args.mode, args.rank)
     if args.json:
         print(json.dumps(info))
         return 0

@@ -19,12 +19,32 @@ _logger = logging.getLogger(__name__)
 MODE_NAMES = ("wecolora", "lora-qv", "weco-kd", "scratch-kd")  # registry: student.MODES
 LOSS_NAMES = ("l1", "mse")  # registry: losses.LOSSES
 MATCH_NAMES = ("last", "last-norm", "per-block")  # registry: losses.MATCHES
+KEEP_NAMES = ("first", "last", "auto", "greedy", "influence")  # registries: student.KEEP_RULES, block_search.METHODS
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 PROBE_PROTOCOLS = ("cached", "mae")
 PROBE_OPTIMIZERS = ("lars", "sgd")  # lars: MAE's rule (trust ratio on >1-D params); sgd: momentum SGD (0.1.0)
 POOLINGS = ("cls", "mean")
 PAPER_WARMUP_EPOCHS = 2
+
+
+def parse_keep(keep) -> str | list[int]:
+    """The one reading of ``--keep``: a name of :data:`KEEP_NAMES`, or teacher block indices ("0,3,7" or a list).
+
+    >>> parse_keep("auto"), parse_keep("0, 3,7"), parse_keep([0, 3])
+    ('auto', [0, 3, 7], [0, 3])
+    """
+    if isinstance(keep, str) and keep.strip() in KEEP_NAMES:
+        return keep.strip()
+    items = keep.split(",") if isinstance(keep, str) else [keep] if isinstance(keep, int) else keep
+    try:
+        blocks = [int(str(b).strip()) for b in items]
+    except (TypeError, ValueError):
+        blocks = []
+    if not blocks:
+        raise UserError(f"--keep {keep!r} is invalid: expected one of {', '.join(KEEP_NAMES)} or teacher block "
+                        f"indices like 0,4,8")
+    return blocks
 
 
 def _check(ok: bool, name: str, value, expected: str) -> None:
@@ -66,7 +86,8 @@ class DistillConfig:
     # student
     mode: str = "wecolora"
     reduction: int = 2
-    keep: str = "first"  # first | last | comma-separated teacher block indices
+    keep: str = "first"  # first | last | auto | greedy | influence | comma-separated teacher block indices
+    keep_images: int = 384  # auto/greedy/influence: subset images that choose the blocks (2/3 search, 1/3 score)
     rank: int | None = None  # default: 128, or width/4 for narrow teachers
     lora_alpha: float | None = None  # default: rank (scale 1, as in the paper)
     lora_dropout: float = 0.0
@@ -108,7 +129,8 @@ class DistillConfig:
         _check(self.precision in (None, *PRECISIONS), "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
         _check(self.device in DEVICES, "device", self.device, f"one of {', '.join(DEVICES)}")
         _check(isinstance(self.reduction, int) and self.reduction >= 1, "reduction", self.reduction, "an integer >= 1")
-        self.keep_blocks()  # validates the keep spec
+        parse_keep(self.keep)  # validates the keep spec; student.plan_student resolves it
+        _check(self.keep_images >= 2, "keep_images", self.keep_images, "an integer >= 2 (search and scoring images)")
         _check(self.rank is None or self.rank >= 1, "rank", self.rank, "an integer >= 1")
         _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a value in [0, 1)")
         if self.per_class is None:
@@ -126,15 +148,6 @@ class DistillConfig:
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         _check(self.num_workers is None or self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
         _check(self.cache_views is None or self.cache_views >= 1, "cache_views", self.cache_views, "an integer >= 1")
-
-    def keep_blocks(self) -> str | list[int]:
-        """``first``/``last`` or the explicit list of teacher blocks named by ``keep``."""
-        if self.keep in ("first", "last"):
-            return self.keep
-        try:
-            return [int(b) for b in str(self.keep).split(",")]
-        except ValueError:
-            raise UserError(f"--keep {self.keep!r} is invalid: expected first, last or block indices like 0,4,8") from None
 
     def peak_lr(self, world_size: int = 1) -> float:
         """Absolute lr: ``--lr`` if given, else the linear scaling rule blr * effective_batch / 256."""

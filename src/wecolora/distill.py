@@ -9,13 +9,15 @@ import logging
 import math
 import shutil
 import time
+from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
-from . import adapters, data, losses, teacher_cache, vit
+from . import adapters, block_search, data, losses, teacher_cache, vit
 from .checkpoint import load_checkpoint, save_checkpoint
 from .checks import check_distill
 from .config import DistillConfig, to_yaml
@@ -25,7 +27,7 @@ from .engine import (csv_text, loader_workers, make_accelerator, make_scheduler,
                      versions)
 from .export import export_run
 from .files import atomic_write_text
-from .student import build_student, check_settings, default_rank, get_mode, group_ends
+from .student import StudentPlan, check_settings, get_mode, plan_student, student_from_plan
 
 _logger = logging.getLogger(__name__)
 
@@ -89,6 +91,36 @@ class NonFiniteLoss(UserError):
         self.value, self.epoch, self.step = value, epoch, step
 
 
+def make_plan(config: DistillConfig, teacher: nn.Module, dataset, indices: list[int], accelerator, *,
+              resumed: bool = False) -> StudentPlan:
+    """The run's student plan. A searched keep (auto, greedy, influence) chooses its blocks from up to
+    ``keep_images`` images of the subset (eval transform, unaugmented), once: a resumed run reuses the choice
+    its ``config.yaml`` recorded, and every process takes the first process's choice."""
+    keep = check_settings(teacher, config.reduction, config.keep, config.mode, config.rank, config.lora_alpha)
+    choice = None
+    if keep in block_search.METHODS:
+        saved, record = Path(config.output) / "config.yaml", None
+        if resumed and saved.is_file():
+            record = ((yaml.safe_load(saved.read_text()) or {}).get("resolved") or {}).get("block_search")
+        if record is not None:
+            choice = block_search.BlockChoice.from_record(record)
+            _logger.info("keep %s: reusing the recorded choice %s", keep, list(choice.kept))
+        else:
+            images = block_search.subset_images(dataset, indices, data.eval_transform(teacher),
+                                                count=config.keep_images, seed=config.seed)
+            choice = block_search.choose_blocks(teacher, config.reduction, keep, images, seed=config.seed)
+        if accelerator.num_processes > 1:  # GPUs may break near-ties differently: one choice for every process
+            from accelerate.utils import broadcast_object_list
+
+            choice = broadcast_object_list([choice])[0]
+        if accelerator.is_main_process:
+            first = choice.candidates["first"]
+            _logger.info("keep %s chose blocks %s (%s): initial L1 %.4g vs %.4g for first %s", keep, list(choice.kept),
+                         choice.chosen, choice.candidates[choice.chosen]["l1"], first["l1"], first["kept"])
+    return plan_student(teacher, config.reduction, keep, config.mode, config.rank, alpha=config.lora_alpha,
+                        choice=choice, seed=config.seed)
+
+
 def distill(config: DistillConfig) -> dict:
     """Run one distillation as configured; returns the last epoch's metrics and the run's paths.
 
@@ -99,8 +131,8 @@ def distill(config: DistillConfig) -> dict:
     output = check_distill(config)  # paths; refuses to clobber a finished or interrupted run unless asked
     # What the user gave is checked before any weight is read: the teacher's architecture on the meta
     # device, then the few-shot subset (unreadable images skipped, or refused beyond a threshold).
-    check_settings(vit.model_shape(config.teacher, img_size=config.img_size), config.reduction, config.keep_blocks(),
-                   config.mode, config.rank)
+    check_settings(vit.model_shape(config.teacher, img_size=config.img_size), config.reduction, config.keep,
+                   config.mode, config.rank, config.lora_alpha)
     dataset = data.open_dataset(config.data, "train")
     indices = data.few_shot_indices(dataset.targets, ratio=None if config.per_class else config.ratio,
                                     per_class=config.per_class, seed=config.subset_seed,
@@ -111,18 +143,18 @@ def distill(config: DistillConfig) -> dict:
     from accelerate.utils import set_seed
 
     set_seed(config.seed)
-    mode = get_mode(config.mode)
+    checkpoint_dir = output / "checkpoint"
+    resume_from = resume_source(checkpoint_dir, config.resume)
 
-    # Models: the teacher is frozen, in eval mode, never wrapped.
+    # Models: the teacher is frozen, in eval mode, never wrapped. The student's plan (kept blocks, their
+    # segments, rank) is resolved once here; a searched keep looks at the subset first.
     teacher = vit.load_model(config.teacher, weights=config.teacher_weights, img_size=config.img_size)
-    teacher.requires_grad_(False)
-    rank = config.rank or default_rank(teacher.embed_dim) if mode.adapter_targets else None
-    keep = config.keep_blocks()
-    student = build_student(teacher, config.reduction, keep, config.mode, rank, alpha=config.lora_alpha,
-                            dropout=config.lora_dropout, use_dora=config.dora, use_rslora=config.rslora)
-    kept = student.wecolora_kept_blocks
-    depth = len(teacher.blocks)
-    student_blocks, teacher_blocks, norm = losses.matched_blocks(config.match, len(kept), group_ends(kept, depth, keep))
+    teacher.requires_grad_(False).to(accelerator.device)
+    plan = make_plan(config, teacher, dataset, indices, accelerator, resumed=resume_from is not None and resume_from.is_dir())
+    student = student_from_plan(teacher, plan, dropout=config.lora_dropout, use_dora=config.dora,
+                                use_rslora=config.rslora)
+    kept, depth = list(plan.kept), plan.teacher_blocks
+    student_blocks, teacher_blocks, norm = losses.matched_blocks(config.match, list(plan.segment_ends))
     freeze_unreached(student, norm)
 
     # Data: the few-shot subset with the paper's augmentation and the teacher's own mean/std. View v of image i
@@ -154,19 +186,16 @@ def distill(config: DistillConfig) -> dict:
     if config.compile:
         matcher = torch.compile(matcher)
     model, optimizer, loader = accelerator.prepare(matcher, optimizer, loader)
-    teacher.to(accelerator.device)
 
     resolved = {
-        "rank": rank, "lr": peak_lr, "precision": precision, "device": str(accelerator.device),
-        "world_size": world, "effective_batch": config.effective_batch(world), "kept_blocks": kept,
-        "teacher_blocks": depth, "matched_student_blocks": student_blocks, "matched_teacher_blocks": teacher_blocks,
+        **plan.record(), "lr": peak_lr, "precision": precision, "device": str(accelerator.device),
+        "world_size": world, "effective_batch": config.effective_batch(world),
+        "matched_student_blocks": student_blocks, "matched_teacher_blocks": teacher_blocks,
         "images": len(subset), "unreadable_images": len(unreadable), "updates_per_epoch": updates_per_epoch,
         "num_workers": num_workers, "views": n_views, "teacher_cache": str(cache.folder) if cache else None,
         "lean_adapters": lean_adapters, "versions": versions(),
     }
     start_epoch, updates, rows = 0, 0, []
-    checkpoint_dir = output / "checkpoint"
-    resume_from = resume_source(checkpoint_dir, config.resume)
     if resume_from is not None and resume_from.is_dir():
         progress = load_checkpoint(resume_from, student, optimizer, scheduler)
         start_epoch, updates, rows = progress["epoch"], progress["updates"], progress["rows"]
@@ -179,8 +208,8 @@ def distill(config: DistillConfig) -> dict:
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output / "config.yaml", to_yaml(config, **resolved))
         data.write_subset(output / "subset.txt", dataset, indices)
-        _logger.info("%s: %d of %d images, %d blocks kept of %d (%s), %s", config.mode, len(subset), len(dataset),
-                     len(kept), depth, kept, mode.description)
+        _logger.info("%s: %d of %d images, %d blocks kept of %d (%s, keep %s), %s", config.mode, len(subset),
+                     len(dataset), len(kept), depth, kept, plan.keep, get_mode(config.mode).description)
         _logger.info("effective batch %d = %d x %d accumulation x %d processes; lr %.3g%s", config.effective_batch(world),
                      config.batch_size, config.accum_steps, world, peak_lr,
                      "" if config.lr else f" = blr {config.blr:g} x {config.effective_batch(world)} / 256")
@@ -227,15 +256,13 @@ def distill(config: DistillConfig) -> dict:
         accelerator.wait_for_everyone()
     bar.close()
 
-    info = {"teacher": config.teacher, "teacher_weights": config.teacher_weights, "mode": config.mode,
-            "reduction": config.reduction, "keep": config.keep, "kept_blocks": kept, "rank": rank,
-            "lora_alpha": config.lora_alpha if config.lora_alpha is not None else rank,
-            "adapter_targets": list(mode.adapter_targets or ()), "match": config.match, "loss": config.loss}
+    info = {"teacher": config.teacher, "teacher_weights": config.teacher_weights, "keep": config.keep,
+            "adapter_targets": list(plan.adapter_targets or ()), "match": config.match, "loss": config.loss}
     if accelerator.is_main_process:
-        export_run(student, output, info)
+        export_run(student, output, plan, info)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
-    return {"output": str(output), "epochs": rows, "unreadable_images": unreadable, **info}
+    return {"output": str(output), "epochs": rows, "unreadable_images": unreadable, **info, **plan.record()}
 
 
 def cached_loader(cache: teacher_cache.TeacherCache, view: int, batch_size: int, generator: torch.Generator) -> DataLoader:

@@ -21,9 +21,11 @@ def save_student(model: nn.Module, folder: str | Path) -> None:
         save_for_hf(model, tmp, safe_serialization=True, model_args=vit.model_args(model))
 
 
-def export_run(student: nn.Module, output: str | Path, info: dict) -> nn.Module:
+def export_run(student: nn.Module, output: str | Path, plan, info: dict) -> nn.Module:
     """Write ``student/`` (adapters merged) and ``adapter/`` (peft files + ``wecolora.json``).
 
+    ``wecolora.json`` holds ``info`` (teacher, objective) and the student's plan
+    (:meth:`wecolora.student.StudentPlan.record`: kept blocks, how they were chosen, segment ends, rank).
     Returns the merged plain timm model.
     """
     output = Path(output)
@@ -32,7 +34,7 @@ def export_run(student: nn.Module, output: str | Path, info: dict) -> nn.Module:
     with atomic_dir(output / "adapter") as tmp:
         if adapters.has_adapters(student):
             student.save_pretrained(str(tmp))
-        (tmp / RUN_INFO).write_text(json.dumps(info, indent=1))
+        (tmp / RUN_INFO).write_text(json.dumps({**info, **plan.record()}, indent=1))
     return merged
 
 

@@ -18,19 +18,22 @@ MATCHES = {
 }
 
 
-def matched_blocks(match: str, student_depth: int, teacher_group_ends: list[int]) -> tuple[list[int], list[int], bool]:
+def matched_blocks(match: str, segment_ends: list[int]) -> tuple[list[int], list[int], bool]:
     """(student blocks, teacher blocks, norm) whose tokens the loss compares.
 
-    ``per-block`` pairs student block i with the END of its teacher group (``teacher_group_ends[i]``),
-    the pairing the reference code gets wrong for r=3.
+    ``segment_ends[i]`` is the teacher block whose output student block i stands for (the end of its
+    segment, :attr:`wecolora.student.StudentPlan.segment_ends`), for any kept list. ``per-block`` pairs
+    every student block with it: for r=3 ``first`` that is teacher block 3i + 2, the pairing the reference
+    code gets wrong. ``last``/``last-norm`` match the last student block with the teacher's last block.
 
-    >>> matched_blocks("per-block", 4, [2, 5, 8, 11])
-    ([0, 1, 2, 3], [2, 5, 8, 11], False)
+    >>> matched_blocks("per-block", [2, 5, 8, 11]), matched_blocks("last", [0, 3, 8, 11])
+    (([0, 1, 2, 3], [2, 5, 8, 11], False), ([3], [11], False))
     """
     per_block, norm = MATCHES[match]
+    depth = len(segment_ends)
     if per_block:
-        return list(range(student_depth)), list(teacher_group_ends), norm
-    return [student_depth - 1], [teacher_group_ends[-1]], norm
+        return list(range(depth)), list(segment_ends), norm
+    return [depth - 1], [segment_ends[-1]], norm
 
 
 def feature_loss(student_tokens: list[torch.Tensor], teacher_tokens: list[torch.Tensor], kind: str = "l1") -> dict[str, torch.Tensor]:
