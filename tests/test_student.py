@@ -90,8 +90,9 @@ SELECT_ERRORS = [
     (12, 12, "first", "reduction 12"),
     (12, 13, "last", "reduction 13"),
     (12, -1, "first", "reduction -1"),
-    (12, 2, "middle", "keep must be one of"),
-    (12, 2, [], "non-empty"),
+    (12, 2, "middle", "first, last, auto, greedy, influence"),
+    (12, 2, [], "first, last, auto, greedy, influence"),
+    (12, 2, "auto", "chooses blocks from images"),
     (12, 2, [-1, 3], "within 0..11"),
     (12, 2, [0, 12], "within 0..11"),
 ]
@@ -118,17 +119,43 @@ GROUP_END_CASES = [
 
 
 @pytest.mark.parametrize("depth, reduction, keep, expected", GROUP_END_CASES)
-def test_group_ends(depth, reduction, keep, expected):
-    kept = st.select_blocks(depth, reduction, keep)
-    ends = st.group_ends(kept, depth, keep)
-    assert ends == expected
-    assert ends[-1] == depth - 1
+def test_segment_ends(depth, reduction, keep, expected):
+    plan = st.plan_student(tiny_vit(depth), reduction, keep, mode="weco-kd")
+    assert list(plan.segment_ends) == expected
+    assert plan.segment_ends[-1] == depth - 1
     if depth % reduction == 0:  # student block i matches teacher block r*i + r - 1
-        assert ends == [reduction * i + reduction - 1 for i in range(len(kept))]
+        assert list(plan.segment_ends) == [reduction * i + reduction - 1 for i in range(len(plan.kept))]
 
 
-def test_group_ends_explicit_list():
-    assert st.group_ends([0, 5, 7], 12, [0, 5, 7]) == [4, 6, 11]
+SEGMENT_CASES = [
+    # (depth, explicit kept list, expected segment ends): a kept block answers for the dropped blocks after it
+    (12, [0, 5, 7], [4, 6, 11]),
+    (12, [0, 3, 7, 11], [2, 6, 10, 11]),
+    (12, [2, 5, 8, 11], [4, 7, 10, 11]),  # the list alone: the last rule's groups need keep="last"
+    (6, [0, 1, 4], [0, 3, 5]),
+    (6, [5], [5]),
+]
+
+
+@pytest.mark.parametrize("depth, kept, expected", SEGMENT_CASES)
+def test_segment_ends_of_any_list(depth, kept, expected):
+    plan = st.plan_student(tiny_vit(depth), 2, kept, mode="weco-kd")
+    assert plan.keep == "list"
+    assert list(plan.segment_ends) == expected == st.segment_ends(kept, depth)
+    # every teacher block belongs to exactly one segment, which holds its kept block
+    starts = [0] + [end + 1 for end in expected[:-1]]
+    assert all(start <= k <= end for start, k, end in zip(starts, kept, expected))
+
+
+def test_plan_resolves_rank_alpha_and_keep_once(teacher):
+    plan = st.plan_student(teacher, 2, "0,3", "wecolora")
+    assert (plan.kept, plan.rank, plan.alpha, plan.keep) == ((0, 3), st.default_rank(32), 8.0, "list")
+    assert st.plan_student(teacher, 2, mode="weco-kd").rank is None
+    assert st.plan_student(teacher, 2, rank=4, alpha=2.0).alpha == 2.0
+    with pytest.raises(UserError, match=r"rank 33 .* 1 <= --rank <= 32"):
+        st.plan_student(teacher, 2, rank=33)
+    with pytest.raises(UserError, match="pass images="):
+        st.plan_student(teacher, 2, "auto")
 
 
 REMAP_CASES = [
@@ -174,7 +201,7 @@ def test_student_keeps_the_selected_blocks(mode, keep, reduction):
     student = st.build_student(teacher, reduction, keep, mode, rank=4)
     kept = st.select_blocks(6, reduction, keep)
     assert len(student.blocks) == len(kept)
-    assert student.wecolora_kept_blocks == kept
+    assert not hasattr(student, "wecolora_kept_blocks")  # the plan, not the model, carries the kept list
     assert student.pretrained_cfg == teacher.pretrained_cfg
     assert len(teacher.blocks) == 6  # the teacher is not modified
     if mode in COPY_MODES:

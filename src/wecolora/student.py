@@ -147,6 +147,7 @@ def check_settings(teacher: nn.Module, reduction: int, keep, mode: str, rank: in
     from .block_search import METHODS
 
     spec = get_mode(mode)
+    vit.require_supported_vit(teacher)
     depth, width = len(teacher.blocks), teacher.embed_dim
     keep = parse_keep(keep)
     if keep in METHODS:
