@@ -111,11 +111,11 @@ def _naive_greedy(teacher, count, tokens):
     return kept
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_greedy_reusing_block_inputs_equals_recomputing_every_copy(seed):
     teacher = _teacher(seed=seed)
     tokens = bs.teacher_tokens(teacher, _images(16, seed), batch_size=5)  # several chunks
-    for count in (1, 2, 3, 5):
+    for count in (2, 4):
         assert bs.greedy_removal(teacher, count, tokens) == _naive_greedy(teacher, count, tokens)
 
 
@@ -210,7 +210,7 @@ def test_consumers_read_the_plan(teacher):
 
 def _config(teacher_dir, output, **overrides):
     settings = dict(teacher=f"local-dir:{teacher_dir}", data="mnist-5k", output=str(output), ratio=0.02,
-                    epochs=2, warmup_epochs=1, batch_size=16, accum_steps=1, blr=5e-3, num_workers=0, device="cpu",
+                    epochs=1, warmup_epochs=0, batch_size=16, accum_steps=1, blr=5e-3, num_workers=0, device="cpu",
                     rank=4, keep_images=48)
     settings.update(overrides)
     return DistillConfig(**settings)
@@ -241,7 +241,7 @@ def test_distill_records_an_auto_choice_and_a_list_reproduces_it(teacher_dir, tm
 
 
 def test_per_block_matching_follows_the_segments_of_any_list(teacher_dir, tmp_path):
-    distill(_config(teacher_dir, tmp_path / "run", keep="0,1,4", match="per-block", epochs=2))
+    distill(_config(teacher_dir, tmp_path / "run", keep="0,1,4", match="per-block"))
     resolved = _resolved(tmp_path / "run")
     assert resolved["segment_ends"] == resolved["matched_teacher_blocks"] == [0, 3, 5]
     assert resolved["matched_student_blocks"] == [0, 1, 2]
@@ -261,7 +261,7 @@ def test_a_resumed_search_run_reuses_its_recorded_choice(teacher_dir, tmp_path, 
 
     monkeypatch.setattr(distill_module, "save_checkpoint", save_then_die)
     with pytest.raises(Interrupted):
-        distill(_config(teacher_dir, tmp_path / "run", keep="influence"))
+        distill(_config(teacher_dir, tmp_path / "run", keep="influence", epochs=2, warmup_epochs=1))
     chosen = _resolved(tmp_path / "run")["kept_blocks"]
     monkeypatch.setattr(distill_module, "save_checkpoint", real_save)
 
@@ -269,5 +269,6 @@ def test_a_resumed_search_run_reuses_its_recorded_choice(teacher_dir, tmp_path, 
         raise AssertionError("a resumed run must not search again")
 
     monkeypatch.setattr(bs, "choose_blocks", no_search)
-    result = distill(_config(teacher_dir, tmp_path / "run", keep="influence", resume="auto"))
+    result = distill(_config(teacher_dir, tmp_path / "run", keep="influence", epochs=2, warmup_epochs=1, resume="auto"))
+    assert [row["epoch"] for row in result["epochs"]] == [1, 2]
     assert result["kept_blocks"] == chosen and result["block_search"]["method"] == "influence"
