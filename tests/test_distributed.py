@@ -102,13 +102,13 @@ def distill_in_process(config: DistillConfig, stop_after_epoch: int | None = Non
     ``stop_after_epoch`` interrupts every process once that epoch's checkpoint is written.
     """
     built = {}
-    real_build = distill_module.build_student
+    real_build = distill_module.student_from_plan
 
     def build_and_keep(*args, **kwargs):
         built["student"] = real_build(*args, **kwargs)
         return built["student"]
 
-    distill_module.build_student = build_and_keep  # a forked process: the patch dies with it
+    distill_module.student_from_plan = build_and_keep  # a forked process: the patch dies with it
     if stop_after_epoch is not None:
         from accelerate import Accelerator
 
@@ -284,3 +284,31 @@ def test_torchrun_distills_on_two_cpu_processes_into_a_student_timm_loads(teache
     assert len(student.blocks) == 3
     with torch.no_grad():
         assert student(torch.randn(2, 3, 28, 28)).shape == (2, 10)
+
+
+def distill_with_a_search_that_differs_by_rank(config: DistillConfig) -> list[int]:
+    """Distil with a searched keep whose result differs on ranks other than 0; return the kept blocks used."""
+    import dataclasses
+
+    from wecolora import block_search
+
+    real_choose = block_search.choose_blocks
+
+    def choose(*args, **kwargs):
+        choice = real_choose(*args, **kwargs)
+        if os.environ["RANK"] != "0":  # as if another GPU broke a near-tie the other way
+            other = (1, 3, 5) if choice.kept != (1, 3, 5) else (0, 2, 4)
+            choice = dataclasses.replace(choice, kept=other)
+        return choice
+
+    block_search.choose_blocks = choose  # a forked process: the patch dies with it
+    return distill_module.distill(config)["kept_blocks"]
+
+
+def test_every_process_trains_the_blocks_the_first_process_chose(teacher_dir, tmp_path):
+    config = distill_config(teacher_dir, tmp_path / "greedy", keep="greedy", keep_images=32, epochs=1,
+                            warmup_epochs=0, batch_size=8)
+    rank0, rank1 = run_processes(2, distill_with_a_search_that_differs_by_rank, config)
+    assert rank0 == rank1
+    resolved = yaml.safe_load((tmp_path / "greedy" / "config.yaml").read_text())["resolved"]
+    assert resolved["kept_blocks"] == rank0 == resolved["block_search"]["candidates"]["greedy"]["kept"]

@@ -55,7 +55,8 @@ def select_blocks(depth: int, reduction: int, keep: str | list[int] = "first") -
     if not isinstance(keep, str):
         kept = sorted(set(keep))
         if kept[0] < 0 or kept[-1] >= depth:
-            raise UserError(f"kept blocks {list(keep)} must lie within 0..{depth - 1} (the teacher has {depth} blocks)")
+            raise UserError(f"kept blocks {list(keep)} must be a non-empty list within 0..{depth - 1} (the teacher "
+                            f"has {depth} blocks)")
         return kept
     check_reduction(depth, reduction)
     if keep == "first":
