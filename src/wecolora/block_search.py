@@ -210,7 +210,7 @@ def choose_blocks(teacher: nn.Module, reduction: int, method: str, images: torch
         teacher.train(was_training)
     # auto keeps the lowest initial L1; on ties the earlier candidate (first, then last) wins.
     chosen = min(candidates, key=lambda name: candidates[name]["l1"]) if method == "auto" else method
-    _logger.info("keep %s: blocks %s (%s); initial L1 on %d scoring images: %s", method, candidates[chosen]["kept"],
+    _logger.debug("keep %s: blocks %s (%s); initial L1 on %d scoring images: %s", method, candidates[chosen]["kept"],
                  chosen, score.count, ", ".join(f"{name} {c['l1']:.4g} {c['kept']}" for name, c in candidates.items()))
     return BlockChoice(method=method, kept=tuple(candidates[chosen]["kept"]), chosen=chosen, candidates=candidates,
                        search_images=search.count, score_images=score.count, seed=seed)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from . import adapters, block_search, data, losses, teacher_cache, vit
 from .checkpoint import load_checkpoint, save_checkpoint
 from .checks import check_distill
-from .config import DistillConfig, to_yaml
+from .config import DistillConfig, parse_keep, to_yaml
 from .distributed import all_agree
 from .errors import UserError
 from .engine import (csv_text, loader_workers, make_accelerator, make_scheduler, resume_schedule, resume_source,
@@ -96,7 +96,7 @@ def make_plan(config: DistillConfig, teacher: nn.Module, dataset, indices: list[
     """The run's student plan. A searched keep (auto, greedy, influence) chooses its blocks from up to
     ``keep_images`` images of the subset (eval transform, unaugmented), once: a resumed run reuses the choice
     its ``config.yaml`` recorded, and every process takes the first process's choice."""
-    keep = check_settings(teacher, config.reduction, config.keep, config.mode, config.rank, config.lora_alpha)
+    keep = parse_keep(config.keep)  # checked against the teacher's shape before its weights were read
     choice = None
     if keep in block_search.METHODS:
         saved, record = Path(config.output) / "config.yaml", None
@@ -114,9 +114,9 @@ def make_plan(config: DistillConfig, teacher: nn.Module, dataset, indices: list[
 
             choice = broadcast_object_list([choice])[0]
         if accelerator.is_main_process:
-            first = choice.candidates["first"]
-            _logger.info("keep %s chose blocks %s (%s): initial L1 %.4g vs %.4g for first %s", keep, list(choice.kept),
-                         choice.chosen, choice.candidates[choice.chosen]["l1"], first["l1"], first["kept"])
+            _logger.info("keep %s chose blocks %s (%s); initial L1 on %d held-out images: %s", keep, list(choice.kept),
+                         choice.chosen, choice.score_images,
+                         ", ".join(f"{name} {c['kept']} {c['l1']:.4g}" for name, c in choice.candidates.items()))
     return plan_student(teacher, config.reduction, keep, config.mode, config.rank, alpha=config.lora_alpha,
                         choice=choice, seed=config.seed)
 
