@@ -272,3 +272,13 @@ def test_a_resumed_search_run_reuses_its_recorded_choice(teacher_dir, tmp_path, 
     result = distill(_config(teacher_dir, tmp_path / "run", keep="influence", epochs=2, warmup_epochs=1, resume="auto"))
     assert [row["epoch"] for row in result["epochs"]] == [1, 2]
     assert result["kept_blocks"] == chosen and result["block_search"]["method"] == "influence"
+
+
+def test_inspect_refuses_a_searched_keep_and_names_the_way(teacher_dir, capsys):
+    from wecolora.cli import main
+
+    assert main(["inspect", "--teacher", f"local-dir:{teacher_dir}", "--keep", "greedy"]) == 2
+    assert "run distill --keep greedy" in capsys.readouterr().err
+    assert main(["inspect", "--teacher", f"local-dir:{teacher_dir}", "--keep", "0,1,4", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["kept_blocks"], info["segment_ends"]) == ([0, 1, 4], [0, 3, 5])

@@ -13,7 +13,7 @@ import os
 import sys
 
 from .config import (DEVICES, LOSS_NAMES, MATCH_NAMES, MODE_NAMES, POOLINGS, PRECISIONS, PROBE_OPTIMIZERS,
-                     PROBE_PROTOCOLS, DistillConfig, ProbeConfig, build_config)
+                     PROBE_PROTOCOLS, DistillConfig, ProbeConfig, build_config, parse_keep)
 from .checks import check_ablation, check_distill, check_evaluation, check_model_spec, check_pretrain
 from .errors import UserError
 from .files import disk_error
@@ -150,6 +150,10 @@ def run_inspect(args) -> int:
     from .student import describe
     from .vit import load_model
 
+    keep = parse_keep(args.keep)
+    if isinstance(keep, str) and keep not in ("first", "last"):
+        raise UserError(f"--keep {keep} chooses blocks from the few-shot images, which inspect does not read: run "
+                        f"distill --keep {keep} (its config.yaml records the kept blocks), then inspect --keep LIST")
     teacher = load_model(args.teacher, img_size=args.img_size, pretrained=False)
     info = describe(teacher, args.reduction, args.keep, args.mode, args.rank)
     if args.json:
