@@ -275,6 +275,6 @@ def write_report(rows: list[dict], grid: Ablation, output: Path) -> str:
     atomic_write_text(output / "report.md", text)
     extra = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in CSV_COLUMNS]
     atomic_write_text(output / "results.csv", csv_text(rows, (*CSV_COLUMNS, *extra)))
-    write_chart(cell_scores(rows, grid.probe_data), grid.probe_data, output / "chart.png",
+    write_chart(cell_scores(rows, grid.probe_data), grid.probe_data, output / "chart.png", settings=extra,
                 title=f"{grid.teacher} distilled on {grid.distill_data}")
     return table

@@ -17,10 +17,19 @@ METHOD_COLORS = {"scratch KD": "#9e9e9e", "WeCo+KD": "#1f77b4", "WeCo + plain Lo
 REFERENCE_COLORS = ("#222222", "#6d4c41", "#a1887f", "#d7ccc8")  # teacher, then the weight copies by r
 
 
-def write_chart(cells: list[dict], probe_data: list[str], path: Path, *, title: str = "") -> None:
-    """chart.png: a line chart against the lr when the grid sweeps it, else grouped bars."""
+def write_chart(cells: list[dict], probe_data: list[str], path: Path, *, settings: list[str] = (),
+                title: str = "") -> None:
+    """chart.png: a line chart against the lr when the grid sweeps it, else grouped bars.
+
+    ``settings`` names the run settings besides mode, r and alpha that vary in the grid (keep, rank...):
+    they join the method in the bar labels.
+    """
     plt = _pyplot()
     sweep = len({c["lr"] for c in cells if c.get("lr") is not None}) > 1
+    for cell in cells:
+        shown = [f"{k} {cell[k]:g}" if isinstance(cell[k], float) else f"{k} {cell[k]}"
+                 for k in settings if cell.get(k) is not None and not (sweep and k == "lr")]
+        cell["label"] = ", ".join([cell["method"], *shown])
     fig, axes = plt.subplots(1, len(probe_data), figsize=(6.5 * len(probe_data) + 2.5, 4.8), squeeze=False)
     for ax, data in zip(axes[0], probe_data):
         panel = [c for c in cells if c["probe_data"] == data]
@@ -61,14 +70,21 @@ def _draw_bars(ax, cells: list[dict]) -> None:
     groups = ([("reference", references)] if references else []) + [
         (f"alpha {alpha:.0%}, r={r}", [c for c in trained if (c["ratio"], c["reduction"]) == (alpha, r)])
         for alpha, r in sorted({(c["ratio"], c["reduction"]) for c in trained})]
+    labels = list(dict.fromkeys(c["label"] for c in trained))
+    one_per_method = len(labels) == len({c["method"] for c in trained})
+    palette = _palette(len(labels))
     width, x, ticks = 0.8, 0.0, []
     for label, group in groups:
-        group = sorted(group, key=lambda c: METHOD_ORDER.index(c["method"]) if c["method"] in METHOD_ORDER else -1)
+        group = sorted(group, key=lambda c: (METHOD_ORDER.index(c["method"]) if c["method"] in METHOD_ORDER else -1,
+                                             labels.index(c["label"]) if c["label"] in labels else -1))
         bar_width = width / max(len(group), 1)
         for i, cell in enumerate(group):
             position = x + (i - (len(group) - 1) / 2) * bar_width
-            color = METHOD_COLORS.get(cell["method"]) or REFERENCE_COLORS[references.index(cell) % len(REFERENCE_COLORS)]
-            name = cell["method"] if not _is_reference(cell) else _reference_label(cell)
+            if _is_reference(cell):
+                color, name = REFERENCE_COLORS[references.index(cell) % len(REFERENCE_COLORS)], _reference_label(cell)
+            else:  # one colour per method, or per method and setting when a setting varies
+                color = METHOD_COLORS[cell["method"]] if one_per_method else palette[labels.index(cell["label"])]
+                name = cell["label"]
             ax.bar(position, cell["mean"], bar_width * 0.92, yerr=cell["std"] if cell["n"] > 1 else None,
                    capsize=3, color=color, label=name)
             ax.annotate(f"{cell['mean']:.1f}", (position, cell["mean"] + (cell["std"] if cell["n"] > 1 else 0)),
@@ -82,19 +98,27 @@ def _draw_bars(ax, cells: list[dict]) -> None:
 def _draw_sweep(ax, cells: list[dict]) -> None:
     """One line per (method, r, alpha) against the lr (log axis); reference models as horizontal lines."""
     trained = [c for c in cells if not _is_reference(c)]
-    for key in sorted({(c["method"], c["reduction"], c["ratio"]) for c in trained},
-                      key=lambda k: (METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else -1, k[1], k[2])):
-        line = sorted((c for c in trained if (c["method"], c["reduction"], c["ratio"]) == key), key=lambda c: c["lr"])
-        method, r, alpha = key
+    for key in sorted({(c["method"], c["reduction"], c["ratio"], c["label"]) for c in trained},
+                      key=lambda k: (METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else -1, k[1], k[2], k[3])):
+        line = sorted((c for c in trained if (c["method"], c["reduction"], c["ratio"], c["label"]) == key),
+                      key=lambda c: c["lr"])
+        method, r, alpha, label = key
         ax.errorbar([c["lr"] for c in line], [c["mean"] for c in line], yerr=[c["std"] for c in line], capsize=3,
                     marker="o", color=METHOD_COLORS.get(method), linestyle="-" if r == 2 else "--",
-                    label=f"{method}, r={r}, alpha {alpha:.0%}")
+                    label=f"{label}, r={r}, alpha {alpha:.0%}")
     for i, cell in enumerate(c for c in cells if _is_reference(c)):
         ax.axhline(cell["mean"], color=REFERENCE_COLORS[i % len(REFERENCE_COLORS)], linestyle=":",
                    label=_reference_label(cell))
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     _tight_y(ax, cells, headroom=1.0)
+
+
+def _palette(n: int) -> list:
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab10" if n <= 10 else "tab20"].colors
+    return [colors[i % len(colors)] for i in range(n)]
 
 
 def _reference_label(cell: dict) -> str:
