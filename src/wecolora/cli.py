@@ -340,7 +340,7 @@ def add_ablate_parsers(sub) -> None:
     p = sub.add_parser("demo", help="the embedded default end to end: bundled teacher, offline data, a results table",
                        description="Distill the bundled Fashion-MNIST teacher with every mode (scratch KD, WeCo+KD, "
                                    "plain LoRA, WeCoLoRA) at 1%% and 10%% of the images, probe every model, print "
-                                   "the table. Offline, about 7 minutes on 2 CPU cores; --quick in about 20 seconds.",
+                                   "the table (3 seeds at 1%%). Offline, under 20 minutes on 2 CPU cores; --quick in about a minute.",
                        epilog="examples:\n  wecolora demo                  # writes runs/demo/report.md, results.csv, chart.png\n"
                               "  wecolora demo --quick --output /tmp/demo",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
