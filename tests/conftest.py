@@ -35,3 +35,18 @@ def teacher_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("teacher") / "vit"
     save_for_hf(model, folder, safe_serialization=True, model_args=model_args(model))
     return folder
+
+
+def probe_on_fixed_fashion_slice(teacher, **settings) -> dict:
+    """Linear probe of a bundled teacher: 300 training images per class, the first 2,000 test images."""
+    from wecolora import data, features
+    from wecolora.evaluate import train_linear_probe
+
+    transform = data.eval_transform(teacher)
+    train = data.open_dataset("fashion-mnist", "train", transform=transform)
+    test = data.open_dataset("fashion-mnist", "test", transform=transform)
+    train_slice = torch.utils.data.Subset(train, data.few_shot_indices(train.targets, per_class=300, seed=0))
+    test_slice = torch.utils.data.Subset(test, range(2000))  # a fixed 2,000-image test slice
+    train_x, train_y = features.extract_features(teacher, train_slice, batch_size=500)
+    test_x, test_y = features.extract_features(teacher, test_slice, batch_size=500)
+    return train_linear_probe(train_x, train_y, test_x, test_y, num_classes=10, **settings)

@@ -5,9 +5,10 @@ import pytest
 import torch
 import yaml
 
-from wecolora import ablate, data, features, vit
+from conftest import probe_on_fixed_fashion_slice
+
+from wecolora import ablate, vit
 from wecolora.errors import UserError
-from wecolora.evaluate import train_linear_probe
 
 
 @pytest.mark.parametrize("preset", ablate.presets())
@@ -63,15 +64,8 @@ def test_an_ablation_grid_runs_end_to_end_through_the_cli(teacher_dir, tmp_path)
 def test_the_bundled_teacher_loads_offline_and_probes_above_85_percent():
     teacher = vit.load_model("bundled")
     assert len(teacher.blocks) == 12 and teacher.embed_dim == 128
-    transform = data.eval_transform(teacher)
-    train = data.open_dataset("fashion-mnist", "train", transform=transform)
-    test = data.open_dataset("fashion-mnist", "test", transform=transform)
-    train_slice = torch.utils.data.Subset(train, data.few_shot_indices(train.targets, per_class=300, seed=0))
-    test_slice = torch.utils.data.Subset(test, range(2000))  # a fixed 2,000-image test slice
-    train_x, train_y = features.extract_features(teacher, train_slice, batch_size=500)
-    test_x, test_y = features.extract_features(teacher, test_slice, batch_size=500)
     # MAE's LARS moves the head slowly on 3,000 images: 200 epochs (about 1,000 updates) to converge.
-    result = train_linear_probe(train_x, train_y, test_x, test_y, num_classes=10, epochs=200)
+    result = probe_on_fixed_fashion_slice(teacher, epochs=200)
     assert result["top1"] >= 0.85 and result["optimizer"] == "lars", result
 
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import probe_on_fixed_fashion_slice, tiny_vit
 from safetensors.torch import load_file
 
 from wecolora import augment, checks, cli, mae, vit
@@ -310,21 +310,11 @@ def test_bundled_mae_resolves_to_its_asset_folder(teacher_dir, monkeypatch):
 
 def test_the_bundled_mae_teacher_loads_by_name_and_probes_above_its_recipe_threshold(capsys):
     """The threshold (75%) is the one written in assets/teacher-mae/RECIPE.md."""
-    from wecolora import data, features
-    from wecolora.evaluate import train_linear_probe
-
     assert cli.main(["inspect", "--teacher", "bundled-mae", "--json"]) == 0
     assert '"teacher_blocks": 12' in capsys.readouterr().out
     teacher = vit.load_model("bundled-mae")
     assert len(teacher.blocks) == 12 and teacher.embed_dim == 128 and teacher.num_classes == 0
-    transform = data.eval_transform(teacher)
-    train = data.open_dataset("fashion-mnist", "train", transform=transform)
-    test = data.open_dataset("fashion-mnist", "test", transform=transform)
-    train_slice = torch.utils.data.Subset(train, data.few_shot_indices(train.targets, per_class=300, seed=0))
-    test_slice = torch.utils.data.Subset(test, range(2000))  # a fixed 2,000-image test slice
-    train_x, train_y = features.extract_features(teacher, train_slice, batch_size=500)
-    test_x, test_y = features.extract_features(teacher, test_slice, batch_size=500)
-    result = train_linear_probe(train_x, train_y, test_x, test_y, num_classes=10, epochs=100, lr=4.0)
+    result = probe_on_fixed_fashion_slice(teacher, epochs=100, lr=4.0)
     assert result["top1"] >= 0.75, result
 
 
