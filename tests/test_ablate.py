@@ -2,7 +2,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import yaml
 
 from conftest import probe_on_fixed_fashion_slice
