@@ -240,7 +240,8 @@ def cell_scores(rows: list[dict], probe_data: list[str]) -> list[dict]:
 def markdown_table(rows: list[dict], probe_data: list[str]) -> str:
     """The paper's Table A layout: one line per model, one linear-probe top-1 (%) column per probe set.
 
-    Cells over several seeds read ``mean ± std`` (sample std); the last column gives the seed count.
+    Cells over several seeds read ``mean ± std`` (sample std); the last column gives the seed count
+    (``-`` for the untrained reference rows).
     Settings that vary across the grid's runs besides mode, r and alpha (lr, keep, ...) get a column each.
     """
     cells = {(c["name"], c["probe_data"]): c for c in cell_scores(rows, probe_data)}
@@ -254,7 +255,8 @@ def markdown_table(rows: list[dict], probe_data: list[str]) -> str:
         reduction = str(first["reduction"]) if first["reduction"] else "-"
         settings = [f"{first[k]:g}" if isinstance(first.get(k), float) else str(first.get(k, "-")) for k in extra]
         scores = [_mean_std(cells[(name, d)]) for d in probe_data]
-        lines.append("| " + " | ".join([alpha, first["method"], reduction, *settings, *scores, str(first["n"])]) + " |")
+        seeds = "-" if first["mode"] in ("teacher", "copy") else str(first["n"])  # reference rows are not trained
+        lines.append("| " + " | ".join([alpha, first["method"], reduction, *settings, *scores, seeds]) + " |")
     return "\n".join(lines)
 
 

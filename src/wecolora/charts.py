@@ -73,11 +73,10 @@ def _draw_bars(ax, cells: list[dict]) -> None:
     labels = list(dict.fromkeys(c["label"] for c in trained))
     one_per_method = len(labels) == len({c["method"] for c in trained})
     palette = _palette(len(labels))
-    width, x, ticks = 0.8, 0.0, []
+    bar_width, x, ticks = 0.8 / max(len(group) for _, group in groups), 0.0, []  # one width for every bar
     for label, group in groups:
         group = sorted(group, key=lambda c: (METHOD_ORDER.index(c["method"]) if c["method"] in METHOD_ORDER else -1,
                                              labels.index(c["label"]) if c["label"] in labels else -1))
-        bar_width = width / max(len(group), 1)
         for i, cell in enumerate(group):
             position = x + (i - (len(group) - 1) / 2) * bar_width
             if _is_reference(cell):
