@@ -341,7 +341,7 @@ def add_ablate_parsers(sub) -> None:
                        description="Distill the bundled Fashion-MNIST teacher with every mode (scratch KD, WeCo+KD, "
                                    "plain LoRA, WeCoLoRA) at 1% and 10% of the images with the paper's peak lr, probe "
                                    "every model with MAE's linear probe, print the table (3 seeds at 1%). Offline, "
-                                   "14 minutes measured on 2 CPU cores; --quick a few minutes less.",
+                                   "14 minutes measured on 2 CPU cores; --quick 25 seconds.",
                        epilog="examples:\n  wecolora demo                  # writes runs/demo/report.md, results.csv, chart.png\n"
                               "  wecolora demo --quick --output /tmp/demo",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
