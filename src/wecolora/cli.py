@@ -237,7 +237,7 @@ def run_pretrain(args) -> int:
 
 EVAL_EXAMPLES = """examples:
   wecolora probe --model runs/student --data fashion-mnist --output runs/student/probe-fm
-  wecolora probe --model bundled --data mnist-5k --output runs/teacher-probe --protocol mae --epochs 20
+  wecolora probe --model bundled --data mnist-5k --output runs/teacher-probe --protocol mae --epochs 50 --lr 4
   wecolora knn --model runs/student --data mnist-5k --output runs/student/knn --k 20
   wecolora report runs/student/probe-fm runs/teacher-probe --output runs/report
 """
