@@ -91,7 +91,7 @@ def test_run_folders_are_named_by_every_setting_that_differs():
         ablate.Ablation(**{**_sweep_grid("bundled"), "runs": [{"mode": "wecolora"}, {"mode": "wecolora"}]})
     with pytest.raises(UserError, match="distinct integers"):
         ablate.Ablation(**{**_sweep_grid("bundled"), "seeds": [0, 0]})
-    with pytest.raises(UserError, match="unknown probe setting"):
+    with pytest.raises(UserError, match="unknown setting"):
         ablate.Ablation(**{**_sweep_grid("bundled"), "probe": {"epoch": 3}})
 
 

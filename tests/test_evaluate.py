@@ -169,7 +169,7 @@ BAD_INPUTS = [
     (dict(val_fraction=1.0), "val-fraction"),
     (dict(augment=True), "protocol mae"),
     (dict(optimizer="adam"), "lars, sgd"),
-    (dict(epoch=3), "unknown probe setting"),
+    (dict(epoch=3), "unknown setting"),
     (dict(model_spec="/no/such/model"), "unknown model"),
     (dict(data="/no/such/data"), "built-in"),
 ]

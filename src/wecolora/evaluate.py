@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .checks import check_writable
-from .config import ProbeConfig, _check
+from .config import ProbeConfig, _check, build_config
 from .distributed import gather_rows, join_processes, process_state
 from .errors import UserError
 from .features import cached_features, extract_features, model_fingerprint, pool_tokens, resolve_device
@@ -261,14 +261,8 @@ def train_linear_probe(
 
 
 def probe_config(**settings) -> ProbeConfig:
-    """A :class:`~wecolora.config.ProbeConfig` from keywords, an unknown one named with the valid choices."""
-    import dataclasses
-
-    known = {f.name for f in dataclasses.fields(ProbeConfig)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise UserError(f"unknown probe setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return ProbeConfig(**settings)
+    """A :class:`~wecolora.config.ProbeConfig` from keywords (None: the default); an unknown one is named."""
+    return build_config(ProbeConfig, None, **settings)
 
 
 def mae_linear_probe(
