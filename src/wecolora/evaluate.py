@@ -401,6 +401,12 @@ def _readable(dataset, indices: list[int] | None, max_fraction: float) -> tuple[
     return (None if indices is None and not skipped else kept), skipped
 
 
+def _readable_split(dataset, max_fraction: float) -> tuple:
+    """A whole split without its unreadable images (itself when every image reads) and the skipped ``sample_ids``."""
+    kept, skipped = _readable(dataset, None, max_fraction)
+    return (dataset if kept is None else _Subset(dataset, kept)), skipped
+
+
 def _unreadable_record(train: list[str], test: list[str]) -> dict:
     """What ``results.json`` says of skipped images: their count per split and their names."""
     return {"unreadable_train": len(train), "unreadable_test": len(test), "unreadable_images": train + test}
@@ -466,8 +472,7 @@ def probe(model_spec: str, data: str, output: str, config: ProbeConfig | None = 
     chosen = None if config.train_per_class is None else few_shot_indices(
         train_ds.targets, per_class=config.train_per_class, seed=config.seed)  # fmt: skip
     chosen, bad_train = _readable(train_ds, chosen, config.max_unreadable)
-    test_chosen, bad_test = _readable(test_ds, None, config.max_unreadable)
-    test_ds = test_ds if test_chosen is None else _Subset(test_ds, test_chosen)
+    test_ds, bad_test = _readable_split(test_ds, config.max_unreadable)
     start = time.perf_counter()
     if config.protocol == "cached":
         # Only the chosen images are extracted; their ids are part of the cache key.
@@ -523,9 +528,7 @@ def knn(
     model = load_model(model_spec)
     transform = eval_transform(model)
     train_ds, test_ds = _open_split(data, "train", transform), _open_split(data, "test", transform)
-    (train_chosen, bad_train), (test_chosen, bad_test) = (_readable(ds, None, max_unreadable) for ds in (train_ds, test_ds))
-    train_ds = train_ds if train_chosen is None else _Subset(train_ds, train_chosen)
-    test_ds = test_ds if test_chosen is None else _Subset(test_ds, test_chosen)
+    (train_ds, bad_train), (test_ds, bad_test) = (_readable_split(ds, max_unreadable) for ds in (train_ds, test_ds))
     start = time.perf_counter()
     train, test = _split_features(model, train_ds, test_ds, data=data, pooling=pooling, cache_dir=cache_dir,
                                   batch_size=extract_batch_size, device=dev, num_workers=num_workers)
