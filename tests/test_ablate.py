@@ -116,3 +116,13 @@ def test_a_grid_with_two_lrs_and_two_seeds_runs_four_folders_and_reports_mean_an
     lines = (tmp_path / "out" / "results.csv").read_text().splitlines()
     assert len(lines) == 1 + 4 and lines[0].startswith("name,run,method,mode,reduction,ratio,seed,")
     assert (tmp_path / "out" / "chart.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_shard_out_of_range_or_malformed_is_refused_before_any_run(tmp_path):
+    grid = ablate.Ablation(**_sweep_grid("bundled"))
+    with pytest.raises(UserError, match="--shard 3/2 is invalid"):
+        ablate.ablate(grid, tmp_path / "out", device="cpu", shard=(3, 2))
+    assert not (tmp_path / "out" / "runs").exists()
+    done = subprocess.run([sys.executable, "-m", "wecolora", "ablate", "--preset", "demo", "--quick", "--shard", "1of2",
+                           "--output", str(tmp_path / "cli")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--shard '1of2' is invalid" in done.stderr and "Traceback" not in done.stderr
