@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 # Tests never touch a model hub.
@@ -50,3 +51,24 @@ def probe_on_fixed_fashion_slice(teacher, **settings) -> dict:
     train_x, train_y = features.extract_features(teacher, train_slice, batch_size=500)
     test_x, test_y = features.extract_features(teacher, test_slice, batch_size=500)
     return train_linear_probe(train_x, train_y, test_x, test_y, num_classes=10, **settings)
+
+
+class Interrupted(Exception):
+    """Raised in place of a kill right after a run writes its first checkpoint."""
+
+
+@contextlib.contextmanager
+def interrupted_after_first_checkpoint(monkeypatch, module):
+    """Inside the block, the first checkpoint ``module`` saves is written and then the run stops, as if killed."""
+    real_save = module.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise Interrupted
+
+    monkeypatch.setattr(module, "save_checkpoint", save_then_die)
+    try:
+        with pytest.raises(Interrupted):
+            yield
+    finally:
+        monkeypatch.setattr(module, "save_checkpoint", real_save)

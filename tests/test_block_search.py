@@ -16,7 +16,7 @@ from wecolora.distill import distill
 from wecolora.errors import UserError
 from wecolora.vit import last_block_tokens
 
-from conftest import tiny_vit
+from conftest import interrupted_after_first_checkpoint, tiny_vit
 
 SRC = Path(wecolora.__file__).parent
 
@@ -250,20 +250,9 @@ def test_per_block_matching_follows_the_segments_of_any_list(teacher_dir, tmp_pa
 def test_a_resumed_search_run_reuses_its_recorded_choice(teacher_dir, tmp_path, monkeypatch):
     import wecolora.distill as distill_module
 
-    class Interrupted(Exception):
-        pass
-
-    real_save = distill_module.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise Interrupted
-
-    monkeypatch.setattr(distill_module, "save_checkpoint", save_then_die)
-    with pytest.raises(Interrupted):
+    with interrupted_after_first_checkpoint(monkeypatch, distill_module):
         distill(_config(teacher_dir, tmp_path / "run", keep="influence", epochs=2, warmup_epochs=1))
     chosen = _resolved(tmp_path / "run")["kept_blocks"]
-    monkeypatch.setattr(distill_module, "save_checkpoint", real_save)
 
     def no_search(*args, **kwargs):
         raise AssertionError("a resumed run must not search again")

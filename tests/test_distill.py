@@ -3,6 +3,7 @@ import math
 import pytest
 import timm
 import torch
+from conftest import interrupted_after_first_checkpoint
 from safetensors.torch import load_file
 
 import wecolora.distill as distill_module
@@ -68,23 +69,11 @@ def test_exported_student_loads_in_timm_and_matches_the_adapter_files(teacher_di
         assert not torch.allclose(plain(images), teacher(images), atol=1e-3)  # training changed something
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(teacher_dir, tmp_path, monkeypatch):
     distill(config(teacher_dir, tmp_path / "whole"))
 
-    real_save = distill_module.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise Interrupted
-
-    monkeypatch.setattr(distill_module, "save_checkpoint", save_then_die)
-    with pytest.raises(Interrupted):
+    with interrupted_after_first_checkpoint(monkeypatch, distill_module):
         distill(config(teacher_dir, tmp_path / "cut"))
-    monkeypatch.setattr(distill_module, "save_checkpoint", real_save)
     assert (tmp_path / "cut" / "checkpoint").is_dir()
     with pytest.raises(UserError, match="interrupted run"):
         distill(config(teacher_dir, tmp_path / "cut"))

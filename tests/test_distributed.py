@@ -19,6 +19,7 @@ import pytest
 import timm
 import torch
 import yaml
+from conftest import interrupted_after_first_checkpoint
 from safetensors.torch import load_file
 
 import wecolora.distill as distill_module
@@ -192,16 +193,8 @@ def test_only_the_student_is_trained_in_every_mode_on_two_processes(teacher_dir,
 
 
 def test_resuming_with_another_effective_batch_restarts_the_schedule_at_the_same_epoch(teacher_dir, tmp_path, monkeypatch):
-    real_save = distill_module.save_checkpoint
-
-    def save_then_stop(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise Stopped
-
-    monkeypatch.setattr(distill_module, "save_checkpoint", save_then_stop)
-    with pytest.raises(Stopped):
+    with interrupted_after_first_checkpoint(monkeypatch, distill_module):
         distill_module.distill(distill_config(teacher_dir, tmp_path / "run", batch_size=16))  # 3 updates an epoch
-    monkeypatch.setattr(distill_module, "save_checkpoint", real_save)
     config = distill_config(teacher_dir, tmp_path / "run", batch_size=8, resume="auto")  # 5 updates an epoch
     rows = distill_module.distill(config)["epochs"]
     assert [row["updates"] for row in rows] == [3, 10, 15]

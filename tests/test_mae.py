@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import probe_on_fixed_fashion_slice, tiny_vit
+from conftest import interrupted_after_first_checkpoint, probe_on_fixed_fashion_slice, tiny_vit
 from safetensors.torch import load_file
 
 from wecolora import augment, checks, cli, mae, vit
@@ -210,10 +210,6 @@ def mae_config(output, **overrides) -> PretrainConfig:
     return PretrainConfig(**{**settings, **overrides})
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_mae_pretraining_writes_a_headless_encoder_and_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain_module, "KNN_TRAIN", 1000)  # a smaller monitor: this test is about the run
     monkeypatch.setattr(pretrain_module, "KNN_TEST", 500)
@@ -227,16 +223,8 @@ def test_mae_pretraining_writes_a_headless_encoder_and_resumes_exactly(tmp_path,
     mean = model.pretrained_cfg["mean"][0]
     assert 0.1 < mean < 0.15  # measured on mnist-5k's train images, not a constant
 
-    real_save = pretrain_module.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise Interrupted
-
-    monkeypatch.setattr(pretrain_module, "save_checkpoint", save_then_die)
-    with pytest.raises(Interrupted):
+    with interrupted_after_first_checkpoint(monkeypatch, pretrain_module):
         pretrain(mae_config(tmp_path / "cut"))
-    monkeypatch.setattr(pretrain_module, "save_checkpoint", real_save)
     saved = load_file(str(tmp_path / "cut" / "checkpoint" / checks.CHECKPOINT_FILES[0]))
     assert any(k.startswith("decoder.") for k in saved) and any(k.startswith("encoder.") for k in saved)
     resumed = pretrain(mae_config(tmp_path / "cut", resume="auto"))
