@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 SCALE = (0.2, 1.0)  # the paper's (and MAE's) RandomResizedCrop area range
 RATIO = (3 / 4, 4 / 3)
+ATTEMPTS = 10  # torchvision's draws per box before its centred fallback
 
 
 def stream_seed(*keys: int) -> int:
@@ -28,11 +29,8 @@ def stream_seed(*keys: int) -> int:
 
 def sample_crop_boxes(n: int, height: int, width: int, *, scale: tuple[float, float] = SCALE,
                       ratio: tuple[float, float] = RATIO, generator: torch.Generator | None = None,
-                      attempts: int = 10) -> torch.Tensor:
+                      attempts: int = ATTEMPTS) -> torch.Tensor:
     """Crop boxes drawn like ``torchvision.transforms.RandomResizedCrop.get_params``, for ``n`` images at once.
-
-    Each image tries ``attempts`` (area, log-aspect) draws and takes the first whose box fits; if none
-    fits, the whole image clipped to the aspect range, centred (torchvision's fallback).
 
     Returns:
         ``[n, 4]`` float boxes ``(top, left, height, width)`` in pixels (integers, as torchvision's).
@@ -41,24 +39,43 @@ def sample_crop_boxes(n: int, height: int, width: int, *, scale: tuple[float, fl
     area = torch.empty(n, attempts, device=device).uniform_(*scale, generator=generator) * (height * width)
     log_ratio = torch.empty(n, attempts, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]),
                                                                 generator=generator)
+    offsets = torch.rand(n, 2, device=device, generator=generator)
+    return boxes_from_draws(area, log_ratio, offsets, height, width, ratio=ratio)
+
+
+def boxes_from_draws(area: torch.Tensor, log_ratio: torch.Tensor, offsets: torch.Tensor, height, width, *,
+                     ratio: tuple[float, float] = RATIO) -> torch.Tensor:
+    """torchvision's ``RandomResizedCrop.get_params`` given its random draws, for images of their own sizes.
+
+    Each image tries its (area, log-aspect) draws in turn and takes the first whose box fits; if none fits,
+    the whole image clipped to the aspect range, centred (torchvision's fallback).
+
+    Args:
+        area: ``[n, attempts]`` target areas in pixels (a uniform draw in the scale range times the image's area).
+        log_ratio: ``[n, attempts]`` log aspect ratios (width / height), uniform in the log of ``ratio``.
+        offsets: ``[n, 2]`` uniforms in [0, 1) choosing the top and left among the positions the box fits at
+            (as ``torch.randint(0, size - crop + 1)``).
+        height, width: the images' sizes, ``[n]`` tensors or numbers.
+
+    Returns:
+        ``[n, 4]`` boxes ``(top, left, height, width)`` in ``area``'s dtype, integer-valued.
+    """
+    n = area.shape[0]
+    height = torch.as_tensor(height, dtype=area.dtype, device=area.device).expand(n)
+    width = torch.as_tensor(width, dtype=area.dtype, device=area.device).expand(n)
     aspect = log_ratio.exp()
     w = (area * aspect).sqrt().round()
     h = (area / aspect).sqrt().round()
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # [n, attempts]
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])  # [n, attempts]
     first = fits.int().argmax(dim=1, keepdim=True)  # the first attempt that fits (0 when none does)
     w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(dim=1)
     # torchvision's fallback: the largest centred box whose aspect is inside the range.
     in_ratio = width / height
-    fallback_w, fallback_h = float(width), float(height)
-    if in_ratio < ratio[0]:
-        fallback_h = float(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        fallback_w = float(round(height * ratio[1]))
+    fallback_h = torch.where(in_ratio < ratio[0], (width / ratio[0]).round(), height)
+    fallback_w = torch.where(in_ratio > ratio[1], (height * ratio[1]).round(), width)
     w, h = torch.where(found, w, fallback_w), torch.where(found, h, fallback_h)
-    # Uniform integer offsets in [0, size - crop], as torch.randint(0, size - crop + 1).
-    u = torch.rand(n, 2, device=device, generator=generator)
-    top = torch.where(found, (u[:, 0] * (height - h + 1)).floor(), ((height - h) / 2).round())
-    left = torch.where(found, (u[:, 1] * (width - w + 1)).floor(), ((width - w) / 2).round())
+    top = torch.where(found, (offsets[:, 0] * (height - h + 1)).floor(), ((height - h) / 2).floor())
+    left = torch.where(found, (offsets[:, 1] * (width - w + 1)).floor(), ((width - w) / 2).floor())
     return torch.stack([top, left, h, w], dim=1)
 
 
