@@ -125,9 +125,17 @@ def load_rgb(path: str) -> Image.Image:
     try:
         with open(path, "rb") as f:
             return to_rgb(Image.open(f))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"image {path} cannot be read any more ({err}); it changed during the run: repair or "
-                        f"remove it and run again (--resume auto continues a distillation)") from None
+    except PIL_ERRORS as err:
+        raise no_longer_readable(path, err) from None
+
+
+PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises for a damaged file
+
+
+def no_longer_readable(path: str, err: BaseException) -> UserError:
+    """The error for an image that passed :func:`drop_unreadable` but cannot be read now."""
+    return UserError(f"image {path} cannot be read any more ({err}); it changed during the run: repair or "
+                     f"remove it and run again (--resume auto continues a distillation)")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
