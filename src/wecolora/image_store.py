@@ -1,0 +1,391 @@
+"""The few-shot subset decoded once into a memory-mapped uint8 store, and its augmented views made on the device.
+
+A per-image PIL pipeline (decode, RandomResizedCrop, flip, in DataLoader workers) feeds a GPU at a fraction of
+what it trains at. As FFCV does, the subset is instead decoded ONCE into a store of bounded size: each image in
+RGB, shrunk (antialiased, never enlarged) so that its short side is at most a little above the model's input
+size, at the top left of a canvas all images share. A training batch is a few canvas rows read from the memory
+map, then cropped, resized and flipped on the device by one ``grid_sample`` call (:mod:`wecolora.augment`), with
+each image's box and flip drawn as torchvision draws them from a generator seeded by (seed, view, image): view
+``v`` of image ``i`` is the same in any batch, order, worker or process, so the teacher cache stores tokens only.
+
+Layout: ``ROOT/<data fingerprint>-<bound>px/`` holds ``pixels.npy`` (``[n, 3, Hc, Wc]`` uint8: subset image
+``p`` at the top left of row ``p``, the rest of the row repeating the image's last row and column, so that the
+bicubic taps at its border read the border, as ``grid_sample``'s ``padding_mode="border"`` does),
+``sizes.npy`` (``[n, 2]``, each image's stored height and width) and ``meta.json``. The folder is built under a
+temporary name and renamed once complete, so a half-written store is never read, and every later run on the same
+subset (an ablation grid, a rerun) reuses it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import socket
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+from tqdm.auto import tqdm
+
+from . import augment, data
+from .errors import UserError
+from .files import CACHE_ENV, cache_folder
+from .teacher_cache import first_item, fingerprint_data, view_seed
+
+_logger = logging.getLogger(__name__)
+
+STORE_FORMAT = 1
+SIZE_MARGIN = 1.15  # stored short side / input size: the largest crops are shrunk a little, never enlarged much
+LONG_SIDE_LIMIT = 2  # x the bound: one panorama would otherwise widen every row of the shared canvas
+PIXELS, SIZES, META = "pixels.npy", "sizes.npy", "meta.json"
+
+
+def short_side_bound(input_size: int | tuple[int, int]) -> int:
+    """The largest short side an image keeps in the store, for a model taking ``input_size`` pixels.
+
+    >>> short_side_bound(224), short_side_bound((28, 28))
+    (258, 33)
+    """
+    side = max(input_size) if isinstance(input_size, (tuple, list)) else input_size
+    return math.ceil(SIZE_MARGIN * side)
+
+
+def stored_size(height: int, width: int, bound: int) -> tuple[int, int]:
+    """An image's size in the store: shrunk, never enlarged, to a short side of at most ``bound`` and a long
+    side of at most ``LONG_SIDE_LIMIT * bound``, keeping its aspect.
+
+    >>> stored_size(400, 300, 258), stored_size(28, 28, 258), stored_size(100, 1000, 50)
+    ((344, 258), (28, 28), (10, 100))
+    """
+    factor = min(1.0, bound / min(height, width), LONG_SIDE_LIMIT * bound / max(height, width))
+    if factor == 1.0:
+        return height, width
+    return max(1, round(height * factor)), max(1, round(width * factor))
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+
+
+class ImageStore:
+    """A complete store: ``pixels`` (``[n, 3, Hc, Wc]`` uint8, memory-mapped in each process on first use),
+    ``sizes`` (``[n, 2]`` stored height and width), ``canvas`` (Hc, Wc) and the short-side ``bound``."""
+
+    def __init__(self, folder: Path, meta: dict):
+        self.folder, self.meta = Path(folder), meta
+        self.canvas, self.bound = tuple(meta["canvas"]), meta["bound"]
+        self.sizes = np.load(self.folder / SIZES)
+        self._pixels = None
+
+    def __len__(self) -> int:
+        return self.meta["images"]
+
+    @property
+    def pixels(self) -> np.ndarray:
+        if self._pixels is None:
+            self._pixels = np.load(self.folder / PIXELS, mmap_mode="r")
+        return self._pixels
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pixels": None}  # a loader worker maps the file itself; a pickled map is a copy
+
+    def record(self) -> dict:
+        """What a run's ``config.yaml`` records of the store it read."""
+        return {"folder": str(self.folder), "images": len(self), "canvas": list(self.canvas), "bound": self.bound,
+                "mb": round(self.meta["bytes"] / 1e6, 1)}
+
+
+def open_store(dataset, indices, *, bound: int, cache_dir: str | os.PathLike | None = None, num_workers: int = 0,
+               progress: bool = False) -> ImageStore:
+    """The subset's store, built first (each image decoded once, in ``num_workers`` loader workers) if missing.
+
+    Args:
+        dataset: an image folder (``samples``: JPEGs decode with ``torchvision.io.decode_jpeg``, anything else
+            with PIL) or an in-memory dataset (``images``, grey uint8 ``[N, H, W]``: stored without decoding).
+        indices: the few-shot subset, its unreadable images already dropped (:func:`wecolora.data.drop_unreadable`).
+        bound: the largest stored short side (:func:`short_side_bound`); part of the store's key.
+        cache_dir: the folder of stores (default ``$WECOLORA_CACHE_DIR/images``, else ``~/.cache/wecolora/images``).
+        progress: show a progress bar while building.
+
+    Example:
+        >>> store = open_store(data.open_dataset("mnist-5k"), range(100), bound=33)  # doctest: +SKIP
+        >>> store.pixels.shape, store.sizes[0].tolist()  # doctest: +SKIP
+        ((100, 3, 28, 28), [28, 28])
+    """
+    indices = [int(i) for i in indices]
+    root = cache_folder("images", cache_dir)
+    fingerprint = fingerprint_data(dataset, indices)
+    folder = root / f"{fingerprint}-{bound}px"
+    store = _open(folder, len(indices), bound)
+    if store is None:
+        _build(folder, dataset, indices, bound, fingerprint=fingerprint, num_workers=num_workers, progress=progress)
+        store = _open(folder, len(indices), bound)
+    return store
+
+
+def _open(folder: Path, images: int, bound: int) -> ImageStore | None:
+    """The store in ``folder``; None if there is none, or a damaged one (then removed, to be built again)."""
+    if not (folder / META).is_file():
+        return None
+    try:
+        store = ImageStore(folder, json.loads((folder / META).read_text()))
+        complete = (store.meta.get("format") == STORE_FORMAT and store.bound == bound
+                    and store.pixels.shape == (images, 3, *store.canvas) and store.sizes.shape == (images, 2))
+    except (OSError, ValueError, KeyError) as err:
+        complete, store = False, err
+    if complete:
+        return store
+    _logger.warning("image store %s is damaged (%s); building it again", folder, store if isinstance(store, Exception)
+                    else "unexpected shape")
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+def _build(folder: Path, dataset, indices: list[int], bound: int, *, fingerprint: str, num_workers: int,
+           progress: bool) -> None:
+    """Decode the subset into ``folder``, under a temporary name renamed when complete."""
+    source = _Decoder(dataset, indices, bound)
+    shape = (len(indices), 3, *source.canvas)
+    nbytes = math.prod(shape)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_builds(folder.parent)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.{socket.gethostname()}-{os.getpid()}.",
+                                    suffix=".tmp"))
+    except OSError as err:
+        raise UserError(f"cannot create the image store in {folder.parent} ({err}); point {CACHE_ENV} at a "
+                        f"writable folder") from None
+    try:
+        pixels = np.lib.format.open_memmap(tmp / PIXELS, mode="w+", dtype=np.uint8, shape=shape)
+        try:  # reserve the blocks now: a full disk fails here, not later with SIGBUS on the memory map
+            with open(tmp / PIXELS, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            raise UserError(f"the image store of this subset needs {nbytes / 1e9:.2f} GB in {folder.parent} ({err}); "
+                            f"free space there or point {CACHE_ENV} at a folder with room") from None
+        loader = DataLoader(source, batch_size=None, num_workers=num_workers)  # in subset order
+        for position, row in enumerate(tqdm(loader, total=len(source), desc="image store", unit="image",
+                                            disable=not progress)):
+            if isinstance(row, UserError):  # raised here, not in the worker, to stay one line
+                raise row
+            pixels[position] = row.numpy()
+        pixels.flush()
+        del pixels
+        np.save(tmp / SIZES, source.sizes)
+        meta = {"format": STORE_FORMAT, "images": len(indices), "canvas": list(source.canvas), "bound": bound,
+                "bytes": nbytes, "data": fingerprint}
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        for path in tmp.iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(path, 0o644)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would keep a shared cache from other users
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / META).is_file():
+                raise
+            shutil.rmtree(tmp)  # another process built the same store meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _logger.info("image store: %d images on a %dx%d canvas (%.1f MB) in %s", len(indices), *source.canvas,
+                 nbytes / 1e6, folder)
+
+
+def _remove_dead_builds(root: Path) -> None:
+    """Delete half-built stores (``.NAME.HOST-PID.XXXX.tmp``) whose builder, a process of this host, died."""
+    host = socket.gethostname()
+    for tmp in root.glob(".*.tmp"):
+        match = re.fullmatch(r"\.[^.]+\.(.+)-(\d+)\.[^.]+\.tmp", tmp.name)
+        if not match or match.group(1) != host or int(match.group(2)) == os.getpid():
+            continue  # another machine's (it may be building) or ours
+        try:
+            os.kill(int(match.group(2)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass  # alive, owned by another user
+
+
+class _Decoder(torch.utils.data.Dataset):
+    """Item ``p``: subset image ``p`` as a uint8 canvas row ``[3, Hc, Wc]``, or the UserError reading it raised.
+
+    The stored sizes, and so the canvas, come from the files' headers (or the arrays' shape) before any decoding.
+    """
+
+    def __init__(self, dataset, indices: list[int], bound: int):
+        images = getattr(dataset, "images", None)
+        if isinstance(images, np.ndarray):  # data.ArrayDataset: grey [N, H, W]
+            self.arrays, self.paths = images, None
+            self.indices = indices
+            headers = [(*images.shape[1:3], False)] * len(indices)
+        else:  # an image folder
+            self.arrays, self.paths = None, [dataset.samples[i][0] for i in indices]
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                headers = list(pool.map(_header, self.paths))
+        self.jpeg = [jpeg for _, _, jpeg in headers]
+        self.sizes = np.array([stored_size(h, w, bound) for h, w, _ in headers], dtype=np.int64).reshape(-1, 2)
+        self.canvas = tuple(int(s) for s in self.sizes.max(axis=0)) if len(headers) else (1, 1)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, position: int) -> torch.Tensor | UserError:
+        try:
+            image = self._read(position)
+        except UserError as err:
+            return err
+        height, width = (int(s) for s in self.sizes[position])
+        if image.shape[1:] != (height, width):
+            image = shrink(image, height, width)
+        return on_canvas(image, self.canvas)
+
+    def _read(self, position: int) -> torch.Tensor:
+        """The image as it is, uint8 RGB ``[3, H, W]``."""
+        if self.arrays is not None:
+            return torch.from_numpy(np.array(self.arrays[self.indices[position]]))[None].expand(3, -1, -1)
+        path = self.paths[position]
+        if self.jpeg[position]:
+            from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+            try:
+                return decode_jpeg(read_file(path), mode=ImageReadMode.RGB)
+            except RuntimeError:
+                pass  # an odd JPEG that PIL may still read
+        return torch.from_numpy(np.array(data.load_rgb(path))).permute(2, 0, 1)  # HWC -> CHW
+
+
+def _header(path: str) -> tuple[int, int, bool]:
+    """``(height, width, whether torchvision decodes it: a YCbCr/RGB JPEG)`` from a file's header."""
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width, img.format == "JPEG" and img.mode == "RGB"
+    except data.PIL_ERRORS as err:
+        raise data.no_longer_readable(path, err) from None
+
+
+def shrink(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` resized down to ``(height, width)``: antialiased bicubic, PIL's filter (a = -0.5)."""
+    x = F.interpolate(image[None].float(), size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+    return x[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def on_canvas(image: torch.Tensor, canvas: tuple[int, int]) -> torch.Tensor:
+    """uint8 ``[3, h, w]`` at the top left of a ``[3, *canvas]`` row whose rest repeats its last row and column."""
+    _, height, width = image.shape
+    padded = np.pad(image.numpy(), ((0, 0), (0, canvas[0] - height), (0, canvas[1] - width)), mode="edge")
+    return torch.from_numpy(padded)
+
+
+# ---------------------------------------------------------------------------------------------
+# Views made on the device
+
+
+def view_params(seed: int, view: int, indices, sizes, *, scale: tuple[float, float] = augment.SCALE,
+                ratio: tuple[float, float] = augment.RATIO, hflip: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The crop boxes and flips of view ``view`` of dataset images ``indices`` whose stored sizes are ``sizes``.
+
+    Image ``i`` draws from its own generator, ``numpy.random.default_rng(view_seed(seed, view, i))``: 23 uniforms
+    in [0, 1), ``u[0:10]`` the area fractions (``scale[0] + (scale[1] - scale[0]) * u``) and ``u[10:20]`` the log
+    aspects of torchvision's 10 attempts, ``u[20]`` and ``u[21]`` the top and left, ``u[22] < hflip`` the flip.
+    The box then follows ``torchvision.transforms.RandomResizedCrop.get_params`` exactly
+    (:func:`wecolora.augment.boxes_from_draws`, float64), relative to the image's stored size. A view thus
+    depends on neither the batch it is in, nor its order, nor the process.
+
+    Returns:
+        ``(boxes [n, 4] float32 (top, left, height, width) in pixels, flips [n] bool)``.
+
+    Example:
+        >>> boxes, flips = view_params(0, 1, [5, 9], [[28, 28], [258, 344]])
+        >>> boxes.shape, flips.dtype
+        (torch.Size([2, 4]), torch.bool)
+    """
+    attempts = augment.ATTEMPTS
+    draws = np.array([np.random.default_rng(view_seed(seed, view, int(i))).random(2 * attempts + 3) for i in indices],
+                     dtype=np.float64).reshape(-1, 2 * attempts + 3)
+    u = torch.from_numpy(draws)
+    height, width = torch.as_tensor(np.asarray(sizes, dtype=np.float64).reshape(-1, 2)).unbind(1)
+    area = (scale[0] + (scale[1] - scale[0]) * u[:, :attempts]) * (height * width)[:, None]
+    low, high = torch.log(torch.tensor(ratio)).tolist()  # float32 logs, as torchvision's get_params
+    log_ratio = low + (high - low) * u[:, attempts:2 * attempts]
+    boxes = augment.boxes_from_draws(area, log_ratio, u[:, 2 * attempts:2 * attempts + 2], height, width, ratio=ratio)
+    return boxes.float(), u[:, 2 * attempts + 2] < hflip
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """The paper's augmentation of stored images, made on the device: RandomResizedCrop (scale 0.2-1, aspect
+    3/4-4/3, bicubic) to the model's input size, a horizontal flip with probability 0.5, the model's mean/std.
+
+    Its ``repr`` names the views in the teacher cache's key (with ``bound``: views are cut from the store).
+    """
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    bound: int
+    scale: tuple[float, float] = augment.SCALE
+    ratio: tuple[float, float] = augment.RATIO
+    hflip: float = 0.5
+
+    @classmethod
+    def for_model(cls, model) -> ViewRecipe:
+        """The recipe at the model's own input size and mean/std (its preprocessing config)."""
+        cfg = data.data_config(model)
+        size = tuple(int(s) for s in cfg["input_size"][1:])
+        return cls(size, tuple(float(m) for m in cfg["mean"]), tuple(float(s) for s in cfg["std"]),
+                   short_side_bound(size))
+
+    def params(self, seed: int, view: int, indices, sizes) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`view_params` with this recipe's scale, aspect range and flip probability."""
+        return view_params(seed, view, indices, sizes, scale=self.scale, ratio=self.ratio, hflip=self.hflip)
+
+    def apply(self, pixels: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """uint8 canvas rows ``[B, 3, Hc, Wc]`` -> normalised float32 views ``[B, 3, *size]``, on their device."""
+        x = augment.crop_resize(pixels.float().div_(255), boxes, self.size, flip=flips).clamp_(0, 1)
+        return augment.normalize(x, self.mean, self.std)
+
+
+class StoreBatches(torch.utils.data.Dataset):
+    """One view of the subset, indexed by a LIST of subset positions (one call per batch, in a loader worker).
+
+    An item is a dict: ``pixels`` (uint8 canvas rows ``[B, 3, Hc, Wc]``), ``positions`` ``[B]``, ``boxes``
+    ``[B, 4]`` and ``flips`` ``[B]`` (the view, cut on the device by :meth:`ViewRecipe.apply`) and, when the
+    view is in the teacher ``cache``, ``tokens`` (one ``[B, N, D]`` tensor per matched block, in the cache dtype).
+    """
+
+    def __init__(self, store: ImageStore, indices, recipe: ViewRecipe, *, seed: int, view: int, cache=None):
+        self.store, self.indices, self.recipe = store, np.asarray(indices, dtype=np.int64), recipe
+        self.seed, self.view, self.cache = seed, view, cache
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, positions) -> dict:
+        rows = np.asarray(positions, dtype=np.int64).reshape(-1)  # accelerate nests the sampler's list once more
+        boxes, flips = self.recipe.params(self.seed, self.view, self.indices[rows], self.store.sizes[rows])
+        batch = {"pixels": torch.from_numpy(self.store.pixels[rows]), "positions": torch.from_numpy(rows),
+                 "boxes": boxes, "flips": flips}
+        if self.cache is not None:
+            batch["tokens"] = self.cache.tokens(self.view, batch["positions"])
+        return batch
+
+
+def store_loader(batches: StoreBatches, batch_size: int, generator: torch.Generator, *, num_workers: int = 0,
+                 pin_memory: bool = False) -> DataLoader:
+    """Batches of ``batches`` in the order a per-image ``DataLoader(batch_size, RandomSampler(generator))`` gives.
+
+    ``accelerator.prepare_data_loader`` shards it across processes like any loader.
+    """
+    sampler = BatchSampler(RandomSampler(range(len(batches)), generator=generator), batch_size, drop_last=False)
+    return DataLoader(batches, sampler=sampler, batch_size=1, collate_fn=first_item, generator=generator,
+                      num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False)

@@ -1,0 +1,287 @@
+"""Tests for wecolora.image_store: the decoded store, the seeded view parameters, and views cut on the device."""
+import json
+import multiprocessing
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+import wecolora.image_store as image_store
+from conftest import tiny_vit
+from wecolora import data
+from wecolora.errors import UserError
+from wecolora.teacher_cache import view_seed
+
+SIZES = [(28, 28), (258, 344), (344, 258), (10, 200), (200, 10), (33, 31)]  # the last four hit the fallback too
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    try:
+        return data.open_dataset("fashion-mnist", "train")
+    except UserError as err:
+        pytest.skip(str(err))
+
+
+def smooth_rgb(height: int, width: int, seed: int) -> Image.Image:
+    """A textured photo-like image: coarse random colours upsampled smoothly, with one sharp-edged block."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (height // 10, width // 10, 3), dtype=np.uint8))
+    pixels = np.array(coarse.resize((width, height), Image.BICUBIC))
+    pixels[height // 4: height // 2, width // 3: width // 2] = (250, 20, 40)
+    return Image.fromarray(pixels)
+
+
+def image_folder(root, files: dict) -> data.ImageFolderSplit:
+    """A one-class image folder holding ``files`` (name -> PIL image, saved by its extension)."""
+    (root / "a").mkdir(parents=True)
+    for name, image in files.items():
+        image.save(root / "a" / name, **({"quality": 95} if name.endswith(".jpg") else {}))
+    return data.open_dataset(str(root))
+
+
+# ---------------------------------------------------------------------------------------------
+# View parameters
+
+
+class SeededTorch:
+    """``torch`` as torchvision's ``get_params`` sees it, its draws taken from view_params' documented layout."""
+
+    def __init__(self, u: np.ndarray):
+        self.u, self.uniforms, self.integers = u, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def empty(self, *size):
+        return self
+
+    def uniform_(self, low, high):  # attempt k draws its area fraction u[k], then its log aspect u[10 + k]
+        k, self.uniforms = self.uniforms, self.uniforms + 1
+        u = self.u[k // 2] if k % 2 == 0 else self.u[10 + k // 2]
+        return torch.tensor([float(low) + (float(high) - float(low)) * u], dtype=torch.float64)
+
+    def randint(self, low, high, size):  # top from u[20], left from u[21]
+        u, self.integers = self.u[20 + self.integers], self.integers + 1
+        return torch.tensor([low + int(u * (high - low))])
+
+
+def test_view_params_are_torchvisions_get_params_on_the_seeded_draws(monkeypatch):
+    indices = np.arange(0, 600, 7)
+    sizes = np.array([SIZES[i % len(SIZES)] for i in range(len(indices))])
+    boxes, flips = image_store.view_params(3, 2, indices, sizes)
+    fallbacks = 0
+    for index, (height, width), box, flip in zip(indices, sizes, boxes.tolist(), flips.tolist()):
+        u = np.random.default_rng(view_seed(3, 2, int(index))).random(23)
+        fake = SeededTorch(u)
+        monkeypatch.setattr(T.transforms, "torch", fake)
+        expected = T.RandomResizedCrop.get_params(torch.empty(3, height, width), [0.2, 1.0], [3 / 4, 4 / 3])
+        monkeypatch.undo()
+        assert tuple(int(v) for v in box) == expected, (index, height, width)
+        assert flip == (u[22] < 0.5)
+        fallbacks += fake.integers == 0
+    assert 0 < fallbacks < len(indices)  # both branches of get_params were compared
+    assert 0.3 < flips.float().mean() < 0.7
+
+
+def test_a_view_ignores_the_batch_its_order_and_the_process():
+    indices, sizes = np.array([5, 900, 17, 3]), np.array([[28, 28], [258, 344], [40, 30], [28, 28]])
+    boxes, flips = image_store.view_params(0, 1, indices, sizes)
+    order = [2, 0, 3]
+    part_boxes, part_flips = image_store.view_params(0, 1, indices[order], sizes[order])
+    assert torch.equal(part_boxes, boxes[order]) and torch.equal(part_flips, flips[order])
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # a new interpreter, as another process of a run
+        other_boxes, other_flips = pool.apply(image_store.view_params, (0, 1, indices, sizes))
+    assert torch.equal(other_boxes, boxes) and torch.equal(other_flips, flips)
+    next_view, _ = image_store.view_params(0, 2, indices, sizes)
+    other_seed, _ = image_store.view_params(1, 1, indices, sizes)
+    assert not torch.equal(next_view, boxes) and not torch.equal(other_seed, boxes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device views against the PIL path
+
+
+def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
+
+
+def test_device_views_of_fashion_mnist_match_torchvisions_pil_crop(fashion, tmp_path):
+    indices = list(range(0, 6400, 100))
+    recipe = image_store.ViewRecipe((224, 224), (0.0,) * 3, (1.0,) * 3, bound=258)  # identity normalisation
+    store = image_store.open_store(fashion, indices, bound=recipe.bound, cache_dir=tmp_path)
+    assert store.canvas == (28, 28)  # never enlarged: 28 -> 224 happens in the crop
+    positions = np.arange(len(indices))
+    boxes, flips = recipe.params(0, 0, np.array(indices), store.sizes)
+    pixels = torch.from_numpy(store.pixels[positions])
+    views = recipe.apply(pixels, boxes, flips) * 255
+    shifted = boxes + torch.tensor([0.0, 1.0, 0.0, 0.0])
+    misplaced = recipe.apply(pixels, shifted, flips) * 255
+    errors, misplaced_errors = [], []
+    for p, index in enumerate(indices):
+        top, left, height, width = (int(v) for v in boxes[p])
+        expected = TF.resized_crop(fashion[index][0], top, left, height, width, [224, 224], InterpolationMode.BICUBIC)
+        expected = _pil_to_tensor(TF.hflip(expected) if flips[p] else expected)
+        errors.append((views[p] - expected).abs().mean().item())
+        misplaced_errors.append((misplaced[p] - expected).abs().mean().item())
+    # Upsampled 8x, PIL's bicubic (a = -0.5) and grid_sample's (a = -0.75) differ by about 1.2 grey levels on
+    # these images; PIL's uint8 rounding adds 0.25, and PIL resamples the crop alone (its taps stop at the box)
+    # where grid_sample reads the pixels around it. Measured: 1.8 on average, 3.8 at most. A box one pixel
+    # off would give about 23.
+    assert np.mean(errors) < 2.5 and max(errors) < 5
+    assert np.mean(misplaced_errors) > 10
+
+
+def test_device_views_of_a_downscaled_jpeg_match_pil_on_the_original(tmp_path):
+    dataset = image_folder(tmp_path / "data", {f"{k}.jpg": smooth_rgb(300, 400, k) for k in range(4)})
+    recipe = image_store.ViewRecipe((224, 224), (0.0,) * 3, (1.0,) * 3, bound=258)
+    store = image_store.open_store(dataset, range(4), bound=recipe.bound, cache_dir=tmp_path / "stores")
+    assert store.sizes.tolist() == [[258, 344]] * 4
+    boxes, flips = recipe.params(0, 0, np.arange(4), store.sizes)
+    views = recipe.apply(torch.from_numpy(store.pixels[np.arange(4)]), boxes, flips) * 255
+    for p in range(4):
+        original = data.load_rgb(dataset.samples[p][0])
+        top, left, height, width = boxes[p].tolist()
+        sy, sx = 300 / 258, 400 / 344  # the box on the original image: the same region
+        expected = original.resize((224, 224), Image.BICUBIC, box=(left * sx, top * sy, (left + width) * sx,
+                                                                     (top + height) * sy))
+        expected = _pil_to_tensor(TF.hflip(expected) if flips[p] else expected)
+        # Shrunk once (antialiased, into the store), then resampled: measured 0.6 grey levels from PIL's one resample.
+        assert (views[p] - expected).abs().mean() < 1.5
+
+
+def test_the_recipe_follows_the_model_and_normalises_with_its_mean_and_std():
+    model = tiny_vit(depth=1, img_size=28, patch_size=7)
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.2, 0.3, 0.4), "std": (0.5, 0.5, 0.25)}
+    recipe = image_store.ViewRecipe.for_model(model)
+    assert (recipe.size, recipe.bound, recipe.mean) == ((28, 28), 33, (0.2, 0.3, 0.4))
+    flat = torch.full((2, 3, 28, 28), 102, dtype=torch.uint8)
+    views = recipe.apply(flat, torch.tensor([[0.0, 0.0, 28.0, 28.0], [3.0, 4.0, 10.0, 12.0]]), torch.tensor([True, False]))
+    expected = (torch.tensor([0.4, 0.4, 0.4]) - torch.tensor(recipe.mean)) / torch.tensor(recipe.std)
+    torch.testing.assert_close(views.mean(dim=(2, 3)), expected.expand(2, 3), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+
+
+class Counting:
+    """Counts calls to the store's two decoders."""
+
+    def __init__(self, monkeypatch):
+        import torchvision.io
+
+        self.calls = {"decode_jpeg": 0, "load_rgb": 0}
+        for module, name in ((torchvision.io, "decode_jpeg"), (data, "load_rgb")):
+            real = getattr(module, name)
+            monkeypatch.setattr(module, name, self._counted(name, real))
+
+    def _counted(self, name, real):
+        def call(*args, **kwargs):
+            self.calls[name] += 1
+            return real(*args, **kwargs)
+        return call
+
+
+def test_jpegs_decode_with_torchvision_and_the_rest_with_pil_to_pils_pixels(tmp_path, monkeypatch):
+    grey = Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 30), dtype=np.uint8))
+    files = {"photo.jpg": smooth_rgb(40, 50, 0), "lossless.png": smooth_rgb(30, 40, 1), "grey.jpg": grey}
+    dataset = image_folder(tmp_path / "data", files)
+    counting = Counting(monkeypatch)
+    store = image_store.open_store(dataset, range(3), bound=100, cache_dir=tmp_path / "stores")
+    assert counting.calls == {"decode_jpeg": 1, "load_rgb": 2}  # grey JPEGs and PNGs go through PIL
+    assert store.canvas == (40, 50) and store.pixels.dtype == np.uint8
+    for p, (path, _) in enumerate(dataset.samples):
+        expected = np.array(Image.open(path).convert("RGB")).transpose(2, 0, 1)
+        height, width = store.sizes[p]
+        row = store.pixels[p]
+        assert np.array_equal(row[:, :height, :width], expected), path  # libjpeg-turbo decodes alike in both
+        # The canvas beyond the image repeats its last row and column.
+        assert np.array_equal(row[:, :height, width:], np.repeat(expected[:, :, -1:], 50 - width, axis=2))
+        assert np.array_equal(row[:, height:, :], np.repeat(row[:, height - 1:height, :], 40 - height, axis=1))
+
+
+def test_the_bound_shrinks_large_images_antialiased_and_a_second_open_decodes_nothing(tmp_path, monkeypatch):
+    files = {"wide.jpg": smooth_rgb(300, 400, 0), "tall.png": smooth_rgb(500, 200, 1), "small.png": smooth_rgb(50, 60, 2)}
+    dataset = image_folder(tmp_path / "data", files)
+    counting = Counting(monkeypatch)
+    store = image_store.open_store(dataset, range(3), bound=100, cache_dir=tmp_path / "stores")
+    by_name = dict(zip((p.rsplit("/", 1)[1] for p, _ in dataset.samples), store.sizes.tolist()))
+    # Short side at most 100; the 2.5:1 image also meets the long-side limit (200); never enlarged.
+    assert by_name == {"wide.jpg": [100, 133], "tall.png": [200, 80], "small.png": [50, 60]}
+    assert store.canvas == (200, 133)
+    wide = [p for p, (path, _) in enumerate(dataset.samples) if path.endswith("wide.jpg")][0]
+    expected = np.array(data.load_rgb(dataset.samples[wide][0]).resize((133, 100), Image.BICUBIC)).transpose(2, 0, 1)
+    assert np.abs(store.pixels[wide][:, :100, :133].astype(int) - expected).mean() < 1  # PIL's antialiased shrink
+    meta = json.loads((store.folder / "meta.json").read_text())
+    assert meta["bytes"] == 3 * 3 * 200 * 133 and store.record()["canvas"] == [200, 133]
+
+    calls = dict(counting.calls)
+    again = image_store.open_store(dataset, range(3), bound=100, cache_dir=tmp_path / "stores")
+    assert counting.calls == calls and again.folder == store.folder  # reused, not decoded again
+    other = image_store.open_store(dataset, range(3), bound=120, cache_dir=tmp_path / "stores")
+    assert other.folder != store.folder and counting.calls != calls  # another bound is another store
+    assert sorted(p.name for p in (tmp_path / "stores").iterdir()) == sorted([store.folder.name, other.folder.name])
+
+
+def test_in_memory_images_are_stored_as_they_are(tmp_path):
+    digits = data.open_dataset("mnist-5k", "train")
+    indices = [3, 50, 700]
+    store = image_store.open_store(digits, indices, bound=33, num_workers=0, cache_dir=tmp_path)
+    assert store.pixels.shape == (3, 3, 28, 28) and store.sizes.tolist() == [[28, 28]] * 3
+    for p, index in enumerate(indices):
+        assert np.array_equal(store.pixels[p], np.repeat(digits.images[index][None], 3, axis=0))
+
+
+def test_a_damaged_image_stops_the_build_with_the_loaders_error_and_leaves_nothing(tmp_path):
+    dataset = image_folder(tmp_path / "data", {"good.jpg": smooth_rgb(40, 50, 0), "bad.jpg": smooth_rgb(40, 50, 1)})
+    bad = next(path for path, _ in dataset.samples if path.endswith("bad.jpg"))
+    with open(bad, "r+b") as f:  # the header reads; the pixels are cut short
+        f.truncate(f.seek(0, 2) // 2)
+    with pytest.raises(UserError, match=r"image .*bad.jpg cannot be read any more") as err:
+        image_store.open_store(dataset, range(2), bound=100, cache_dir=tmp_path / "stores", num_workers=1)
+    assert "\n" not in str(err.value)
+    assert not list((tmp_path / "stores").iterdir())  # no store, no half-written temporary folder
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    with pytest.raises(UserError, match=r"bad.jpg cannot be read any more"):
+        image_store.open_store(dataset, range(2), bound=100, cache_dir=tmp_path / "stores")
+
+
+def test_half_built_stores_of_dead_builders_are_removed(tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    child = subprocess.Popen(["true"])  # its pid is free once it has exited
+    child.wait()
+    host = socket.gethostname()
+    dead = tmp_path / f".abc-33px.{host}-{child.pid}.x_1.tmp"
+    alive = tmp_path / f".abc-33px.{host}-{os.getppid()}.x_2.tmp"
+    elsewhere = tmp_path / f".abc-33px.other.host-{child.pid}.x_3.tmp"
+    for folder in (dead, alive, elsewhere):
+        folder.mkdir()
+    image_store.open_store(data.open_dataset("mnist-5k", "train"), [0, 1], bound=33, cache_dir=tmp_path)
+    assert not dead.exists() and alive.exists() and elsewhere.exists()
+
+
+def test_store_batches_carry_the_rows_and_their_view():
+    digits = data.open_dataset("mnist-5k", "train")
+    indices = [3, 50, 700, 9]
+    store = image_store.open_store(digits, indices, bound=33)
+    recipe = image_store.ViewRecipe((28, 28), (0.5,) * 3, (0.5,) * 3, bound=33)
+    batches = image_store.StoreBatches(store, indices, recipe, seed=4, view=1)
+    batch = batches[[[2, 0]]]  # accelerate nests the sampler's list once more
+    assert batch["positions"].tolist() == [2, 0] and batch["pixels"].shape == (2, 3, 28, 28)
+    boxes, flips = image_store.view_params(4, 1, [700, 3], [[28, 28]] * 2)
+    assert torch.equal(batch["boxes"], boxes) and torch.equal(batch["flips"], flips) and "tokens" not in batch
+    generator = torch.Generator().manual_seed(0)
+    order = [b["positions"].tolist() for b in image_store.store_loader(batches, 3, generator)]
+    generator.manual_seed(0)
+    per_image = torch.utils.data.DataLoader(range(4), batch_size=3, generator=generator,
+                                            sampler=torch.utils.data.RandomSampler(range(4), generator=generator))
+    assert order == [b.tolist() for b in per_image]  # the batches the per-image loader gives
