@@ -539,7 +539,7 @@ def test_a_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tea
     with pytest.raises(UserError) as err:
         distill_module.distill(config(teacher_dir, tmp_path / "run"))
     message = str(err.value)
-    assert "the loss became nan at epoch 2, step 3" in message
+    assert "the loss became nan at epoch 2, by step 5 (it is checked every 10 steps)" in message
     assert f"the checkpoint after epoch 1 is kept in {tmp_path / 'run' / 'checkpoint'}" in message
     assert snapshot(tmp_path / "run" / "checkpoint") == saved  # epoch 1's checkpoint, untouched
     assert not (tmp_path / "run" / "student").exists()

@@ -1,14 +1,12 @@
-"""Tests for wecolora.teacher_cache: reproducible views, cache keys, atomic views, and distillation with the cache."""
-import random
+"""Tests for wecolora.teacher_cache: cache keys, atomic views, and distillation with the cache."""
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from torchvision import transforms as T
-
 import wecolora.distill as distill_module
-from wecolora import data, losses, teacher_cache, vit
+from wecolora import data, image_store, losses, teacher_cache, vit
 from wecolora.config import DistillConfig
 from wecolora.distill import distill
 from wecolora.student import build_student
@@ -27,55 +25,11 @@ def digits():
 
 
 def _key_args(teacher, dataset, **overrides):
-    args = dict(teacher=teacher, dataset=dataset, indices=list(range(0, 400, 10)), transform=data.train_transform(teacher),
+    args = dict(teacher=teacher, dataset=dataset, indices=list(range(0, 400, 10)),
+                transform=image_store.ViewRecipe.for_model(teacher),
                 seed=0, teacher_blocks=[5], norm=False, precision="fp32")
     args.update(overrides)
     return args
-
-
-# ---------------------------------------------------------------------------------------------
-# Views
-
-
-def test_a_view_is_reproducible_and_views_differ(teacher28, digits):
-    transform = data.train_transform(teacher28)
-    views = teacher_cache.ViewDataset(digits, [3, 50, 700], transform, seed=0)
-    torch.manual_seed(123)
-    random.seed(123)
-    before = torch.rand(1), random.random()
-    torch.manual_seed(123)
-    random.seed(123)
-    first = [views[p][0] for p in range(3)]
-    assert (torch.rand(1), random.random()) == before  # the caller's RNG streams are left as they were
-    again = teacher_cache.ViewDataset(digits, [3, 50, 700], transform, seed=0)
-    assert all(torch.equal(a, again[p][0]) for p, a in enumerate(first))
-    assert views[1][1] == 1 and first[0].dtype == torch.uint8 and first[0].shape == (3, 28, 28)
-    views.view = 1
-    assert not all(torch.equal(a, views[p][0]) for p, a in enumerate(first))
-    other_seed = teacher_cache.ViewDataset(digits, [3, 50, 700], transform, seed=1)
-    assert not all(torch.equal(a, other_seed[p][0]) for p, a in enumerate(first))
-
-
-def test_uint8_views_normalise_to_exactly_what_the_whole_transform_gives(teacher28, digits):
-    transform = data.train_transform(teacher28)
-    views = teacher_cache.ViewDataset(digits, [5, 6, 7, 8], transform, seed=3, view=2)
-    batch = torch.stack([views[p][0] for p in range(4)])
-    expected = []
-    for index in [5, 6, 7, 8]:  # the full transform (ToTensor + Normalize included) under the same seeds
-        seed = teacher_cache.view_seed(3, 2, index)
-        random.seed(seed)
-        torch.default_generator.manual_seed(seed)
-        expected.append(transform(digits[index][0]))
-    assert torch.equal(views.uint8.normalize(batch), torch.stack(expected))
-
-
-def test_a_transform_that_does_not_split_gives_float_views(teacher28, digits):
-    transform = T.Compose([T.RandomHorizontalFlip(), T.ToTensor()])
-    assert teacher_cache.split_transform(transform) is None
-    views = teacher_cache.ViewDataset(digits, [0, 1], transform, seed=0)
-    image, position = views[1]
-    assert views.uint8 is None and image.dtype == torch.float32 and position == 1
-    assert torch.equal(image, views[1][0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,8 +38,8 @@ def test_a_transform_that_does_not_split_gives_float_views(teacher28, digits):
 
 KEY_CHANGES = {
     # what changes: overrides of _key_args
-    "transform": lambda t: dict(transform=T.Compose([*data.train_transform(t).transforms[:1],
-                                                     T.RandomHorizontalFlip(0.2), *data.train_transform(t).transforms[2:]])),
+    "views": lambda t: dict(transform=dataclasses.replace(image_store.ViewRecipe.for_model(t), hflip=0.2)),
+    "image store bound": lambda t: dict(transform=dataclasses.replace(image_store.ViewRecipe.for_model(t), bound=40)),
     "subset": lambda t: dict(indices=list(range(1, 400, 10))),
     "seed": lambda t: dict(seed=1),
     "blocks": lambda t: dict(teacher_blocks=[2, 5]),
@@ -160,8 +114,6 @@ def test_a_view_is_complete_only_once_every_row_is_written(tmp_path, teacher28, 
             assert torch.equal(torch.from_numpy(np.array(tokens[p, b])).float(), expected[b])
     picked = cache.tokens(0, torch.tensor([5, 0]))
     assert len(picked) == 2 and torch.equal(picked[1][0].float(), written[5][0][1])
-    batch = teacher_cache.CachedViews(images, tokens, cache.dtype)[[[2, 4]]]  # accelerate nests the list
-    assert batch[0].shape == (2, 3, 4, 4) and batch[1].tolist() == [2, 4] and batch[2].shape == (2, 2, 5, 8)
 
 
 def test_bf16_views_round_trip(tmp_path, teacher28, digits):
@@ -211,7 +163,7 @@ def test_a_warm_run_never_calls_the_teacher_and_ends_where_the_cold_run_did(teac
     cold = distill(_config(teacher_dir, tmp_path / "cold", tmp_path / "cache"))
     entries = list((tmp_path / "cache").iterdir())
     assert len(entries) == 1 and sorted(p.name for p in entries[0].glob("view*")) == [
-        "view0000.images.npy", "view0000.tokens.npy", "view0001.images.npy", "view0001.tokens.npy"]
+        "view0000.tokens.npy", "view0001.tokens.npy"]  # tokens only: views are cut again from the image store
 
     real = vit.last_block_tokens
     calls = []
@@ -236,16 +188,16 @@ def test_a_warm_run_never_calls_the_teacher_and_ends_where_the_cold_run_did(teac
 
 
 def test_the_cached_loss_equals_the_recomputed_teacher_loss_on_the_same_views(teacher28, digits, tmp_path):
-    transform = data.train_transform(teacher28)
+    recipe = image_store.ViewRecipe.for_model(teacher28)
     indices = list(range(0, 4000, 250))
-    views = teacher_cache.ViewDataset(digits, indices, transform, seed=0, view=1)
+    store = image_store.open_store(digits, indices, bound=recipe.bound)
     cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=indices))
     student = build_student(teacher28, 2, mode="wecolora", rank=4)
-    loader = torch.utils.data.DataLoader(views, batch_size=5, shuffle=True)
+    batches = image_store.StoreBatches(store, indices, recipe, seed=0, view=1)
     writer = cache.writer(1, len(indices))
     fresh = []
-    for images, positions in loader:
-        images = views.uint8.normalize(images)
+    for batch in image_store.store_loader(batches, 5, torch.Generator().manual_seed(0)):
+        images, positions = recipe.apply(batch["pixels"], batch["boxes"], batch["flips"]), batch["positions"]
         with torch.no_grad():
             targets = vit.last_block_tokens(teacher28, images, [5])
             writer.write(positions, targets, None)
@@ -320,7 +272,7 @@ def test_fewer_views_than_epochs_reuse_them_within_one_run(teacher_dir, tmp_path
     assert sum(teacher_steps) == 80  # one pass over the 80 images: epochs 2 and 3 read view 0
     assert len(result["epochs"]) == 3
     (entry,) = (tmp_path / "cache").iterdir()
-    assert sorted(p.name for p in entry.glob("view*")) == ["view0000.images.npy", "view0000.tokens.npy"]
+    assert sorted(p.name for p in entry.glob("view*")) == ["view0000.tokens.npy"]
 
 
 def test_temporary_files_of_dead_writers_are_removed(tmp_path, teacher28, digits):

@@ -8,8 +8,9 @@ again), so that a busy spell of a shared machine hits every line alike; each lin
    run at every step, one unfused low-rank module per projection added on top of the frozen fused qkv
    and the other linears, as the authors' code does) against wecolora's own training step
    (:func:`wecolora.distill.train_one_epoch` with the lean adapter path and the teacher cache, cold:
-   teacher run and tokens stored; warm: tokens and images read back), in fp32 and, where the hardware
-   has fast bf16 (CUDA, or a CPU with AVX-512 BF16 / AMX), in bf16 autocast;
+   teacher run and tokens stored; warm: tokens read back; both cut their views from the image store on
+   the device), in fp32 and, where the hardware has fast bf16 (CUDA, or a CPU with AVX-512 BF16 / AMX),
+   in bf16 autocast;
 2. inference images/s of the teacher, of the unmerged adapter students and of the merged students
    (r = 2 and 3), fp32;
 3. peak memory of each (tensor allocations during one step or forward: the profiler on the CPU,
@@ -35,9 +36,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
-from . import adapters, data, losses, teacher_cache, vit
+from . import adapters, data, image_store, losses, teacher_cache, vit
 from .errors import UserError
 from .student import build_student, plan_student, student_from_plan
 
@@ -210,7 +211,7 @@ def _teacher_attention(teacher: nn.Module, accelerator: LocalAccelerator):
             module.fused_attn = fused
 
 
-def wecolora_epoch(trainer: Trainer, teacher, loader, *, normalize, cache=None, view=0, writer=None) -> float:
+def wecolora_epoch(trainer: Trainer, teacher, loader, *, recipe, writer=None) -> float:
     """One epoch of :func:`wecolora.distill.train_one_epoch`; returns images/s."""
     from tqdm.auto import tqdm
 
@@ -219,8 +220,7 @@ def wecolora_epoch(trainer: Trainer, teacher, loader, *, normalize, cache=None, 
     with tqdm(disable=True) as bar, _teacher_attention(teacher, trainer.accelerator):
         metrics, _ = train_one_epoch(trainer.model, teacher, loader, trainer.optimizer, trainer.scheduler,
                                      trainer.accelerator, bar, teacher_blocks=trainer.teacher_blocks, norm=trainer.norm,
-                                     loss_kind="l1", updates=0, epoch=0, normalize=normalize, cache=cache, view=view,
-                                     writer=writer)
+                                     loss_kind="l1", updates=0, epoch=0, recipe=recipe, writer=writer)
     _sync(trainer.accelerator.device)
     if writer is not None and not writer.commit():
         raise RuntimeError("the teacher cache view was not complete after an epoch")
@@ -363,16 +363,18 @@ def run_bench(config: BenchConfig, progress=None) -> dict:
     per_class = max(1, math.ceil(config.images / len(dataset.classes)))
     indices = data.few_shot_indices(dataset.targets, per_class=per_class, seed=0)[:config.images]
     transform = data.train_transform(teacher)
-    views = teacher_cache.ViewDataset(dataset, indices, transform, seed=0)
+    recipe = image_store.ViewRecipe.for_model(teacher)
     n, batch = len(indices), config.batch_size
     updates_per_epoch = math.ceil(n / batch)
     generator = torch.Generator()
+    store = image_store.open_store(dataset, indices, bound=recipe.bound, num_workers=config.num_workers)
 
-    def view_loader(view: int) -> DataLoader:
-        views.view = view
+    def view_loader(view: int, cache=None) -> DataLoader:
+        """View ``view`` of the subset cut from the image store, with its cached tokens when ``cache`` is given."""
         generator.manual_seed(view)
-        return DataLoader(views, batch_size=batch, sampler=RandomSampler(views, generator=generator),
-                          generator=generator, num_workers=config.num_workers)
+        batches = image_store.StoreBatches(store, indices, recipe, seed=0, view=view, cache=cache)
+        return image_store.store_loader(batches, batch, generator, num_workers=config.num_workers,
+                                        pin_memory=device.type == "cuda")
 
     reference_data = data.open_dataset(spec, "train", transform=transform)  # the plain per-image pipeline
     reference_loader = DataLoader(Subset(reference_data, indices), batch_size=batch, shuffle=True,
@@ -383,12 +385,12 @@ def run_bench(config: BenchConfig, progress=None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="wecolora-bench-") as cache_root:
         caches = {p: teacher_cache.TeacherCache.open(
-            cache_root, teacher=teacher, dataset=dataset, indices=indices, transform=transform, seed=0,
+            cache_root, teacher=teacher, dataset=dataset, indices=indices, transform=recipe, seed=0,
             teacher_blocks=[len(teacher.blocks) - 1], norm=False, precision=p) for p in precisions}
-        result["distill"] = _bench_distill(config, teacher, rank, precisions, caches, views, view_loader,
-                                           reference_loader, device, n, batch, updates_per_epoch, generator, say)
-        result["grid"] = _bench_grid(config, teacher, rank, precisions[-1], cache_root, dataset, indices, transform,
-                                     views, view_loader, device, n, batch, updates_per_epoch, generator, say)
+        result["distill"] = _bench_distill(config, teacher, rank, precisions, caches, recipe, view_loader,
+                                           reference_loader, device, n, batch, updates_per_epoch, say)
+        result["grid"] = _bench_grid(config, teacher, rank, precisions[-1], cache_root, dataset, indices, recipe,
+                                     view_loader, device, n, updates_per_epoch, say)
     result["inference"] = _bench_inference(config, teacher, rank, device, batch, say)
 
     best = precisions[-1]
@@ -417,11 +419,9 @@ def run_bench(config: BenchConfig, progress=None) -> dict:
     return result
 
 
-def _bench_distill(config, teacher, rank, precisions, caches, views, view_loader, reference_loader, device, n, batch,
-                   updates_per_epoch, generator, say) -> dict:
+def _bench_distill(config, teacher, rank, precisions, caches, recipe, view_loader, reference_loader, device, n, batch,
+                   updates_per_epoch, say) -> dict:
     from torch.optim import AdamW
-
-    from .distill import cached_loader
 
     last = [len(teacher.blocks) - 1]
     reference = reference_student(teacher, 2, rank).to(device)
@@ -429,16 +429,12 @@ def _bench_distill(config, teacher, rank, precisions, caches, views, view_loader
                           betas=(0.9, 0.95))
     trainers = {p: make_trainer(teacher, mode="wecolora", reduction=2, rank=rank, precision=p, device=device,
                                 updates_per_epoch=updates_per_epoch) for p in precisions}
-    normalize = views.uint8
 
     def cold(p: int, view: int) -> float:
-        return wecolora_epoch(trainers[p], teacher, view_loader(view), normalize=normalize, cache=caches[p],
-                              view=view, writer=caches[p].writer(view, n))
+        return wecolora_epoch(trainers[p], teacher, view_loader(view), recipe=recipe, writer=caches[p].writer(view, n))
 
     def warm(p: int) -> float:
-        generator.manual_seed(1)
-        return wecolora_epoch(trainers[p], teacher, cached_loader(caches[p], 0, batch, generator), normalize=normalize,
-                              cache=caches[p], view=0)
+        return wecolora_epoch(trainers[p], teacher, view_loader(0, caches[p]), recipe=recipe)
 
     say(f"distillation: warm-up ({n} images, batch {batch}, {', '.join(precisions)})")
     reference_epoch(reference, teacher, reference_loader, ref_optimizer, device, last)
@@ -460,12 +456,11 @@ def _bench_distill(config, teacher, rank, precisions, caches, views, view_loader
     for p in precisions:
         cold_batch = [next(iter(view_loader(config.rounds + 1)))]
         peaks[f"{p}_cold"] = peak_memory_mb(lambda: wecolora_epoch(
-            trainers[p], teacher, cold_batch, normalize=normalize, cache=caches[p], view=config.rounds + 1,
+            trainers[p], teacher, cold_batch, recipe=recipe,
             writer=_PartialWriter(caches[p].writer(config.rounds + 1, n))), device)
-        generator.manual_seed(1)
-        warm_batch = [next(iter(cached_loader(caches[p], 0, batch, generator)))]
-        peaks[f"{p}_warm"] = peak_memory_mb(lambda: wecolora_epoch(
-            trainers[p], teacher, warm_batch, normalize=normalize, cache=caches[p], view=0), device)
+        warm_batch = [next(iter(view_loader(0, caches[p])))]
+        peaks[f"{p}_warm"] = peak_memory_mb(lambda: wecolora_epoch(trainers[p], teacher, warm_batch, recipe=recipe),
+                                            device)
 
     out = {}
     for name, values in rates.items():
@@ -497,33 +492,29 @@ def _one_reference_step(student, teacher, images, optimizer, teacher_blocks) -> 
     optimizer.zero_grad(set_to_none=True)
 
 
-def _bench_grid(config, teacher, rank, precision, cache_root, dataset, indices, transform, views, view_loader, device,
-                n, batch, updates_per_epoch, generator, say) -> dict:
+def _bench_grid(config, teacher, rank, precision, cache_root, dataset, indices, recipe, view_loader, device,
+                n, updates_per_epoch, say) -> dict:
     """Per-epoch training seconds of the six students with and without one shared cache."""
-    from .distill import cached_loader
-
     cache = teacher_cache.TeacherCache.open(Path(cache_root) / "grid", teacher=teacher, dataset=dataset,
-                                            indices=indices, transform=transform, seed=0,
+                                            indices=indices, transform=recipe, seed=0,
                                             teacher_blocks=[len(teacher.blocks) - 1], norm=False, precision=precision)
     trainers = [make_trainer(teacher, mode=mode, reduction=reduction, rank=rank, precision=precision, device=device,
                              updates_per_epoch=updates_per_epoch) for mode, reduction in GRID]
     say("ablation grid: warm-up")
     first_batch = [next(iter(view_loader(99)))]
     for trainer in trainers:
-        wecolora_epoch(trainer, teacher, first_batch, normalize=views.uint8)
+        wecolora_epoch(trainer, teacher, first_batch, recipe=recipe)
     without: list[list[float]] = [[] for _ in GRID]
     with_cache: list[list[float]] = [[] for _ in GRID]
     for rep in range(1 if config.quick else 2):
         for i, trainer in enumerate(trainers):
             say(f"ablation grid: round {rep + 1}, {trainer.name}")
-            without[i].append(n / wecolora_epoch(trainer, teacher, view_loader(rep), normalize=views.uint8))
+            without[i].append(n / wecolora_epoch(trainer, teacher, view_loader(rep), recipe=recipe))
             if i == 0:  # the first student of the grid fills the shared cache (view 0 in round 1)
-                seconds = n / wecolora_epoch(trainer, teacher, view_loader(rep), normalize=views.uint8, cache=cache,
-                                             view=rep, writer=cache.writer(rep, n))
+                seconds = n / wecolora_epoch(trainer, teacher, view_loader(rep), recipe=recipe,
+                                             writer=cache.writer(rep, n))
             else:  # every later student reads it
-                generator.manual_seed(rep)
-                seconds = n / wecolora_epoch(trainer, teacher, cached_loader(cache, 0, batch, generator),
-                                             normalize=views.uint8, cache=cache, view=0)
+                seconds = n / wecolora_epoch(trainer, teacher, view_loader(0, cache), recipe=recipe)
             with_cache[i].append(seconds)
     rows = [{"mode": mode, "reduction": reduction, "seconds_without_cache": min(without[i]),
              "seconds_with_cache": min(with_cache[i]), "cache": "cold (fills it)" if i == 0 else "warm"}

@@ -14,10 +14,9 @@ from pathlib import Path
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
-from . import adapters, block_search, data, losses, teacher_cache, vit
+from . import adapters, block_search, data, image_store, losses, teacher_cache, vit
 from .checkpoint import load_checkpoint, save_checkpoint
 from .checks import check_distill
 from .config import DistillConfig, parse_keep, to_yaml
@@ -32,6 +31,7 @@ from .student import StudentPlan, check_settings, get_mode, plan_student, studen
 _logger = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = ("epoch", "loss", "lr", "images_per_s", "seconds", "updates")
+CHECK_EVERY = 10  # steps between reads of the loss (each read waits for the device to finish its queued work)
 
 
 class TokenMatcher(nn.Module):
@@ -84,10 +84,15 @@ def training_view(student: nn.Module, student_blocks: list[int], norm: bool, *, 
 
 
 class NonFiniteLoss(UserError):
-    """The loss stopped being a finite number; ``epoch`` and ``step`` are 1-based."""
+    """The loss stopped being a finite number; ``epoch`` and ``step`` are 1-based.
+
+    ``step`` is the step at which it was noticed: the loss is read back every :data:`CHECK_EVERY` steps and at
+    the end of the epoch, so it became non-finite at that step or up to ``CHECK_EVERY - 1`` steps before.
+    """
 
     def __init__(self, value: float, epoch: int, step: int):
-        super().__init__(f"the loss became {value} at epoch {epoch}, step {step}")
+        super().__init__(f"the loss became {value} at epoch {epoch}, by step {step} (it is checked every "
+                         f"{CHECK_EVERY} steps)")
         self.value, self.epoch, self.step = value, epoch, step
 
 
@@ -157,27 +162,36 @@ def distill(config: DistillConfig) -> dict:
     student_blocks, teacher_blocks, norm = losses.matched_blocks(config.match, list(plan.segment_ends))
     freeze_unreached(student, norm)
 
-    # Data: the few-shot subset with the paper's augmentation and the teacher's own mean/std. View v of image i
-    # is reproducible (its augmentation is seeded from (seed, v, i)) and epoch e shows view e mod K, so the
+    # Data: the few-shot subset decoded once into a memory-mapped store (reused by every run on this subset),
+    # and the paper's augmentation cut from it on the device, with the teacher's own mean/std. View v of image i
+    # is reproducible (its crop and flip are drawn from (seed, v, i)) and epoch e shows view e mod K, so the
     # teacher's tokens for it can be cached on disk once and reused by every later epoch, student and rerun.
-    transform = data.train_transform(teacher)
-    subset = teacher_cache.ViewDataset(dataset, indices, transform, seed=config.seed)
+    recipe = image_store.ViewRecipe.for_model(teacher)
+    num_workers = loader_workers(config.num_workers)
+    with accelerator.local_main_process_first():  # one process per machine decodes; the others open its store
+        store = image_store.open_store(dataset, indices, bound=recipe.bound, num_workers=num_workers,
+                                       progress=accelerator.is_local_main_process)
     n_views = config.cache_views or config.epochs
     cache = teacher_cache.open_for_run(
         config.teacher_cache, config.teacher_cache_dir, teacher=teacher, dataset=dataset, indices=indices,
-        transform=transform, seed=config.seed, teacher_blocks=teacher_blocks, norm=norm, precision=precision,
+        transform=recipe, seed=config.seed, teacher_blocks=teacher_blocks, norm=norm, precision=precision,
         views=n_views)
-    generator = torch.Generator()  # reseeded every epoch: order and augmentation depend on (seed, epoch) only
-    num_workers = loader_workers(config.num_workers)
-    loader = DataLoader(subset, batch_size=config.batch_size, sampler=RandomSampler(subset, generator=generator),
-                        generator=generator, num_workers=num_workers, pin_memory=accelerator.device.type == "cuda",
-                        persistent_workers=False)
+    generator = torch.Generator()  # reseeded every epoch: the order depends on (seed, epoch) only
+
+    def epoch_loader(view: int, tokens_from: teacher_cache.TeacherCache | None):
+        batches = image_store.StoreBatches(store, indices, recipe, seed=config.seed, view=view, cache=tokens_from)
+        loader = image_store.store_loader(batches, config.batch_size, generator, num_workers=num_workers,
+                                          pin_memory=accelerator.device.type == "cuda")
+        # Sharded across processes; train_one_epoch moves each batch itself, without waiting for the device
+        # (accelerate's placement copies synchronously, which would stall the device's queue every step).
+        return accelerator.prepare_data_loader(loader, device_placement=False)
 
     # Optimisation: AdamW without decay on 1-D params, warmup from 0 then per-iteration cosine to 0.
     world = accelerator.num_processes
     peak_lr = config.peak_lr(world)
     optimizer = make_optimizer(student, peak_lr, config.weight_decay, accelerator.device)
-    updates_per_epoch = math.ceil(math.ceil(len(subset) / (config.batch_size * world)) / config.accum_steps)
+    steps_per_epoch = math.ceil(len(indices) / (config.batch_size * world))  # each process's batches
+    updates_per_epoch = math.ceil(steps_per_epoch / config.accum_steps)
     scheduler = make_scheduler(optimizer, config.epochs, config.warmup_epochs, updates_per_epoch)
     matcher = training_view(student, student_blocks, norm, device=accelerator.device, precision=precision)
     lean_adapters = matcher.student is not student
@@ -185,14 +199,15 @@ def distill(config: DistillConfig) -> dict:
         vit.use_fused_attention([teacher], False)
     if config.compile:
         matcher = torch.compile(matcher)
-    model, optimizer, loader = accelerator.prepare(matcher, optimizer, loader)
+    model, optimizer = accelerator.prepare(matcher, optimizer)
 
     resolved = {
         **plan.record(), "lr": peak_lr, "precision": precision, "device": str(accelerator.device),
         "world_size": world, "effective_batch": config.effective_batch(world),
         "matched_student_blocks": student_blocks, "matched_teacher_blocks": teacher_blocks,
-        "images": len(subset), "unreadable_images": len(unreadable), "updates_per_epoch": updates_per_epoch,
-        "num_workers": num_workers, "views": n_views, "teacher_cache": str(cache.folder) if cache else None,
+        "images": len(indices), "unreadable_images": len(unreadable), "updates_per_epoch": updates_per_epoch,
+        "num_workers": num_workers, "data_path": "image store, views cut on the device", "image_store": store.record(),
+        "views": n_views, "teacher_cache": str(cache.folder) if cache else None,
         "lean_adapters": lean_adapters, "versions": versions(),
     }
     start_epoch, updates, rows = 0, 0, []
@@ -208,34 +223,32 @@ def distill(config: DistillConfig) -> dict:
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output / "config.yaml", to_yaml(config, **resolved))
         data.write_subset(output / "subset.txt", dataset, indices)
-        _logger.info("%s: %d of %d images, %d blocks kept of %d (%s, keep %s), %s", config.mode, len(subset),
+        _logger.info("%s: %d of %d images, %d blocks kept of %d (%s, keep %s), %s", config.mode, len(indices),
                      len(dataset), len(kept), depth, kept, plan.keep, get_mode(config.mode).description)
         _logger.info("effective batch %d = %d x %d accumulation x %d processes; lr %.3g%s", config.effective_batch(world),
                      config.batch_size, config.accum_steps, world, peak_lr,
                      "" if config.lr else f" = blr {config.blr:g} x {config.effective_batch(world)} / 256")
 
-    bar = tqdm(total=config.epochs * len(loader), initial=start_epoch * len(loader), unit="batch",
+    bar = tqdm(total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, unit="batch",
                disable=not accelerator.is_main_process, desc="distill")
     for epoch in range(start_epoch, config.epochs):
         set_seed(config.seed + epoch)
         generator.manual_seed(config.seed + epoch)
-        subset.view = epoch % n_views
-        epoch_loader, writer = loader, None
-        # A view is read when every process sees it (a node-local cache dir may hold it on some nodes only).
-        if cache is not None and all_agree(cache.has_view(subset.view, images=subset.uint8 is not None)):
-            if subset.uint8 is not None:  # images and tokens from the cache: no decoding, no augmentation
-                epoch_loader = accelerator.prepare_data_loader(cached_loader(cache, subset.view, config.batch_size, generator))
+        view, tokens_from, writer = epoch % n_views, None, None
+        # A view's tokens are read when every process sees them (a node-local cache dir may hold them on some nodes only).
+        if cache is not None and all_agree(cache.has_view(view, images=False)):
+            tokens_from = cache
         elif cache is not None:
-            writer = cache.writer(subset.view, len(subset))
+            writer = cache.writer(view, len(indices))
             if accelerator.num_processes > 1:  # every process's rows, stored by the first
                 writer = teacher_cache.SharedWriter(writer, accelerator)
         try:
-            metrics, updates = train_one_epoch(model, teacher, epoch_loader, optimizer, scheduler, accelerator, bar,
-                                               teacher_blocks=teacher_blocks, norm=norm, loss_kind=config.loss,
-                                               updates=updates, epoch=epoch, normalize=subset.uint8,
-                                               cache=cache, view=subset.view, writer=writer)
+            metrics, updates = train_one_epoch(model, teacher, epoch_loader(view, tokens_from), optimizer, scheduler,
+                                               accelerator, bar, recipe=recipe, teacher_blocks=teacher_blocks,
+                                               norm=norm, loss_kind=config.loss, updates=updates, epoch=epoch,
+                                               writer=writer)
             if writer is not None and writer.commit():
-                _logger.info("teacher cache: view %d of %d stored in %s", subset.view, n_views, cache.folder)
+                _logger.info("teacher cache: view %d of %d stored in %s", view, n_views, cache.folder)
         except NonFiniteLoss as err:
             bar.close()
             if checkpoint_dir.is_dir():
@@ -265,41 +278,42 @@ def distill(config: DistillConfig) -> dict:
     return {"output": str(output), "epochs": rows, "unreadable_images": unreadable, **info, **plan.record()}
 
 
-def cached_loader(cache: teacher_cache.TeacherCache, view: int, batch_size: int, generator: torch.Generator) -> DataLoader:
-    """Batches of a cached view in the order the per-image loader would give (same sampler, same generator)."""
-    images, tokens = cache.load_view(view)
-    views = teacher_cache.CachedViews(images, tokens, cache.dtype)
-    sampler = BatchSampler(RandomSampler(range(len(views)), generator=generator), batch_size, drop_last=False)
-    return DataLoader(views, sampler=sampler, batch_size=1, collate_fn=teacher_cache.first_item, generator=generator)
-
-
-def train_one_epoch(model, teacher, loader, optimizer, scheduler, accelerator, bar, *, teacher_blocks, norm,
-                    loss_kind, updates, epoch, normalize=None, cache=None, view=0, writer=None) -> tuple[dict, int]:
+def train_one_epoch(model, teacher, loader, optimizer, scheduler, accelerator, bar, *, recipe, teacher_blocks, norm,
+                    loss_kind, updates, epoch, writer=None) -> tuple[dict, int]:
     """One pass over the subset; returns ``({loss, lr, images_per_s, seconds}, updates)``.
 
-    Batches are ``(images, positions[, cached tokens])``; uint8 images are normalised here (``normalize``).
-    The teacher's tokens come with the batch, or from ``cache`` (tokens-only views), or are computed and
-    handed to ``writer``, whose rounded copy is what the loss sees (a cold run equals a warm rerun).
+    Batches are :class:`wecolora.image_store.StoreBatches` items: each view is cut from the canvas rows here,
+    on the device (``recipe``). The teacher's tokens come with the batch (a cached view) or are computed and
+    handed to ``writer``, whose rounded copy is what the loss sees (a cold run equals a warm rerun). The loss
+    is summed on the device and read back (checked, shown on the bar) every :data:`CHECK_EVERY` steps and at
+    the end: a read waits for the device, so reading every step would stall its queue.
     """
     model.train()
     loss_sum = torch.zeros((), device=accelerator.device)
-    images_seen, start = 0, time.perf_counter()
-    cached = cache is not None and writer is None
-    for step, batch in enumerate(loader):
-        images, positions = batch[0].to(accelerator.device, non_blocking=True), batch[1]
-        pixels = images if normalize is not None else None
-        if normalize is not None:
-            images = normalize.normalize(images)
+    images_seen, shown, start = 0, 0, time.perf_counter()
+
+    def read_loss(step: int, loss: torch.Tensor) -> None:
+        nonlocal shown
+        total, last = torch.stack([loss_sum, loss]).tolist()  # one host-device synchronisation
+        if not math.isfinite(total):
+            raise NonFiniteLoss(last if not math.isfinite(last) else total, epoch + 1, step)
+        bar.update(step - shown)
+        shown = step
+        bar.set_postfix(epoch=epoch + 1, loss=f"{last:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                        img_s=f"{images_seen / (time.perf_counter() - start):.0f}")
+
+    step = 0
+    for step, batch in enumerate(loader, start=1):
+        batch = {k: _to_device(v, accelerator.device) for k, v in batch.items()}
+        images = recipe.apply(batch["pixels"], batch["boxes"], batch["flips"])
         with accelerator.accumulate(model):
-            if len(batch) > 2:  # the tokens came with the batch: [B, blocks, N, D]
-                targets = list(batch[2].to(accelerator.device, non_blocking=True).float().unbind(1))
-            elif cached:
-                targets = [t.to(accelerator.device).float() for t in cache.tokens(view, positions)]
+            if "tokens" in batch:  # a cached view: [B, N, D] per matched block
+                targets = [t.float() for t in batch["tokens"]]
             else:
                 with torch.no_grad(), accelerator.autocast():
                     targets = vit.last_block_tokens(teacher, images, teacher_blocks, norm=norm)
                 if writer is not None:
-                    targets = writer.write(positions, targets, pixels)
+                    targets = writer.write(batch["positions"], targets, None)
             with accelerator.autocast():
                 predictions = model(images)
             out = losses.feature_loss(predictions, targets, loss_kind)
@@ -309,16 +323,20 @@ def train_one_epoch(model, teacher, loader, optimizer, scheduler, accelerator, b
         if accelerator.sync_gradients:
             updates += 1
             scheduler.step_update(updates)
-        loss = out["loss"].detach()
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(loss.item(), epoch + 1, step + 1)
-        loss_sum += loss
+        loss_sum += out["loss"].detach()
         images_seen += images.shape[0] * accelerator.num_processes
-        rate = images_seen / (time.perf_counter() - start)
-        bar.update(1)
-        bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                        img_s=f"{rate:.0f}")
+        if step % CHECK_EVERY == 0:
+            read_loss(step, out["loss"].detach())
+    if step % CHECK_EVERY:
+        read_loss(step, out["loss"].detach())
     seconds = time.perf_counter() - start
-    mean_loss = accelerator.reduce(loss_sum / max(1, step + 1), reduction="mean").item()
+    mean_loss = accelerator.reduce(loss_sum / max(1, step), reduction="mean").item()
     return {"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], "images_per_s": images_seen / seconds,
             "seconds": seconds}, updates
+
+
+def _to_device(value, device: torch.device):
+    """A batch entry (a tensor, or a list of them) on ``device``, copied asynchronously from pinned memory."""
+    if isinstance(value, (list, tuple)):
+        return [v.to(device, non_blocking=True) for v in value]
+    return value.to(device, non_blocking=True)

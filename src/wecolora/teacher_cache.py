@@ -1,15 +1,15 @@
-"""Reproducible augmented views and an on-disk cache of the frozen teacher's tokens for them.
+"""Reproducible views and an on-disk cache of the frozen teacher's tokens for them.
 
 The teacher is frozen and the few-shot subset is small, so its last-block tokens are a function of
-(teacher weights, image, augmentation view) only. :class:`ViewDataset` makes view ``v`` of image ``i``
-reproducible (the augmentation RNG is seeded from ``(seed, v, i)``; epoch ``e`` uses view ``e mod K``),
-and :class:`TeacherCache` stores, per view, the teacher's tokens (fp16, or bf16 for a bf16 teacher) and
-the augmented images (uint8, before normalisation, so the student sees exactly the pixels the teacher
-saw) as memory-mapped ``.npy`` files. An entry is keyed by the teacher's weights, the subset's images,
-the transform, the view seed, the matched blocks and the teacher's precision, so one entry serves every
-student of an ablation grid (modes, reductions, ranks, lrs) and every rerun.
+(teacher weights, image, augmentation view) only. View ``v`` of image ``i`` is reproducible (its crop and
+flip are drawn from :func:`view_seed` ``(seed, v, i)``, see :mod:`wecolora.image_store`; epoch ``e`` uses
+view ``e mod K``), and :class:`TeacherCache` stores, per view, the teacher's tokens (fp16, or bf16 for a bf16
+teacher) as memory-mapped ``.npy`` files; the views themselves are cut again from the image store, exactly.
+An entry is keyed by the teacher's weights, the subset's images, the view recipe, the view seed, the matched
+blocks and the teacher's precision, so one entry serves every student of an ablation grid (modes,
+reductions, ranks, lrs) and every rerun.
 
-Layout: ``ROOT/<key>/meta.json`` (what the key is made of) and ``ROOT/<key>/view0003.{images,tokens}.npy``.
+Layout: ``ROOT/<key>/meta.json`` (what the key is made of) and ``ROOT/<key>/view0003.tokens.npy``.
 A view's files are written under temporary names and renamed when every row is filled, tokens last:
 a view is complete exactly when its tokens file exists, so a half-written view is never read.
 """
@@ -20,12 +20,10 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import socket
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,38 +48,6 @@ def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 # Reproducible views
 
 
-@dataclass(frozen=True)
-class Uint8Views:
-    """A train transform split into its random PIL part and the final ToTensor + Normalize.
-
-    The PIL part yields uint8 pixels (what the cache stores); :meth:`normalize` turns a uint8 batch into
-    exactly the floats ToTensor + Normalize would give, on any device.
-    """
-    pil: object
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, C, H, W]`` uint8 -> float32, the same element-wise ops as ToTensor then Normalize."""
-        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-        std = torch.as_tensor(self.std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-        return images.to(torch.float32).div_(255).sub_(mean).div_(std)
-
-
-def split_transform(transform) -> Uint8Views | None:
-    """Split a ``Compose([...random PIL ops..., ToTensor, Normalize])`` (timm's train transform); None otherwise."""
-    from torchvision import transforms as T
-
-    steps = list(getattr(transform, "transforms", ()))
-    if len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
-        return None
-    if any(isinstance(s, (T.ToTensor, T.Normalize, T.ConvertImageDtype)) for s in steps[:-2]):
-        return None
-    mean = tuple(float(m) for m in torch.as_tensor(steps[-1].mean).reshape(-1))
-    std = tuple(float(s) for s in torch.as_tensor(steps[-1].std).reshape(-1))
-    return Uint8Views(T.Compose(steps[:-2]), mean, std)
-
-
 def view_seed(seed: int, view: int, index: int) -> int:
     """The augmentation seed of view ``view`` of dataset image ``index`` (63 bits, stable across runs).
 
@@ -92,70 +58,8 @@ def view_seed(seed: int, view: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-class ViewDataset(torch.utils.data.Dataset):
-    """Augmented view ``view`` of each image of a subset, reproducible in any process or worker.
-
-    Item ``p`` is ``(image, p)``: view ``self.view`` of ``dataset[indices[p]]``, with Python's and torch's
-    RNG seeded from ``(seed, view, indices[p])`` while the transform runs (the caller's RNG state is
-    restored). ``image`` is uint8 ``[C, H, W]`` before normalisation when the transform splits
-    (:func:`split_transform`; normalise with ``self.uint8.normalize``), else the transform's float tensor.
-
-    Args:
-        dataset: yields ``(PIL image, label)`` (opened without a transform).
-        indices: the few-shot subset (indices into ``dataset``).
-        transform: the train transform (random ops + ToTensor + Normalize).
-        seed: the run's seed.
-    """
-
-    def __init__(self, dataset, indices: list[int], transform, *, seed: int, view: int = 0):
-        self.dataset, self.indices, self.transform = dataset, list(indices), transform
-        self.seed, self.view = seed, view
-        self.uint8 = split_transform(transform)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, position: int):
-        index = self.indices[position]
-        image, _ = self.dataset[index]
-        seed = view_seed(self.seed, self.view, index)
-        # timm's crop draws from Python's random, torchvision's flip from torch's CPU generator. Seed both for
-        # this image, then give the caller its states back (torch.manual_seed would cost 80 us: it seeds every device).
-        states = random.getstate(), torch.default_generator.get_state()
-        random.seed(seed)
-        torch.default_generator.manual_seed(seed)
-        try:
-            image = (self.uint8.pil if self.uint8 else self.transform)(image)
-        finally:
-            random.setstate(states[0])
-            torch.default_generator.set_state(states[1])
-        if self.uint8:
-            if not hasattr(image, "mode"):
-                raise TypeError(f"the transform's random part returned {type(image).__name__}, not a PIL image")
-            image = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)  # HWC -> CHW
-        return image, position
-
-
-class CachedViews(torch.utils.data.Dataset):
-    """A complete cached view, indexed by a LIST of subset positions (one call per batch).
-
-    Use with ``DataLoader(..., sampler=BatchSampler(RandomSampler(...)), batch_size=None)``; an item is
-    ``(uint8 images [B, C, H, W], positions [B], tokens [B, blocks, N, D] in the cache dtype)``.
-    """
-
-    def __init__(self, images: np.ndarray, tokens: np.ndarray, dtype: torch.dtype):
-        self.images, self.tokens, self.dtype = images, tokens, dtype
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def __getitem__(self, positions):
-        rows = np.asarray(positions, dtype=np.int64).reshape(-1)  # accelerate nests the sampler's list once more
-        return torch.from_numpy(self.images[rows]), torch.from_numpy(rows), _from_numpy(self.tokens[rows], self.dtype)
-
-
 def first_item(items: list):
-    """``collate_fn`` for a loader whose every item is already a batch (``batch_size=1`` over :class:`CachedViews`)."""
+    """``collate_fn`` for a loader whose every item is already a batch (``batch_size=1`` over lists of positions)."""
     return items[0]
 
 
@@ -427,10 +331,8 @@ def open_for_run(enabled: bool, cache_dir: str | None, *, teacher: nn.Module, da
                         root, err)
         return None
     tokens = len(teacher_blocks), teacher.patch_embed.num_patches + teacher.num_prefix_tokens, teacher.embed_dim
-    split = split_transform(transform)
-    image = (len(split.mean), *teacher.patch_embed.img_size) if split else None
-    missing = [v for v in range(views) if not cache.has_view(v, images=split is not None)]
-    need = len(missing) * cache.nbytes_per_view(len(indices), tokens, image)
+    missing = [v for v in range(views) if not cache.has_view(v, images=False)]  # views are cut from the image store
+    need = len(missing) * cache.nbytes_per_view(len(indices), tokens, None)
     free = shutil.disk_usage(cache.folder).free
     if need > free - (1 << 30):
         _logger.warning("teacher cache: %d views need %.1f GB but %s has %.1f GB free; training without it "
@@ -438,7 +340,7 @@ def open_for_run(enabled: bool, cache_dir: str | None, *, teacher: nn.Module, da
                         len(missing), need / 1e9, root, free / 1e9)
         return None
     _logger.info("teacher cache: %s (%d of %d views stored, %.1f MB per view)", cache.folder, views - len(missing),
-                 views, cache.nbytes_per_view(len(indices), tokens, image) / 1e6)
+                 views, cache.nbytes_per_view(len(indices), tokens, None) / 1e6)
     return cache
 
 
