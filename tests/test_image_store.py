@@ -285,3 +285,32 @@ def test_store_batches_carry_the_rows_and_their_view():
     per_image = torch.utils.data.DataLoader(range(4), batch_size=3, generator=generator,
                                             sampler=torch.utils.data.RandomSampler(range(4), generator=generator))
     assert order == [b.tolist() for b in per_image]  # the batches the per-image loader gives
+
+
+def test_a_store_damaged_after_it_was_built_is_built_again(tmp_path, caplog):
+    digits = data.open_dataset("mnist-5k", "train")
+    store = image_store.open_store(digits, [1, 2, 3], bound=33, cache_dir=tmp_path)
+    pixels = store.folder / "pixels.npy"
+    pixels.write_bytes(pixels.read_bytes()[:-100])  # truncated behind our back
+    again = image_store.open_store(digits, [1, 2, 3], bound=33, cache_dir=tmp_path)
+    assert "is damaged" in caplog.text and again.folder == store.folder
+    assert np.array_equal(again.pixels[1, 0], digits.images[2])
+
+
+def test_a_full_disk_or_unwritable_folder_is_one_line_naming_the_size_and_the_fix(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    digits = data.open_dataset("mnist-5k", "train")
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(UserError, match=r"image store of this subset \(0.00 GB\) .*No space left.*WECOLORA_CACHE_DIR"):
+        image_store.open_store(digits, [1, 2], bound=33, cache_dir=tmp_path / "stores")
+    assert not list((tmp_path / "stores").iterdir())  # the temporary folder is gone too
+    monkeypatch.undo()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="cannot write the image store"):
+        image_store.open_store(digits, [1, 2], bound=33, cache_dir=tmp_path / "a-file" / "stores")

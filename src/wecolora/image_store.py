@@ -134,60 +134,35 @@ def open_store(dataset, indices, *, bound: int, cache_dir: str | os.PathLike | N
 
 def _open(folder: Path, images: int, bound: int) -> ImageStore | None:
     """The store in ``folder``; None if there is none, or a damaged one (then removed, to be built again)."""
-    if not (folder / META).is_file():
+    if not folder.exists():
         return None
     try:
         store = ImageStore(folder, json.loads((folder / META).read_text()))
         complete = (store.meta.get("format") == STORE_FORMAT and store.bound == bound
                     and store.pixels.shape == (images, 3, *store.canvas) and store.sizes.shape == (images, 2))
+        problem = None if complete else "its files do not match its meta.json"
     except (OSError, ValueError, KeyError) as err:
-        complete, store = False, err
-    if complete:
+        problem = str(err)
+    if problem is None:
         return store
-    _logger.warning("image store %s is damaged (%s); building it again", folder, store if isinstance(store, Exception)
-                    else "unexpected shape")
+    _logger.warning("image store %s is damaged (%s); building it again", folder, problem)
     shutil.rmtree(folder, ignore_errors=True)
     return None
 
 
 def _build(folder: Path, dataset, indices: list[int], bound: int, *, fingerprint: str, num_workers: int,
            progress: bool) -> None:
-    """Decode the subset into ``folder``, under a temporary name renamed when complete."""
+    """Decode the subset into ``folder``: written under a temporary name, renamed when complete."""
     source = _Decoder(dataset, indices, bound)
-    shape = (len(indices), 3, *source.canvas)
-    nbytes = math.prod(shape)
+    meta = {"format": STORE_FORMAT, "images": len(indices), "canvas": list(source.canvas), "bound": bound,
+            "bytes": len(indices) * 3 * math.prod(source.canvas), "data": fingerprint}
+    tmp = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_builds(folder.parent)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.{socket.gethostname()}-{os.getpid()}.",
                                     suffix=".tmp"))
-    except OSError as err:
-        raise UserError(f"cannot create the image store in {folder.parent} ({err}); point {CACHE_ENV} at a "
-                        f"writable folder") from None
-    try:
-        pixels = np.lib.format.open_memmap(tmp / PIXELS, mode="w+", dtype=np.uint8, shape=shape)
-        try:  # reserve the blocks now: a full disk fails here, not later with SIGBUS on the memory map
-            with open(tmp / PIXELS, "r+b") as f:
-                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-        except OSError as err:
-            raise UserError(f"the image store of this subset needs {nbytes / 1e9:.2f} GB in {folder.parent} ({err}); "
-                            f"free space there or point {CACHE_ENV} at a folder with room") from None
-        loader = DataLoader(source, batch_size=None, num_workers=num_workers)  # in subset order
-        for position, row in enumerate(tqdm(loader, total=len(source), desc="image store", unit="image",
-                                            disable=not progress)):
-            if isinstance(row, UserError):  # raised here, not in the worker, to stay one line
-                raise row
-            pixels[position] = row.numpy()
-        pixels.flush()
-        del pixels
-        np.save(tmp / SIZES, source.sizes)
-        meta = {"format": STORE_FORMAT, "images": len(indices), "canvas": list(source.canvas), "bound": bound,
-                "bytes": nbytes, "data": fingerprint}
-        (tmp / META).write_text(json.dumps(meta, indent=1))
-        for path in tmp.iterdir():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(path, 0o644)
+        _write(tmp, source, meta, num_workers=num_workers, progress=progress)
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would keep a shared cache from other users
         try:
             os.rename(tmp, folder)
@@ -195,11 +170,37 @@ def _build(folder: Path, dataset, indices: list[int], bound: int, *, fingerprint
             if not (folder / META).is_file():
                 raise
             shutil.rmtree(tmp)  # another process built the same store meanwhile
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):  # no room, no permission: the user can fix it
+            raise UserError(f"cannot write the image store of this subset ({meta['bytes'] / 1e9:.2f} GB) in "
+                            f"{folder.parent} ({err}); free space there or point {CACHE_ENV} at another folder") from None
         raise
     _logger.info("image store: %d images on a %dx%d canvas (%.1f MB) in %s", len(indices), *source.canvas,
-                 nbytes / 1e6, folder)
+                 meta["bytes"] / 1e6, folder)
+
+
+def _write(tmp: Path, source: _Decoder, meta: dict, *, num_workers: int, progress: bool) -> None:
+    """Fill ``tmp`` with the store's files, every image decoded by ``source`` in loader workers, and fsync them."""
+    pixels = np.lib.format.open_memmap(tmp / PIXELS, mode="w+", dtype=np.uint8, shape=(len(source), 3, *source.canvas))
+    if hasattr(os, "posix_fallocate"):  # reserve the blocks now: a full disk fails here, not with SIGBUS later
+        with open(tmp / PIXELS, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    loader = DataLoader(source, batch_size=None, num_workers=num_workers)  # in subset order
+    for position, row in enumerate(tqdm(loader, total=len(source), desc="image store", unit="image",
+                                        disable=not progress)):
+        if isinstance(row, UserError):  # raised here, not in the worker, to stay one line
+            raise row
+        pixels[position] = row.numpy()
+    pixels.flush()
+    del pixels
+    np.save(tmp / SIZES, source.sizes)
+    (tmp / META).write_text(json.dumps(meta, indent=1))
+    for path in tmp.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(path, 0o644)
 
 
 def _remove_dead_builds(root: Path) -> None:
