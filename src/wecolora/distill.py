@@ -304,11 +304,12 @@ def train_one_epoch(model, teacher, loader, optimizer, scheduler, accelerator, b
 
     step = 0
     for step, batch in enumerate(loader, start=1):
-        batch = {k: _to_device(v, accelerator.device) for k, v in batch.items()}
-        images = recipe.apply(batch["pixels"], batch["boxes"], batch["flips"])
+        # Copies from pinned memory that do not wait for the device; positions stay on the host (the writer's rows).
+        pixels, boxes, flips = (batch[k].to(accelerator.device, non_blocking=True) for k in ("pixels", "boxes", "flips"))
+        images = recipe.apply(pixels, boxes, flips)
         with accelerator.accumulate(model):
             if "tokens" in batch:  # a cached view: [B, N, D] per matched block
-                targets = [t.float() for t in batch["tokens"]]
+                targets = [t.to(accelerator.device, non_blocking=True).float() for t in batch["tokens"]]
             else:
                 with torch.no_grad(), accelerator.autocast():
                     targets = vit.last_block_tokens(teacher, images, teacher_blocks, norm=norm)
@@ -333,10 +334,3 @@ def train_one_epoch(model, teacher, loader, optimizer, scheduler, accelerator, b
     mean_loss = accelerator.reduce(loss_sum / max(1, step), reduction="mean").item()
     return {"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], "images_per_s": images_seen / seconds,
             "seconds": seconds}, updates
-
-
-def _to_device(value, device: torch.device):
-    """A batch entry (a tensor, or a list of them) on ``device``, copied asynchronously from pinned memory."""
-    if isinstance(value, (list, tuple)):
-        return [v.to(device, non_blocking=True) for v in value]
-    return value.to(device, non_blocking=True)
