@@ -407,7 +407,8 @@ def add_bench_parser(sub) -> None:
 
 
 def run_bench(args) -> int:
-    from .bench import BenchConfig, format_table, run_bench as bench
+    from .bench import BenchConfig, run_bench as bench
+    from .bench_report import format_table
 
     options = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "json")}
     progress = (lambda message: print(message, file=sys.stderr)) if not args.json else (lambda message: None)
