@@ -117,6 +117,14 @@ def remove_stale(folder: Path) -> None:
 _MARKED: set[Path] = set()  # teacher entries this process marked as in use
 
 
+def release_in_use() -> None:
+    """Drop this process's use markers: it is done with the entry it trained with."""
+    for folder in list(_MARKED):
+        with contextlib.suppress(OSError):
+            (folder / f".inuse.{OWNER}").unlink()
+        _MARKED.discard(folder)
+
+
 def mark_in_use(folder: Path) -> None:
     """Mark a teacher entry as used by this process (until it marks another, or exits), and stamp it used.
 
@@ -124,10 +132,7 @@ def mark_in_use(folder: Path) -> None:
     so marking a new entry releases the previous one.
     """
     folder = Path(folder)
-    for previous in _MARKED - {folder}:
-        with contextlib.suppress(OSError):
-            (previous / f".inuse.{OWNER}").unlink()
-    _MARKED.intersection_update({folder})
+    release_in_use()
     (folder / f".inuse.{OWNER}").touch()
     _MARKED.add(folder)
     touch(folder)

@@ -493,6 +493,7 @@ def open_for_run(enabled: bool, cache_dir: str | None, *, teacher: nn.Module, da
     disk. With several processes the first one writes the entry (:class:`SharedWriter`) and all read it,
     so it belongs on a file system every node sees.
     """
+    cache_admin.release_in_use()  # the entry of this process's previous run (an ablate grid's) is free again
     if not enabled:
         return None
     root = default_cache_dir(cache_dir)
@@ -500,7 +501,6 @@ def open_for_run(enabled: bool, cache_dir: str | None, *, teacher: nn.Module, da
     try:
         cache = TeacherCache.open(root, teacher=teacher, dataset=dataset, indices=indices, transform=transform,
                                   seed=seed, teacher_blocks=teacher_blocks, norm=norm, precision=precision)
-        cache_admin.mark_in_use(cache.folder)
     except OSError as err:  # an unwritable cache folder costs speed, not the run
         _logger.warning("teacher cache: cannot use %s (%s); training without it (--teacher-cache DIR elsewhere)",
                         root, err)
@@ -529,6 +529,8 @@ def open_for_run(enabled: bool, cache_dir: str | None, *, teacher: nn.Module, da
                         len(missing), need / 1e9, root, free / 1e9)
         return None
     cache.max_bytes, cache.view_bytes = cap, per_view
+    with contextlib.suppress(OSError):
+        cache_admin.mark_in_use(cache.folder)  # no other run evicts it while this one trains with it
     _logger.info("teacher cache: %s (%d of %d views stored, %.1f MB per view, cap %s)", cache.folder,
                  views - len(missing), views, per_view / 1e6, cache_admin.format_bytes(cap))
     return cache
