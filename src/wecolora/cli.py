@@ -488,8 +488,11 @@ def run_cache(args) -> int:
 
     from .cache_admin import cache_root, clear_entries, format_age, format_bytes, list_entries
 
+    def plural(n: int, word: str) -> str:
+        return f"{n} {word if n == 1 else word[:-1] + 'ies' if word.endswith('y') else word + 's'}"
+
     def line(e) -> str:
-        parts = [f"{e.kind}/{e.name}", format_bytes(e.bytes), *([f"{e.views} views"] if e.views is not None else []),
+        parts = [f"{e.kind}/{e.name}", format_bytes(e.bytes), *([plural(e.views, "view")] if e.views is not None else []),
                  f"last used {format_age(time.time() - e.last_used)}", *(f"{k}={v}" for k, v in e.key.items()),
                  *(["(in use)"] if e.busy else [])]
         return "  ".join(parts)
@@ -502,14 +505,14 @@ def run_cache(args) -> int:
             print(json.dumps({"root": str(root), "entries": [e.to_dict() for e in entries], "total_bytes": total}))
         else:
             print("\n".join([line(e) for e in entries] +
-                            [f"{len(entries)} entries, {format_bytes(total)} in {root}"]))
+                            [f"{plural(len(entries), 'entry')}, {format_bytes(total)} in {root}"]))
         return 0
     removed, busy = clear_entries(args.cache_dir, older_than_days=args.older_than, everything=args.everything)
     for e in removed:
         print(f"removed {line(e)}")
     for e in busy:
         print(f"kept {e.kind}/{e.name} ({format_bytes(e.bytes)}): a running process uses it")
-    print(f"freed {format_bytes(sum(e.bytes for e in removed))} ({len(removed)} entries) in {root}")
+    print(f"freed {format_bytes(sum(e.bytes for e in removed))} ({plural(len(removed), 'entry')}) in {root}")
     return 0
 
 
