@@ -1,7 +1,6 @@
 """Tests for wecolora.cache_admin and ``wecolora cache list|clear``: entries, sizes, ages, liveness, clearing."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from wecolora.cli import main
 from wecolora.errors import UserError
 
 DAY = 86400
+HOLD_LOCK = ("import fcntl, sys, time; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_SH); print('locked', flush=True); "
+             "time.sleep(60)")  # a run training with an entry holds this lock on its meta.json
 
 
 def fake_teacher_entry(root, name, *, views, days_ago, nbytes=1000):
@@ -99,10 +100,12 @@ def test_cache_clear_older_than_deletes_only_the_old_entries_and_says_what_it_fr
 
 
 def test_cache_clear_keeps_an_entry_a_running_process_uses(root, capsys):
-    other = subprocess.Popen(["sleep", "60"])
+    busy = root / "teacher" / "0123456789abcdef01234567"
+    other = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(busy / "meta.json")], stdout=subprocess.PIPE,
+                             text=True)
     try:
-        busy = root / "teacher" / "0123456789abcdef01234567"
-        (busy / f".inuse.{socket.gethostname()}-{other.pid}").touch()
+        assert other.stdout.readline() == "locked\n"
+        assert [e.busy for e in cache_admin.list_entries(root) if e.name == busy.name] == [True]
         assert main(["cache", "clear", "--all", "--cache-dir", str(root)]) == 0
         out = capsys.readouterr().out
         assert busy.is_dir() and "kept teacher/0123456789abcdef01234567" in out and "(3 entries)" in out
@@ -140,6 +143,20 @@ def test_cache_list_needs_no_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "0 entries, 0 B in" in proc.stdout
+
+
+def test_a_live_writer_keeps_its_entry_and_a_dead_one_does_not(root):
+    entry = root / "teacher" / "0123456789abcdef01234567"
+    other = subprocess.Popen(["sleep", "60"])
+    temp = entry / f".view0002.tokens.{cache_admin.owner().rpartition('-')[0]}-{other.pid}.x1.tmp"
+    temp.write_bytes(b"x")
+    try:
+        assert not cache_admin.evict(entry) and entry.is_dir()
+    finally:
+        other.kill()
+        other.wait()
+    cache_admin.remove_stale(entry)
+    assert not temp.exists() and cache_admin.evict(entry) and not entry.exists()
 
 
 def test_an_empty_default_root_lists_nothing(tmp_path, monkeypatch, capsys):

@@ -276,8 +276,7 @@ def test_an_interrupted_epoch_leaves_no_view_behind(teacher_dir, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         distill(_config(teacher_dir, tmp_path / "run", tmp_path / "cache"))
     (entry,) = (tmp_path / "cache").iterdir()
-    # no view, no temporary file (the use marker says this live process trains with the entry)
-    assert [p.name for p in entry.iterdir() if not p.name.startswith(".inuse.")] == ["meta.json"]
+    assert [p.name for p in entry.iterdir()] == ["meta.json"]  # no view, no temporary file
 
 
 def test_a_full_disk_or_damaged_view_costs_speed_not_the_run(tmp_path, teacher28, digits, monkeypatch, caplog):
@@ -537,24 +536,42 @@ def test_a_new_entry_evicts_the_least_recently_used_not_the_one_in_use(tmp_path,
     assert "over the cache's" in caplog.text and new.folder.is_dir()
 
 
+HOLD_LOCK = ("import fcntl, sys, time; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_SH); print('locked', flush=True); "
+             "time.sleep(60)")
+
+
 @pytest.mark.parametrize("kind", ["writer", "user"])
 def test_an_entry_a_live_process_writes_or_uses_is_never_evicted(tmp_path, teacher28, digits, caplog, kind):
     import socket
     import subprocess
+    import sys
 
     busy = _fill(_open(tmp_path, teacher28, digits, 1))
     _last_used(busy, 5)
-    other = subprocess.Popen(["sleep", "60"])  # another live process of this host
+    if kind == "writer":  # another live process of this host writes a view into it
+        other = subprocess.Popen(["sleep", "60"])
+        (busy.folder / f".view0001.tokens.{socket.gethostname()}-{other.pid}.abc.tmp").write_bytes(b"x")
+    else:  # another run trains with it (its use lock)
+        other = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(busy.folder / "meta.json")],
+                                 stdout=subprocess.PIPE, text=True)
+        assert other.stdout.readline() == "locked\n"
     try:
-        owner = f"{socket.gethostname()}-{other.pid}"
-        name = f".view0001.tokens.{owner}.abc.tmp" if kind == "writer" else f".inuse.{owner}"
-        (busy.folder / name).write_bytes(b"x")
         size = cache_admin.read_entry(busy.folder, "teacher").bytes
         assert _open(tmp_path, teacher28, digits, 2, max_gb=(size + VIEW_BYTES) / 1e9 * 0.99) is None
         assert "entries in use by other runs" in caplog.text and busy.folder.is_dir()
+        assert not cache_admin.evict(busy.folder) and busy.folder.is_dir()
     finally:
         other.kill()
         other.wait()
-    # Once its owner is gone the entry is like any other: evicted when room is needed.
+    # Once that process is gone the entry is like any other: evicted when room is needed.
     assert _open(tmp_path, teacher28, digits, 2, max_gb=(size + VIEW_BYTES) / 1e9 * 0.99) is not None
     assert not busy.folder.exists()
+
+
+def test_a_run_holds_its_entry_until_the_next_run_of_the_process(tmp_path, teacher28, digits):
+    first = _open(tmp_path, teacher28, digits, 1)
+    assert cache_admin.locked(first.folder) and not cache_admin.evict(first.folder)
+    second = _open(tmp_path, teacher28, digits, 2)
+    assert not cache_admin.locked(first.folder) and cache_admin.locked(second.folder)
+    assert teacher_cache.open_for_run(False, str(tmp_path), views=1, **_key_args(teacher28, digits)) is None
+    assert not cache_admin.locked(second.folder)  # a run without the cache holds none

@@ -8,13 +8,15 @@ The caches share one root (:func:`wecolora.files.cache_folder`): ``ROOT/<kind>/<
 generically: size and age). A teacher entry's "last used" is its ``meta.json`` mtime, stamped each time a
 run opens the entry or stores a view in it; other entries' is their mtime.
 
-Liveness: a process names itself ``HOST-PID`` (:data:`OWNER`) in the temporary files it writes and in
-a ``.inuse.HOST-PID`` marker it leaves in the teacher entry it trains with. An entry with a live owner's
-file is never evicted or cleared; files of dead owners on this host are stale and ignored (then removed).
+Liveness: a run holds a shared ``flock`` on the ``meta.json`` of the teacher entry it trains with (the
+kernel drops it when the process ends, even by SIGKILL), and a writer names its process ``HOST-PID``
+(:func:`owner`) in its temporary files. An entry locked by a live process, or holding a live writer's
+temporary file, is never evicted or cleared; temporary files of dead writers on this host are removed.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -36,9 +38,7 @@ MAX_GB_ENV = "WECOLORA_CACHE_MAX_GB"
 DEFAULT_MAX_GB = 50.0  # the teacher cache's default cap (decimal GB): 1% of ImageNet, ViT-B, 10 token-only views
 GB = 1e9
 REMOTE_STALE_SECONDS = 24 * 3600  # a file of another machine's process counts as live this long after its last write
-OWNER = f"{socket.gethostname()}-{os.getpid()}"  # in temporary names and use markers: which process made the file
 _TEMP = re.compile(r"\.view\d+\.[a-z]+\.(.+)\.[^.]+\.tmp")  # .view0003.tokens.HOST-PID.XXXX.tmp
-_MARKER = re.compile(r"\.inuse\.(.+)")  # .inuse.HOST-PID
 _EVICTING = ".evicting-"  # an entry being deleted is first renamed to .evicting-NAME.XXXX
 _KEY_FIELDS = (("teacher", "teacher"), ("model", "teacher"), ("images", "images"), ("n", "images"),
                ("precision", "precision"), ("split", "split"), ("pooling", "pooling"), ("seed", "seed"))
@@ -67,10 +67,15 @@ def cache_cap_bytes(max_gb: float | None = None) -> int:
 # Owners: who wrote a file, and whether that process still runs
 
 
-def owner_alive(owner: str, path: Path | None = None) -> bool:
-    """Whether process ``HOST-PID`` may still be using its file: this machine's pid exists, or another
+def owner() -> str:
+    """``HOST-PID`` of this process (read at each call: a forked process is another owner)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def owner_alive(name: str, path: Path | None = None) -> bool:
+    """Whether process ``HOST-PID`` may still be writing its file: this machine's pid exists, or another
     machine's file was written in the last 24 hours (its pid cannot be checked from here)."""
-    host, _, pid = owner.rpartition("-")
+    host, _, pid = name.rpartition("-")
     if host != socket.gethostname() or not pid.isdigit():
         try:
             return path is None or time.time() - path.stat().st_mtime < REMOTE_STALE_SECONDS
@@ -87,63 +92,82 @@ def owner_alive(owner: str, path: Path | None = None) -> bool:
     return True
 
 
-def _owner(name: str) -> str | None:
-    match = _TEMP.fullmatch(name) or _MARKER.fullmatch(name)
-    return match.group(1) if match else None
-
-
-def live_owners(folder: Path, *, exclude_self: bool = False) -> list[str]:
-    """Owners of the live temporary files and use markers in ``folder``."""
+def live_writers(folder: Path) -> list[str]:
+    """Owners of the live writers' temporary files in ``folder``."""
     found = []
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
-            owner = _owner(entry.name)
-            if owner and not (exclude_self and owner == OWNER) and owner_alive(owner, Path(entry.path)):
-                found.append(owner)
+            match = _TEMP.fullmatch(entry.name)
+            if match and owner_alive(match.group(1), Path(entry.path)):
+                found.append(match.group(1))
     return found
 
 
 def remove_stale(folder: Path) -> None:
-    """Delete temporary view files and use markers left by processes of this host that died."""
+    """Delete temporary view files left by writers of this host that died (SIGKILL, power loss)."""
     host = socket.gethostname()
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
-            owner = _owner(entry.name)
-            if owner and owner.rpartition("-")[0] == host and not owner_alive(owner):
+            match = _TEMP.fullmatch(entry.name)
+            if match and match.group(1).rpartition("-")[0] == host and not owner_alive(match.group(1)):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
 
 
-_MARKED: set[Path] = set()  # teacher entries this process marked as in use
+_HELD: dict[Path, int] = {}  # teacher entries this process trains with -> the descriptor holding their lock
 
 
 def release_in_use() -> None:
-    """Drop this process's use markers: it is done with the entry it trained with."""
-    for folder in list(_MARKED):
+    """Drop this process's use locks: it is done with the entry it trained with."""
+    for folder in list(_HELD):
         with contextlib.suppress(OSError):
-            (folder / f".inuse.{OWNER}").unlink()
-        _MARKED.discard(folder)
+            os.close(_HELD.pop(folder))
 
 
 def mark_in_use(folder: Path) -> None:
-    """Mark a teacher entry as used by this process (until it marks another, or exits), and stamp it used.
+    """Hold a shared lock on a teacher entry while this process uses it (until it marks another, or ends),
+    and stamp it used.
 
     A process trains with one entry at a time (an ablate grid runs its students one after the other),
-    so marking a new entry releases the previous one.
+    so marking a new entry releases the previous one. Raises FileNotFoundError if the entry was evicted
+    meanwhile.
     """
     folder = Path(folder)
     release_in_use()
-    (folder / f".inuse.{OWNER}").touch()
-    _MARKED.add(folder)
+    fd = os.open(folder / "meta.json", os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # a file system without locks: the entry is not protected
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        if os.fstat(fd).st_ino != os.stat(folder / "meta.json").st_ino:  # evicted between open and lock
+            raise FileNotFoundError(f"{folder} was evicted")
+    except BaseException:
+        os.close(fd)
+        raise
+    _HELD[folder] = fd
     touch(folder)
+
+
+def locked(folder: Path) -> bool:
+    """Whether a live process holds the use lock of a teacher entry (this process's own included)."""
+    try:
+        fd = os.open(Path(folder) / "meta.json", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False  # a file system without locks
+    finally:
+        os.close(fd)  # drops the probe's own lock
 
 
 def touch(folder: Path) -> None:
     """Stamp a teacher entry as used now (its ``meta.json`` mtime, what LRU eviction orders by)."""
     with contextlib.suppress(OSError):
         os.utime(Path(folder) / "meta.json")
-    with contextlib.suppress(OSError):
-        os.utime(Path(folder) / f".inuse.{OWNER}")  # another machine reads its age
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +233,7 @@ def read_entry(path: Path, kind: str) -> Entry:
             last_used = (meta_file if meta_file.is_file() else path).stat().st_mtime
         except OSError:
             last_used = 0.0
-        busy = bool(live_owners(path))
+        busy = bool(live_writers(path)) or locked(path)
     else:
         if path.suffix == ".safetensors":
             meta = _safetensors_metadata(path)
@@ -280,8 +304,11 @@ def list_entries(cache_dir: str | os.PathLike | None = None) -> list[Entry]:
 
 
 def evict(path: Path) -> bool:
-    """Delete one entry: renamed out of the way first (one atomic step: no reader finds half of it),
-    then removed. False if it was gone already."""
+    """Delete one entry unless a live process uses it; True if this call removed it.
+
+    A teacher entry is locked exclusively (so no run starts using it meanwhile) and renamed out of the way
+    in one atomic step (no reader finds half of it), then removed.
+    """
     path = Path(path)
     if not path.is_dir():
         try:
@@ -289,14 +316,30 @@ def evict(path: Path) -> bool:
             return True
         except FileNotFoundError:
             return False
-    parking = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{_EVICTING}{path.name}."))
+    fd = None
+    with contextlib.suppress(OSError):
+        fd = os.open(path / "meta.json", os.O_RDONLY)
     try:
-        os.replace(path, parking / path.name)
-    except FileNotFoundError:
-        return False
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # a run uses it
+            except OSError:
+                pass  # a file system without locks
+        if live_writers(path):
+            return False
+        parking = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{_EVICTING}{path.name}."))
+        try:
+            os.replace(path, parking / path.name)
+        except FileNotFoundError:
+            return False
+        finally:
+            shutil.rmtree(parking, ignore_errors=True)
+        return True
     finally:
-        shutil.rmtree(parking, ignore_errors=True)
-    return True
+        if fd is not None:
+            os.close(fd)
 
 
 def _remove_abandoned_evictions(folder: Path) -> None:
@@ -326,7 +369,7 @@ def make_room(folder: Path, need: int, cap: int, *, keep: Path) -> bool:
             _logger.info("teacher cache: evicted %s (%s, last used %s) to stay under the %s cap", entry.path,
                          format_bytes(entry.bytes), time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used)),
                          format_bytes(cap))
-        total -= entry.bytes
+            total -= entry.bytes
     return total + need <= cap
 
 
@@ -345,10 +388,10 @@ def clear_entries(cache_dir: str | os.PathLike | None = None, *, older_than_days
     for entry in list_entries(cache_dir):
         if entry.last_used >= cutoff:
             continue
-        if entry.busy:
-            busy.append(entry)
-        elif evict(Path(entry.path)):
+        if not entry.busy and evict(Path(entry.path)):
             removed.append(entry)
+        elif Path(entry.path).exists():
+            busy.append(entry)
     return removed, busy
 
 

@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 from . import cache_admin
-from .cache_admin import OWNER as _OWNER  # in temporary names: whose writer made the file
 from .features import model_fingerprint
 from .files import atomic_write_text, cache_folder
 
@@ -297,7 +296,7 @@ class TeacherCache:
 
 
 def _remove_orphans(folder: Path) -> None:
-    """Delete temporary view files (and use markers) left by processes of this host that died (SIGKILL, power loss)."""
+    """Delete temporary view files left by writers of this host that died (SIGKILL, power loss)."""
     cache_admin.remove_stale(folder)
 
 
@@ -329,7 +328,7 @@ class ViewWriter:
         if kind not in self.files:
             self.cache.folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.cache.folder, suffix=".tmp",
-                                       prefix=f".view{self.view:04d}.{kind}.{_OWNER}.")
+                                       prefix=f".view{self.view:04d}.{kind}.{cache_admin.owner()}.")
             os.close(fd)
             self.files[kind] = (Path(tmp), None)
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(self.size, *row_shape))
