@@ -500,6 +500,7 @@ def open_for_run(enabled: bool, cache_dir: str | None, *, teacher: nn.Module, da
     try:
         cache = TeacherCache.open(root, teacher=teacher, dataset=dataset, indices=indices, transform=transform,
                                   seed=seed, teacher_blocks=teacher_blocks, norm=norm, precision=precision)
+        cache_admin.mark_in_use(cache.folder)  # from now on no other run evicts it
     except OSError as err:  # an unwritable cache folder costs speed, not the run
         _logger.warning("teacher cache: cannot use %s (%s); training without it (--teacher-cache DIR elsewhere)",
                         root, err)
@@ -511,28 +512,25 @@ def open_for_run(enabled: bool, cache_dir: str | None, *, teacher: nn.Module, da
     per_view = cache.nbytes_per_view(len(indices), tokens, image)
     need = len(missing) * per_view
     own = cache_admin.read_entry(cache.folder, root.name).bytes
-    if own + need > cap:
-        _logger.warning("teacher cache: this run's %d views need %s, over the cache's %s cap; training without it "
-                        "(--cache-max-gb or $%s higher, or fewer --cache-views)", views,
-                        cache_admin.format_bytes(own + need), cache_admin.format_bytes(cap), cache_admin.MAX_GB_ENV)
-        return None
-    if need and not cache_admin.make_room(root, need, cap, keep=cache.folder):
-        _logger.warning("teacher cache: %d views need %s but entries in use by other runs fill the %s cap of %s; "
-                        "training without it (--cache-max-gb higher, or `wecolora cache list`)", len(missing),
-                        cache_admin.format_bytes(need), cache_admin.format_bytes(cap), root)
-        return None
     free = shutil.disk_usage(cache.folder).free
-    if need > free - (1 << 30):
-        _logger.warning("teacher cache: %d views need %.1f GB but %s has %.1f GB free; training without it "
-                        "(--teacher-cache DIR elsewhere, fewer --cache-views, or --no-teacher-cache)",
-                        len(missing), need / 1e9, root, free / 1e9)
-        return None
-    cache.max_bytes, cache.view_bytes = cap, per_view
-    with contextlib.suppress(OSError):
-        cache_admin.mark_in_use(cache.folder)  # no other run evicts it while this one trains with it
-    _logger.info("teacher cache: %s (%d of %d views stored, %.1f MB per view, cap %s)", cache.folder,
-                 views - len(missing), views, per_view / 1e6, cache_admin.format_bytes(cap))
-    return cache
+    size = cache_admin.format_bytes
+    if own + need > cap:
+        reason = (f"this run's {views} views need {size(own + need)}, over the cache's {size(cap)} cap "
+                  f"(--cache-max-gb or ${cache_admin.MAX_GB_ENV} higher, or fewer --cache-views)")
+    elif need and not cache_admin.make_room(root, need, cap, keep=cache.folder):
+        reason = (f"{len(missing)} views need {size(need)} but entries in use by other runs fill the {size(cap)} cap "
+                  f"of {root} (--cache-max-gb higher; see `wecolora cache list`)")
+    elif need > free - (1 << 30):
+        reason = (f"{len(missing)} views need {size(need)} but {root} has {size(free)} free (--teacher-cache DIR "
+                  f"elsewhere, fewer --cache-views, or --no-teacher-cache)")
+    else:
+        cache.max_bytes, cache.view_bytes = cap, per_view
+        _logger.info("teacher cache: %s (%d of %d views stored, %s per view, cap %s)", cache.folder,
+                     views - len(missing), views, size(per_view), size(cap))
+        return cache
+    _logger.warning("teacher cache: %s; training without it", reason)
+    cache_admin.release_in_use()
+    return None
 
 
 def clear(root: str | os.PathLike | None = None) -> None:
