@@ -114,8 +114,8 @@ def add_distill_parser(sub) -> None:
     g.add_argument("--no-teacher-cache", dest="teacher_cache", action="store_const", const="off",
                    help="the same as --cache-teacher off: run the teacher at every step")
     g.add_argument("--cache-max-gb", type=float, metavar="GB",
-                   help="cap of the teacher cache folder; the least recently used entries are evicted to stay under "
-                        "it (default $WECOLORA_CACHE_MAX_GB, else 50)")
+                   help="cap of the teacher cache folder in GB; the least recently used entries are evicted to stay "
+                        "under it (default $WECOLORA_CACHE_MAX_GB, else 50)")
     g.add_argument("--cache-views", type=int, metavar="K",
                    help="augmented views per image; epoch e shows view e mod K (default: --epochs)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the student (slow start)")
@@ -330,6 +330,8 @@ ABLATE_EXAMPLES = """examples:
 a grid file holds teacher, distill_data, probe_data, distill: {...}, probe: {...}, reference: [teacher, copy],
 seeds: [0, 1, 2] (each run once per seed; cells are mean ± std) and runs: [{mode, reduction, ratio, ...}]
 (any distill setting per run, e.g. lr; a run may give its own seeds). See the presets' files.
+the grid's runs share the teacher cache (one entry per teacher, subset and seed; `teacher_cache: off` under
+distill: turns it off; `wecolora cache list` shows it).
 """
 
 
