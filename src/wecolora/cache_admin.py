@@ -35,7 +35,7 @@ from .files import CACHE_ENV, DEFAULT_CACHE_ROOT
 _logger = logging.getLogger(__name__)
 
 MAX_GB_ENV = "WECOLORA_CACHE_MAX_GB"
-DEFAULT_MAX_GB = 50.0  # the teacher cache's default cap (decimal GB): 1% of ImageNet, ViT-B, 10 token-only views
+DEFAULT_MAX_GB = 50.0  # default cap (decimal GB): holds 10 token-only views of 1% of ImageNet with ViT-B (39 GB)
 GB = 1e9
 REMOTE_STALE_SECONDS = 24 * 3600  # a file of another machine's process counts as live this long after its last write
 _TEMP = re.compile(r"\.view\d+\.[a-z]+\.(.+)\.[^.]+\.tmp")  # .view0003.tokens.HOST-PID.XXXX.tmp

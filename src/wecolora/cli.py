@@ -12,8 +12,8 @@ import logging
 import os
 import sys
 
-from .config import (CACHE_POLICIES, DEVICES, LOSS_NAMES, MATCH_NAMES, MODE_NAMES, POOLINGS, PRECISIONS, PROBE_OPTIMIZERS,
-                     PROBE_PROTOCOLS, DistillConfig, ProbeConfig, build_config, parse_keep)
+from .config import (CACHE_POLICIES, DEVICES, LOSS_NAMES, MATCH_NAMES, MODE_NAMES, POOLINGS, PRECISIONS,
+                     PROBE_OPTIMIZERS, PROBE_PROTOCOLS, DistillConfig, ProbeConfig, build_config, parse_keep)
 from .checks import check_ablation, check_distill, check_evaluation, check_model_spec, check_pretrain
 from .errors import UserError
 from .files import disk_error
