@@ -270,6 +270,11 @@ CASES = [
     ("ablate-probe-data-without-test-split", "ablate --preset demo --probe-data {root}/lopsided --output {out}",
      "--probe-data {root}/lopsided has no train/ folder, so it is the train split only"),
     ("demo-output-is-a-file", "demo --output {root}/notes.txt", "--output {root}/notes.txt exists and is not a folder"),
+    ("cache-teacher-unknown", D + " --cache-teacher maybe", "argument --cache-teacher: invalid choice: 'maybe'"),
+    ("cache-max-gb-zero", D + " --cache-teacher on --cache-max-gb 0", "--cache-max-gb 0.0 is invalid"),
+    ("cache-dir-missing", "cache list --cache-dir {root}/nope", "--cache-dir {root}/nope does not exist"),
+    ("cache-unknown-action", "cache purge", "argument ACTION: invalid choice: 'purge'"),
+    ("cache-clear-without-a-choice", "cache clear --cache-dir {root}", "give --all or --older-than DAYS"),
 ]
 
 

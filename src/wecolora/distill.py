@@ -163,10 +163,11 @@ def distill(config: DistillConfig) -> dict:
     transform = data.train_transform(teacher)
     subset = teacher_cache.ViewDataset(dataset, indices, transform, seed=config.seed)
     n_views = config.cache_views or config.epochs
+    # Cached where it is read back (an ablate grid, or --cache-teacher on / --teacher-cache DIR), not for a lone run.
     cache = teacher_cache.open_for_run(
-        config.teacher_cache, config.teacher_cache_dir, teacher=teacher, dataset=dataset, indices=indices,
+        config.uses_teacher_cache(), config.teacher_cache_dir, teacher=teacher, dataset=dataset, indices=indices,
         transform=transform, seed=config.seed, teacher_blocks=teacher_blocks, norm=norm, precision=precision,
-        views=n_views)
+        views=n_views, max_gb=config.cache_max_gb)
     generator = torch.Generator()  # reseeded every epoch: order and augmentation depend on (seed, epoch) only
     num_workers = loader_workers(config.num_workers)
     loader = DataLoader(subset, batch_size=config.batch_size, sampler=RandomSampler(subset, generator=generator),
