@@ -101,7 +101,7 @@ def main() -> None:
         teacher = random_vit_b(work / "vit-b") if args.vit_b else args.teacher
         config = DistillConfig(teacher=teacher, data=str(folder), output=str(work / "run"), ratio=1.0,
                                epochs=args.epochs, batch_size=args.batch_size, device=args.device, precision=precision,
-                               teacher_cache=False, num_workers=args.num_workers, overwrite=True)
+                               teacher_cache="off", num_workers=args.num_workers, overwrite=True)
         start = time.perf_counter()
         distill(config)
         wall = time.perf_counter() - start

@@ -118,7 +118,9 @@ def add_distill_parser(sub) -> None:
                         "under it (default $WECOLORA_CACHE_MAX_GB, else 50)")
     g.add_argument("--cache-views", type=int, metavar="K",
                    help="augmented views per image; epoch e shows view e mod K (default: --epochs)")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the student (slow start)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the student's training step (default: on with CUDA, where it measured 1.24x "
+                        "faster on an H200, ViT-B/16 bf16; off on the CPU, where compiling costs half a minute)")
     p.set_defaults(handler=run_distill)
 
 
