@@ -40,8 +40,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
-from . import adapters, data, losses, teacher_cache, vit
-from .bench_measure import best, bf16_peak_tflops, fast_bf16, flops, machine, peak_memory_mb, sync, time_calls
+from . import adapters, data, flops, teacher_cache, vit
+from .bench_measure import best, bf16_peak_tflops, fast_bf16, machine, peak_memory_mb, sync, time_calls
 from .bench_reference import reference_epoch, reference_step, reference_student
 from .errors import UserError
 from .student import build_student, plan_student
@@ -324,7 +324,7 @@ def _bench_distill(config, teacher, rank, precisions, caches, views, view_loader
     peak = bf16_peak_tflops(device)
     out = {}
     for name, values in rates.items():
-        per_image = flops(one[name]) / len(images)
+        per_image = flops.count(one[name]) / len(images)
         row = {"images_per_s": best(values), "rounds": values, "speedup": best(values) / best(rates["reference"]),
                "gflop_per_image": per_image / 1e9, "tflops": best(values) * per_image / 1e12,
                "peak_mb": peak_memory_mb(one[name], device)}
@@ -337,36 +337,21 @@ def _bench_distill(config, teacher, rank, precisions, caches, views, view_loader
     return out
 
 
-def step_flops(teacher: nn.Module, *, mode: str, rank: int, batch: int) -> int:
-    """FLOPs of one training step (forward, L1 on the last block's tokens, backward) of the r=2 student of
-    ``teacher`` as distill trains it, counted on the ``meta`` device: shapes only, no memory, no time."""
-    meta = copy.deepcopy(teacher).to("meta") if next(teacher.parameters()).device.type != "meta" else teacher
-    plan = plan_student(meta, 2, "first", mode, rank)
-    training = make_training(meta, plan, lr=1e-4, weight_decay=0.05, epochs=1, warmup_epochs=0, updates_per_epoch=1,
-                             device=torch.device("meta"), precision="fp32")
-    images = torch.empty(batch, 3, *meta.patch_embed.img_size, device="meta")
-
-    def step():
-        predictions = training.matcher(images)
-        losses.feature_loss(predictions, [torch.empty_like(p) for p in predictions], "l1")["loss"].backward()
-
-    return flops(step)
-
-
 def _bench_step_flops(teacher: nn.Module, rank: int, batch: int) -> dict:
     """``step_flops_ratio``: the wecolora student's step FLOPs (r=2, all six adapters, lean path) over a full
-    fine-tune step of the same student (``weco-kd``: every copied weight trains), at the bench's batch, for
-    this teacher and for a ViT-B/16 at 224 px with rank 128 (the adapters' own cost is per step, not per image)."""
+    fine-tune step of the same student (``weco-kd``: every copied weight trains), counted on the ``meta``
+    device at the bench's batch, for this teacher and for a ViT-B/16 at 224 px with rank 128."""
     import timm
 
-    def ratio(model, rank):
-        lean, full = (step_flops(model, mode=mode, rank=rank, batch=batch) for mode in ("wecolora", "weco-kd"))
+    def counted(meta: nn.Module, rank: int) -> dict:
+        images = torch.empty(batch, 3, *meta.patch_embed.img_size, device="meta")
+        lean, full = (flops.student_step_flops(meta, images, mode=mode, rank=rank) for mode in ("wecolora", "weco-kd"))
         return {"rank": rank, "wecolora_gflop_per_image": lean / batch / 1e9,
                 "full_finetune_gflop_per_image": full / batch / 1e9, "step_flops_ratio": lean / full}
 
     with torch.device("meta"):
         vit_b = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0).requires_grad_(False)
-    return {**ratio(teacher, rank), "batch": batch, "vit_b": ratio(vit_b, 128)}
+    return {**counted(copy.deepcopy(teacher).to("meta"), rank), "batch": batch, "vit_b": counted(vit_b, 128)}
 
 
 def _bench_grid(config, teacher, rank, precision, cache_root, dataset, indices, transform, views, view_loader, device,
@@ -435,7 +420,7 @@ def _bench_inference(config, teacher, rank, device, batch, say) -> dict:
             seconds[name].append(time_calls(lambda: forward(model), device, calls))
     out = {}
     for name, values in seconds.items():
-        per_image = flops(lambda: forward(models[name])) / batch
+        per_image = flops.count(lambda: forward(models[name])) / batch
         out[name] = {"images_per_s": batch / min(values), "rounds": [batch / v for v in values],
                      "speedup": min(seconds["teacher"]) / min(values),
                      "gflop_per_image": per_image / 1e9, "tflops": batch / min(values) * per_image / 1e12,

@@ -36,16 +36,6 @@ def best(rates: list[float]) -> float:
     return max(rates)
 
 
-def flops(fn) -> int:
-    """Floating-point operations ``fn`` runs (matmuls, convolutions, attention: what dominates a ViT),
-    counted by ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add counts 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def bf16_peak_tflops(device: torch.device) -> float | None:
     """The device's dense bf16 peak, when it is a GPU this table knows; None on the CPU."""
     if device.type != "cuda":
