@@ -126,3 +126,31 @@ def test_a_shard_out_of_range_or_malformed_is_refused_before_any_run(tmp_path):
     done = subprocess.run([sys.executable, "-m", "wecolora", "ablate", "--preset", "demo", "--quick", "--shard", "1of2",
                            "--output", str(tmp_path / "cli")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "--shard '1of2' is invalid" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_students_of_a_grid_share_one_teacher_cache_entry(teacher_dir, tmp_path, monkeypatch):
+    """The grid turns the cache on (a lone distill leaves it off): the first student stores the teacher's
+    tokens, the second reads them and never runs the teacher."""
+    import wecolora.evaluate
+    from wecolora import teacher_cache
+
+    monkeypatch.setenv("WECOLORA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(wecolora.evaluate, "probe", lambda *a, **k: {"top1": 0.5, "n_train": 1, "n_test": 1})
+    writers = []
+    real_writer = teacher_cache.TeacherCache.writer
+    monkeypatch.setattr(teacher_cache.TeacherCache, "writer",
+                        lambda self, view, size: writers.append(view) or real_writer(self, view, size))
+    grid = {**_sweep_grid(f"local-dir:{teacher_dir}"), "seeds": None,
+            "runs": [{"mode": "wecolora", "reduction": 2, "ratio": 0.02}, {"mode": "weco-kd", "reduction": 3, "ratio": 0.02}]}
+    ablate.ablate(ablate.Ablation(**grid), tmp_path / "out", device="cpu")
+    (entry,) = (tmp_path / "cache" / "teacher").iterdir()
+    assert sorted(p.name for p in entry.glob("view*")) == ["view0000.tokens.npy"]
+    assert writers == [0]  # one view written, by the first student only
+    for name in ("wecolora-r2-a0.02", "weco-kd-r3-a0.02"):
+        saved = yaml.safe_load((tmp_path / "out" / "runs" / name / "config.yaml").read_text())
+        assert saved["settings"]["teacher_cache"] == "on" and saved["resolved"]["teacher_cache"] == str(entry)
+
+    # A grid that turns the cache off stores nothing.
+    off = {**grid, "distill": {**grid["distill"], "teacher_cache": "off"}}
+    ablate.ablate(ablate.Ablation(**off), tmp_path / "off", device="cpu")
+    assert len(list((tmp_path / "cache" / "teacher").iterdir())) == 1 and writers == [0]

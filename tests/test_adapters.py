@@ -296,6 +296,21 @@ def test_impossible_dropout(dropout):
 LEAN_CASES = ["wecolora", "lora-qv", "rslora", "alpha", "keep-last-r3"]
 
 
+def _assert_relative_close(got: torch.Tensor, expected: torch.Tensor, tol: float, name: str = "") -> None:
+    """``|got - expected| <= tol · |expected|`` in the Frobenius norm, for a non-zero ``expected``."""
+    assert expected.norm() > 0, f"{name}: the reference gradient is zero, the comparison would prove nothing"
+    error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+    assert error <= tol, f"{name}: relative error {error:.2e} > {tol:.0e}"
+
+
+def _tokens_and_grads(student: nn.Module, model: nn.Module, images: torch.Tensor, weights: torch.Tensor):
+    """Last-block tokens of ``model`` and the gradients of ``student``'s parameters of their weighted sum."""
+    student.zero_grad(set_to_none=True)
+    tokens = wecolora.vit.last_block_tokens(model, images)[0]
+    (tokens * weights).sum().backward()
+    return tokens.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("case", LEAN_CASES)
 def test_lean_student_computes_the_same_tokens_and_gradients(teacher, case):
     kwargs = dict(MERGE_CASES[case])
@@ -307,21 +322,113 @@ def test_lean_student_computes_the_same_tokens_and_gradients(teacher, case):
     assert {id(p) for p in lean.parameters()} <= {id(p) for p in student.parameters()}  # shared, never copied
     assert all(isinstance(getattr(b.attn, "qkv"), adapters.LeanLoRALinear) for b in lean.blocks)
     images = _images(3)
+    weights = torch.randn(3, 17, WIDTH, generator=torch.Generator().manual_seed(2))  # every token's gradient differs
 
-    def tokens_and_grads(model):
-        student.zero_grad(set_to_none=True)
-        tokens = wecolora.vit.last_block_tokens(model, images)[0]
-        (tokens ** 2).mean().backward()
-        return tokens.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
-
-    expected, expected_grads = tokens_and_grads(student)
-    got, grads = tokens_and_grads(lean)
+    expected, expected_grads = _tokens_and_grads(student, student, images, weights)
+    got, grads = _tokens_and_grads(student, lean, images, weights)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-    assert grads.keys() == expected_grads.keys() and all("lora_" in n for n in grads)
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert grads.keys() == expected_grads.keys() == trainable and all("lora_" in n for n in grads)
     for name in grads:
-        torch.testing.assert_close(grads[name], expected_grads[name], atol=1e-6, rtol=1e-4)
+        _assert_relative_close(grads[name], expected_grads[name], 1e-5, name)
     # the peft student itself is untouched: still SplitQKV + peft layers, still fused attention as configured
     assert isinstance(student.get_base_model().blocks[0].attn.qkv, adapters.SplitQKV)
+
+
+def test_lean_student_trains_base_weights_that_require_grad(teacher):
+    student = st.build_student(teacher, 2, rank=4).train()
+    _randomize_lora_b(student)
+    base = student.get_base_model()
+    base.blocks[0].mlp.fc1.base_layer.weight.requires_grad_(True)  # a single-slice layer
+    base.blocks[1].attn.qkv.v.base_layer.bias.requires_grad_(True)  # one slice of q, k, v (k's bias has no effect)
+    lean = adapters.lean_student(student)
+    images = _images(3)
+    weights = torch.randn(3, 17, WIDTH, generator=torch.Generator().manual_seed(2))
+    _, expected_grads = _tokens_and_grads(student, student, images, weights)
+    _, grads = _tokens_and_grads(student, lean, images, weights)
+    assert grads.keys() == expected_grads.keys()
+    assert {n for n in grads if "lora_" not in n} == {"base_model.model.blocks.0.mlp.fc1.base_layer.weight",
+                                                      "base_model.model.blocks.1.attn.qkv.v.base_layer.bias"}
+    for name in grads:
+        _assert_relative_close(grads[name], expected_grads[name], 1e-5, name)
+
+
+def test_lean_student_under_bf16_autocast_matches_the_peft_student(teacher):
+    student = st.build_student(teacher, 2, rank=4).train()
+    _randomize_lora_b(student)
+    lean = adapters.lean_student(student)
+    images = _images(3)
+    weights = torch.randn(3, 17, WIDTH, generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, expected_grads = _tokens_and_grads(student, student, images, weights)
+        got, grads = _tokens_and_grads(student, lean, images, weights)
+    assert got.dtype == expected.dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lean.blocks[0].mlp.fc1(torch.randn(2, WIDTH)).dtype == torch.bfloat16  # computed in autocast's dtype
+    assert grads.keys() == expected_grads.keys() and all(g.dtype == torch.float32 for g in grads.values())
+    _assert_relative_close(got, expected, 2e-2, "tokens")
+    for name in grads:  # bf16 rounds differently along the two paths: a loose bound
+        _assert_relative_close(grads[name], expected_grads[name], 5e-2, name)
+
+
+# (module path in block 0, its input features, output features); attn.qkv holds the q, k and v slices
+LEAN_LAYERS = [("attn.qkv", WIDTH, 3 * WIDTH), ("attn.proj", WIDTH, WIDTH), ("mlp.fc1", WIDTH, 4 * WIDTH),
+               ("mlp.fc2", 4 * WIDTH, WIDTH)]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rank", [1, 4, WIDTH // 4, WIDTH])  # 51 tokens: the thin route up to rank 8, full at 32
+@pytest.mark.parametrize("path, in_features, out_features", LEAN_LAYERS)
+def test_lean_linear_equals_the_peft_layers(path, in_features, out_features, rank, bias):
+    model = adapters.add_adapters(tiny_vit(depth=1, qkv_bias=bias, proj_bias=bias), ALL_TARGETS, rank=rank)
+    _randomize_lora_b(model)
+    peft_layer = model.get_base_model().get_submodule(f"blocks.0.{path}")
+    lean_layer = adapters.lean_student(model).get_submodule(f"blocks.0.{path}")
+    assert isinstance(lean_layer, adapters.LeanLoRALinear) and bool(lean_layer.biases) == bias
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 17, in_features, generator=gen)
+    grad_out = torch.randn(3, 17, out_features, generator=gen)
+
+    def output_and_grads(layer):
+        model.zero_grad(set_to_none=True)
+        inputs = x.clone().requires_grad_(True)
+        y = layer(inputs)
+        y.backward(grad_out)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return y.detach(), dict(grads, input=inputs.grad)
+
+    expected, expected_grads = output_and_grads(peft_layer)
+    got, grads = output_and_grads(lean_layer)
+    _assert_relative_close(got, expected, 1e-5, "output")
+    assert grads.keys() == expected_grads.keys()
+    assert len(grads) == 1 + 2 * (3 if path == "attn.qkv" else 1)  # the input, and each slice's A and B
+    for name in grads:
+        _assert_relative_close(grads[name], expected_grads[name], 1e-5, name)
+
+
+@pytest.mark.parametrize("route", ["thin", "full"])
+@pytest.mark.parametrize("in_features, out_features, rank", [(8, 24, 2), (24, 8, 5), (16, 16, 16)])
+def test_adapter_grads_of_either_route_equal_autograd(route, in_features, out_features, rank):
+    gen = torch.Generator().manual_seed(0)
+    x, grad_out = torch.randn(40, in_features, generator=gen), torch.randn(40, out_features, generator=gen)
+    a = torch.randn(rank, in_features, generator=gen, requires_grad=True)
+    b = torch.randn(out_features, rank, generator=gen, requires_grad=True)
+    (0.5 * x @ a.t() @ b.t()).backward(grad_out)
+    da, db = adapters.adapter_grads(route, x, grad_out, a.detach(), b.detach(), 0.5)
+    torch.testing.assert_close(da, a.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db, b.grad, rtol=1e-5, atol=1e-5)
+    assert adapters.adapter_grads(route, x, grad_out, a, b, 0.5, need_a=False)[0] is None
+    assert adapters.adapter_grads(route, x, grad_out, a, b, 0.5, need_b=False)[1] is None
+
+
+def test_grad_route_picks_the_cheaper_route():
+    assert adapters.adapter_grad_flops(10, 4, 8, 2) == {"thin": 4 * 10 * 2 * (4 + 8),
+                                                        "full": 2 * 10 * 8 * 4 + 4 * 8 * 4 * 2}
+    vit_b_tokens = 128 * 197  # ViT-B/16 at 224 px, batch 128
+    assert adapters.grad_route(vit_b_tokens, 768, 3072, 128) == "thin"  # fc1 at the paper's rank
+    assert adapters.grad_route(vit_b_tokens, 3072, 768, 128) == "thin"  # fc2
+    assert adapters.grad_route(vit_b_tokens, 768, 768, 768) == "full"  # rank = width: the thin products cost 4x
+    assert adapters.grad_route(10, 768, 768, 768) == "thin"  # so few tokens that forming G costs more
 
 
 def test_lean_student_follows_training_updates(teacher):

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from wecolora import bench, vit
+from wecolora import bench, bench_reference, bench_report, vit
 from wecolora import student as st
 
 from conftest import tiny_vit
@@ -13,7 +13,7 @@ from conftest import tiny_vit
 def test_the_reference_design_is_the_same_function_as_the_peft_student():
     teacher = tiny_vit(img_size=28, patch_size=7)
     student = st.build_student(teacher, 2, mode="wecolora", rank=4)
-    reference = bench.reference_student(teacher, 2, rank=4)
+    reference = bench_reference.reference_student(teacher, 2, rank=4)
     images = torch.randn(2, 3, 28, 28)
     torch.testing.assert_close(vit.last_block_tokens(reference, images)[0], vit.last_block_tokens(student, images)[0])
     with torch.no_grad():  # copy the peft adapters into the reference layout: outputs must agree
@@ -43,15 +43,27 @@ def test_bench_runs_end_to_end_and_writes_its_json(teacher_dir, tmp_path, monkey
     for key in ("distill_speedup_cold", "distill_speedup_warm", "infer_speedup_r2", "infer_speedup_r3",
                 "grid_cost_ratio"):
         assert result[key] > 0, key
-    assert set(result["distill"]) == {"reference", "fp32_cold", "fp32_warm"}
-    assert all(row["peak_mb"] > 0 for row in result["distill"].values())
+    d = result["distill"]
+    assert set(d) == {"reference", "fp32_cold", "fp32_warm", "fp32_cold_ceiling", "fp32_warm_ceiling"}
+    assert all(row["peak_mb"] > 0 and row["tflops"] > 0 for row in d.values())
+    for kind in ("cold", "warm"):  # a line and its ceiling run the same computation; only the data path differs
+        assert d[f"fp32_{kind}"]["gflop_per_image"] == d[f"fp32_{kind}_ceiling"]["gflop_per_image"]
+        assert result[f"{kind}_fraction_of_ceiling"] == pytest.approx(
+            d[f"fp32_{kind}"]["images_per_s"] / d[f"fp32_{kind}_ceiling"]["images_per_s"])
+    # cold = the teacher's forward + the student's step; the reference runs the same teacher and a heavier student
+    assert d["fp32_warm"]["gflop_per_image"] < d["fp32_cold"]["gflop_per_image"] < d["reference"]["gflop_per_image"]
+    flops = result["flops"]
+    assert flops["step_flops_ratio"] == pytest.approx(flops["wecolora_gflop_per_image"]
+                                                      / flops["full_finetune_gflop_per_image"])
+    assert flops["step_flops_ratio"] < 1 and result["step_flops_ratio_vit_b"] < 0.9  # the adapters skip the full dW
     assert set(result["inference"]) == {"teacher", "adapters_r2", "merged_r2", "adapters_r3", "merged_r3"}
     assert result["inference"]["merged_r3"]["limit"] == 3.0  # 6 teacher blocks -> 2
     assert result["machine"]["torch_threads"] >= 1 and messages
     (written,) = tmp_path.glob("bench-*-quick.json")
     assert json.loads(written.read_text())["grid_cost_ratio"] == result["grid_cost_ratio"]
-    table = bench.format_table(result)
+    table = bench_report.format_table(result)
     assert "reference design" in table and "merged" in table and "grid_cost_ratio" in table
+    assert "cold ceiling" in table and "step_flops_ratio" in table
 
 
 def test_bench_config_refuses_nonsense():

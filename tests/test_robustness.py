@@ -270,6 +270,11 @@ CASES = [
     ("ablate-probe-data-without-test-split", "ablate --preset demo --probe-data {root}/lopsided --output {out}",
      "--probe-data {root}/lopsided has no train/ folder, so it is the train split only"),
     ("demo-output-is-a-file", "demo --output {root}/notes.txt", "--output {root}/notes.txt exists and is not a folder"),
+    ("cache-teacher-unknown", D + " --cache-teacher maybe", "argument --cache-teacher: invalid choice: 'maybe'"),
+    ("cache-max-gb-zero", D + " --cache-teacher on --cache-max-gb 0", "--cache-max-gb 0.0 is invalid"),
+    ("cache-dir-missing", "cache list --cache-dir {root}/nope", "--cache-dir {root}/nope does not exist"),
+    ("cache-unknown-action", "cache purge", "argument ACTION: invalid choice: 'purge'"),
+    ("cache-clear-without-a-choice", "cache clear --cache-dir {root}", "give --all or --older-than DAYS"),
 ]
 
 
@@ -678,3 +683,23 @@ def test_an_image_damaged_during_a_run_stops_with_one_line(tmp_path):
     line = cli_module.one_line(err.value)
     assert "\n" not in line and line.startswith(f"image {tmp_path / 'a' / '2.png'} cannot be read any more")
     assert "--resume auto" in line
+
+
+def test_the_readability_check_is_remembered_per_file_listing(tmp_path, monkeypatch):
+    from wecolora import data
+
+    monkeypatch.setenv("WECOLORA_CACHE_DIR", str(tmp_path / "cache"))
+    for i in range(20):
+        save_png(tmp_path / "d" / "a" / f"{i}.png", digit(i))
+    (tmp_path / "d" / "a" / "bad.png").write_bytes(b"broken")
+    dataset = data.open_dataset(str(tmp_path / "d"))
+    everything = list(range(len(dataset)))
+    first = data.drop_unreadable(dataset, everything)
+    decoded = []
+    real_decodes = data._decodes
+    monkeypatch.setattr(data, "_decodes", lambda path: decoded.append(path) or real_decodes(path))
+    assert data.drop_unreadable(dataset, everything) == first and first[1] == ["a/bad.png"]
+    assert decoded == []  # the unchanged listing's verdict was read back: nothing decoded
+    save_png(tmp_path / "d" / "a" / "bad.png", digit(0))  # repaired: the listing changed, so it is decoded again
+    assert data.drop_unreadable(dataset, everything) == (everything, [])
+    assert len(decoded) == len(everything)

@@ -1,12 +1,16 @@
 """Tests for wecolora.teacher_cache: cache keys, atomic views, and distillation with the cache."""
 import dataclasses
+import os
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 import wecolora.distill as distill_module
-from wecolora import data, image_store, losses, teacher_cache, vit
+from wecolora import cache_admin, data, image_store, losses, teacher_cache, vit
 from wecolora.config import DistillConfig
 from wecolora.distill import distill
 from wecolora.student import build_student
@@ -292,3 +296,234 @@ def test_temporary_files_of_dead_writers_are_removed(tmp_path, teacher28, digits
         path.write_bytes(b"x")
     teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits))
     assert not orphan.exists() and not dotted.exists() and other_host.exists() and alive.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy: off for a lone run, on where the tokens are read back
+
+
+@pytest.mark.parametrize("teacher_cache, cache_dir, uses", [
+    ("auto", None, False),  # a lone distill: its tokens would never be read back
+    ("auto", "somewhere", True),  # --teacher-cache DIR asks for it
+    ("on", None, True),
+    ("off", "somewhere", False),  # --no-teacher-cache wins over a folder
+    (True, None, True),  # wecolora 0.2 configs held a bool
+    (False, None, False),
+])
+def test_the_cache_policy(teacher_cache, cache_dir, uses):
+    config = DistillConfig(teacher="t", data="d", output="o", teacher_cache=teacher_cache, teacher_cache_dir=cache_dir)
+    assert config.uses_teacher_cache() is uses and config.teacher_cache in ("auto", "on", "off")
+
+
+def test_a_bad_policy_or_cap_is_refused(monkeypatch):
+    from wecolora.cache_admin import cache_cap_bytes
+    from wecolora.errors import UserError
+
+    with pytest.raises(UserError, match="--cache-teacher 'maybe' is invalid: expected one of auto, on, off"):
+        DistillConfig(teacher="t", data="d", output="o", teacher_cache="maybe")
+    with pytest.raises(UserError, match="--cache-max-gb 0 is invalid"):
+        DistillConfig(teacher="t", data="d", output="o", cache_max_gb=0)
+    monkeypatch.delenv("WECOLORA_CACHE_MAX_GB", raising=False)
+    assert cache_cap_bytes() == 50 * 10**9 and cache_cap_bytes(0.25) == 250 * 10**6
+    monkeypatch.setenv("WECOLORA_CACHE_MAX_GB", "2")
+    assert cache_cap_bytes() == 2 * 10**9 and cache_cap_bytes(1) == 10**9  # the setting beats the variable
+    monkeypatch.setenv("WECOLORA_CACHE_MAX_GB", "lots")
+    with pytest.raises(UserError, match="WECOLORA_CACHE_MAX_GB='lots' is invalid"):
+        cache_cap_bytes()
+
+
+def test_a_lone_distill_writes_no_cache_unless_asked(teacher_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WECOLORA_CACHE_DIR", str(tmp_path / "root"))
+    settings = dict(teacher=f"local-dir:{teacher_dir}", data="mnist-5k", ratio=0.02, epochs=1, warmup_epochs=0,
+                    batch_size=16, accum_steps=1, num_workers=0, device="cpu", rank=4)
+    distill(DistillConfig(output=str(tmp_path / "lone"), **settings))
+    assert not (tmp_path / "root" / "teacher").exists()  # only the image store, which every run reads
+    saved = yaml.safe_load((tmp_path / "lone" / "config.yaml").read_text())
+    assert saved["settings"]["teacher_cache"] == "auto" and saved["resolved"]["teacher_cache"] is None
+
+    distill(DistillConfig(output=str(tmp_path / "asked"), teacher_cache="on", **settings))
+    (entry,) = (tmp_path / "root" / "teacher").iterdir()
+    assert sorted(p.name for p in entry.glob("view*")) == ["view0000.tokens.npy"]
+    assert yaml.safe_load((tmp_path / "asked" / "config.yaml").read_text())["resolved"]["teacher_cache"] == str(entry)
+
+
+# ---------------------------------------------------------------------------------------------
+# The writer thread
+
+
+def _batch(n, offset=0):
+    return torch.arange(offset, offset + n), _tokens(n, seed=offset), torch.zeros(n, 3, 4, 4, dtype=torch.uint8)
+
+
+def test_views_are_written_on_the_writer_thread(tmp_path, teacher28, digits, monkeypatch):
+    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=list(range(8))))
+    real, threads = teacher_cache._to_numpy, []
+
+    def recording(tokens):
+        threads.append(threading.current_thread().name)
+        return real(tokens)
+
+    monkeypatch.setattr(teacher_cache, "_to_numpy", recording)
+    writer = cache.writer(0, 8)
+    for offset in (0, 4):
+        stored = writer.write(*_batch(4, offset))
+        assert all(s.dtype == torch.float32 for s in stored)  # rounded on the tokens' device, returned at once
+    assert writer.commit() and cache.has_view(0)
+    assert threads == ["wecolora-view0000-writer"] * 2 and writer._thread is None
+
+
+def test_the_queue_of_batches_in_flight_is_bounded(tmp_path, teacher28, digits, monkeypatch):
+    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=list(range(16))))
+    release, real = threading.Event(), teacher_cache._to_numpy
+    monkeypatch.setattr(teacher_cache, "_to_numpy", lambda tokens: (release.wait(10), real(tokens))[1])
+    writer = cache.writer(0, 16)
+    writer.write(*_batch(1, 0))  # taken by the thread, which then waits on a slow disk
+    time.sleep(0.1)
+    for offset in range(1, 1 + teacher_cache.ViewWriter.QUEUE_BATCHES):  # fill the queue
+        writer.write(*_batch(1, offset))
+    blocked = threading.Thread(target=writer.write, args=_batch(1, 15))
+    blocked.start()
+    blocked.join(0.3)
+    assert blocked.is_alive()  # one batch more waits for the disk instead of piling up in memory
+    release.set()
+    blocked.join(10)
+    assert not blocked.is_alive()
+    writer.abort()
+
+
+def _failing_memmap(monkeypatch, error):
+    """Every write into a view's memory-mapped file raises ``error``."""
+    class Failing(np.memmap):
+        def __setitem__(self, index, value):
+            raise error
+
+    real = np.lib.format.open_memmap
+    monkeypatch.setattr(np.lib.format, "open_memmap", lambda *a, **k: real(*a, **k).view(Failing))
+
+
+def test_a_disk_error_in_the_writer_thread_costs_the_view_not_the_run(tmp_path, teacher28, digits, monkeypatch,
+                                                                      caplog):
+    import errno
+
+    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=list(range(40))))
+    _failing_memmap(monkeypatch, OSError(errno.EIO, "Input/output error"))
+    writer = cache.writer(0, 40)
+    for offset in range(0, 40, 4):  # more batches than the queue holds: a failed thread never blocks training
+        positions, tokens, images = _batch(4, offset)
+        stored = writer.write(positions, tokens, images)
+        torch.testing.assert_close(stored[0], tokens[0], atol=1e-2, rtol=1e-3)  # trained on, rounded as stored
+    assert not writer.commit()
+    assert caplog.text.count("cannot store view 0") == 1 and "Input/output error" in caplog.text
+    assert not cache.has_view(0) and not list(cache.folder.glob("view*")) and not list(cache.folder.glob(".*.tmp"))
+    assert writer._thread is None
+
+
+def test_any_other_error_in_the_writer_thread_is_raised_at_the_next_write_or_commit(tmp_path, teacher28, digits,
+                                                                                    monkeypatch):
+    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=list(range(8))))
+    _failing_memmap(monkeypatch, ValueError("a bug in the writer"))
+    writer = cache.writer(0, 8)
+    writer.write(*_batch(4, 0))
+    with pytest.raises(ValueError, match="a bug in the writer"):
+        writer.write(*_batch(4, 4))
+        writer.commit()  # if the thread had not got to the first batch yet
+    writer.abort()
+    assert not list(cache.folder.glob(".*.tmp")) and not cache.has_view(0)
+
+
+def test_abort_stops_the_thread_and_leaves_no_temporary_file(tmp_path, teacher28, digits):
+    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=list(range(12))))
+    writer = cache.writer(0, 12)
+    for offset in (0, 4):
+        writer.write(*_batch(4, offset))
+    writer.abort()
+    assert writer._thread is None and not list(cache.folder.glob(".*.tmp")) and not list(cache.folder.glob("view*"))
+    assert not [t for t in threading.enumerate() if t.name.startswith("wecolora-view")]
+
+
+# ---------------------------------------------------------------------------------------------
+# The size cap
+
+
+VIEW_BYTES = 40 * 17 * 32 * 2  # 40 images: tokens [1, 17, 32] fp16
+
+
+def _open(root, teacher, dataset, seed, *, views=1, max_gb=1.0):
+    return teacher_cache.open_for_run(True, str(root), views=views, max_gb=max_gb,
+                                      **_key_args(teacher, dataset, seed=seed))
+
+
+def _fill(cache, view=0):
+    n = cache.key["images"]
+    writer = cache.writer(view, n)
+    writer.write(torch.arange(n), [torch.zeros(n, 17, 32)], None)
+    assert writer.commit()
+    return cache
+
+
+def _last_used(cache, days_ago):
+    stamp = time.time() - days_ago * 86400
+    os.utime(cache.folder / "meta.json", (stamp, stamp))
+
+
+def test_a_new_entry_evicts_the_least_recently_used_not_the_one_in_use(tmp_path, teacher28, digits, caplog):
+    caplog.set_level("INFO", logger="wecolora")
+    old, recent = _fill(_open(tmp_path, teacher28, digits, 1)), _fill(_open(tmp_path, teacher28, digits, 2))
+    _last_used(old, 3)
+    _last_used(recent, 1)
+    size = cache_admin.read_entry(old.folder, "teacher").bytes
+    assert VIEW_BYTES < size < VIEW_BYTES + 2000  # the estimate open_for_run makes room with
+    cap_gb = (2 * size + 1000) / 1e9  # two entries of one view fit, three do not
+
+    new = _fill(_open(tmp_path, teacher28, digits, 3, max_gb=cap_gb))
+    assert not old.folder.exists() and recent.folder.is_dir() and new.folder.is_dir()
+    assert "evicted" in caplog.text
+
+    # Now the entry in use is the least recently used: a second view for it evicts the other one instead.
+    _last_used(new, 10)
+    again = _open(tmp_path, teacher28, digits, 3, views=2, max_gb=cap_gb)
+    assert again.folder == new.folder and again.has_view(0, images=False) and not recent.folder.exists()
+    # A run whose own views cannot fit under the cap trains without the cache.
+    assert _open(tmp_path, teacher28, digits, 4, views=3, max_gb=cap_gb) is None
+    assert "over the cache's" in caplog.text and new.folder.is_dir()
+
+
+HOLD_LOCK = ("import fcntl, sys, time; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_SH); print('locked', flush=True); "
+             "time.sleep(60)")
+
+
+@pytest.mark.parametrize("kind", ["writer", "user"])
+def test_an_entry_a_live_process_writes_or_uses_is_never_evicted(tmp_path, teacher28, digits, caplog, kind):
+    import socket
+    import subprocess
+    import sys
+
+    busy = _fill(_open(tmp_path, teacher28, digits, 1))
+    _last_used(busy, 5)
+    if kind == "writer":  # another live process of this host writes a view into it
+        other = subprocess.Popen(["sleep", "60"])
+        (busy.folder / f".view0001.tokens.{socket.gethostname()}-{other.pid}.abc.tmp").write_bytes(b"x")
+    else:  # another run trains with it (its use lock)
+        other = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(busy.folder / "meta.json")],
+                                 stdout=subprocess.PIPE, text=True)
+        assert other.stdout.readline() == "locked\n"
+    try:
+        size = cache_admin.read_entry(busy.folder, "teacher").bytes
+        assert _open(tmp_path, teacher28, digits, 2, max_gb=(size + VIEW_BYTES) / 1e9 * 0.99) is None
+        assert "entries in use by other runs" in caplog.text and busy.folder.is_dir()
+        assert not cache_admin.evict(busy.folder) and busy.folder.is_dir()
+    finally:
+        other.kill()
+        other.wait()
+    # Once that process is gone the entry is like any other: evicted when room is needed.
+    assert _open(tmp_path, teacher28, digits, 2, max_gb=(size + VIEW_BYTES) / 1e9 * 0.99) is not None
+    assert not busy.folder.exists()
+
+
+def test_a_run_holds_its_entry_until_the_next_run_of_the_process(tmp_path, teacher28, digits):
+    first = _open(tmp_path, teacher28, digits, 1)
+    assert cache_admin.locked(first.folder) and not cache_admin.evict(first.folder)
+    second = _open(tmp_path, teacher28, digits, 2)
+    assert not cache_admin.locked(first.folder) and cache_admin.locked(second.folder)
+    assert teacher_cache.open_for_run(False, str(tmp_path), views=1, **_key_args(teacher28, digits)) is None
+    assert not cache_admin.locked(second.folder)  # a run without the cache holds none

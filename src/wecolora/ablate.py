@@ -4,7 +4,9 @@ A preset (``presets/NAME.yaml`` or any YAML file) names a teacher, the distillat
 sets, settings shared by every student, a list of runs (mode, reduction, ratio, and any other
 distill setting such as lr or keep) and optionally ``seeds``: every run is then done once per seed
 (training seed and few-shot subset seed together) and the report gives mean ± std over the seeds.
-Finished runs and probes are reused, so an interrupted grid continues where it stopped.
+Finished runs and probes are reused, so an interrupted grid continues where it stopped. The runs share
+the teacher cache (on for grid runs unless the grid sets ``teacher_cache: off``): one entry per teacher,
+subset and seed, filled by the first student and read by the others.
 """
 from __future__ import annotations
 
@@ -147,6 +149,7 @@ def ablate(grid: Ablation, output: str | Path, *, device: str = "auto", shard: t
     for folder_name, settings in grid.planned_runs()[index::shards]:
         run_dir = output / "runs" / folder_name
         config = DistillConfig(**{**settings, "device": device, "output": str(run_dir),
+                                  "teacher_cache": grid_cache_policy(settings.get("teacher_cache")),
                                   "resume": "auto" if (run_dir / "checkpoint").is_dir() else None})
         if (run_dir / "adapter" / RUN_INFO).is_file():
             changed = changed_settings(config, run_dir / "config.yaml", ignore=EXECUTION_SETTINGS)
@@ -166,6 +169,16 @@ def ablate(grid: Ablation, output: str | Path, *, device: str = "auto", shard: t
     if state.is_main_process and shards == 1:
         write_report(rows, grid, output)
     return rows
+
+
+def grid_cache_policy(value) -> str | bool:
+    """A grid run's teacher cache: on unless the grid (or a run) says otherwise. The grid's students share
+    one teacher and subset (per seed), so the first one's cached tokens serve every later one.
+
+    >>> grid_cache_policy(None), grid_cache_policy("auto"), grid_cache_policy(False), grid_cache_policy("off")
+    ('on', 'on', False, 'off')
+    """
+    return "on" if value in (None, "auto") else value
 
 
 def _cell_settings(grid: Ablation) -> list[str]:

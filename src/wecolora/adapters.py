@@ -7,8 +7,11 @@ are fused back into the plain timm Linear.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -152,7 +155,8 @@ def merge(student: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
-# Lean training path: the same function as the peft student, with fewer and larger matmuls.
+# Lean training path: the same function as the peft student, with fewer and larger matmuls and a backward
+# that forms a frozen weight's gradient only where that is the cheaper way to the adapters' gradients.
 
 
 def _shallow_copy(module: nn.Module) -> nn.Module:
@@ -182,30 +186,163 @@ def _lora_parts(layer: nn.Module) -> tuple[nn.Linear, tuple[nn.Parameter, nn.Par
     return base, (layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name]))
 
 
+@dataclass(frozen=True)
+class OutputSlices:
+    """How a :class:`LeanLoRALinear`'s output rows split into its base Linears, and the adapter on each."""
+    rows: tuple[int, ...]  # output features of each slice, in order (q, k, v or a single one)
+    scales: tuple[float | None, ...]  # each slice's adapter scale; None: no adapter on that slice
+
+    def adapted(self) -> list[tuple[int, int, float]]:
+        """``(first row, end row, scale)`` of each adapted slice, in the order of their A and B."""
+        starts = itertools.accumulate(self.rows, initial=0)
+        return [(start, start + rows, scale) for start, rows, scale in zip(starts, self.rows, self.scales)
+                if scale is not None]
+
+
+def delta_weight(slices: OutputSlices, lora_A: list[torch.Tensor], lora_B: list[torch.Tensor]) -> torch.Tensor:
+    """ΔW ``[sum(rows), in]``: the stacked, scaled ``B_s A_s`` (zeros on slices without an adapter)."""
+    scales = [s for s in slices.scales if s is not None]
+    if (1 < len(lora_A) == len(slices.rows) and len({a.shape for a in lora_A}) == 1
+            and len({b.shape for b in lora_B}) == 1):  # q, k, v: one batched matmul [3, out, r] x [3, r, in]
+        delta = torch.bmm(torch.stack(lora_B), torch.stack(lora_A))
+        if len(set(scales)) == 1:
+            return delta.flatten(0, 1) if scales[0] == 1.0 else delta.flatten(0, 1) * scales[0]
+        return (delta * torch.tensor(scales, device=delta.device, dtype=delta.dtype)[:, None, None]).flatten(0, 1)
+    parts, pending = [], iter(zip(lora_A, lora_B, scales))
+    like = lora_A[0]
+    for rows, scale in zip(slices.rows, slices.scales):
+        if scale is None:
+            parts.append(torch.zeros(rows, like.shape[1], device=like.device, dtype=like.dtype))
+            continue
+        a, b, s = next(pending)
+        parts.append(b @ a if s == 1.0 else (b @ a) * s)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def adapter_grad_flops(tokens: int, in_features: int, out_features: int, rank: int) -> dict[str, int]:
+    """FLOPs of the two ways to get one adapter's ``(dA, dB)`` from its input X ``[T, in]`` and output gradient
+    dY ``[T, out]`` (``y = scale · X Aᵀ Bᵀ``, A ``[r, in]``, B ``[out, r]``).
+
+    ``thin``: U = X Aᵀ, dB = dYᵀ U, V = dY B, dA = Vᵀ X, four products with a side of r;
+    ``full``: G = dYᵀ X (the frozen weight's gradient, ``[out, in]``), dB = G Aᵀ, dA = Bᵀ G.
+    """
+    return {"thin": 4 * tokens * rank * (in_features + out_features),
+            "full": 2 * tokens * out_features * in_features + 4 * out_features * in_features * rank}
+
+
+def grad_route(tokens: int, in_features: int, out_features: int, rank: int) -> str:
+    """The route of :func:`adapter_grad_flops` that costs fewer FLOPs (``thin`` on a tie: no ``[out, in]`` buffer).
+
+    >>> grad_route(197 * 128, 768, 3072, 128), grad_route(197 * 128, 768, 768, 768)
+    ('thin', 'full')
+    """
+    flops = adapter_grad_flops(tokens, in_features, out_features, rank)
+    return "thin" if flops["thin"] <= flops["full"] else "full"
+
+
+def adapter_grads(route: str, x: torch.Tensor, grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  scale: float, *, need_a: bool = True, need_b: bool = True
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(dA, dB)`` of ``y = scale · x Aᵀ Bᵀ`` for x ``[T, in]`` and dL/dy ``[T, out]``, by a route of
+    :func:`adapter_grad_flops`; None for one not needed."""
+    if route == "thin":
+        da = (grad_out @ b).t() @ x if need_a else None
+        db = grad_out.t() @ (x @ a.t()) if need_b else None
+    elif route == "full":
+        g = grad_out.t() @ x if need_a or need_b else None
+        da = b.t() @ g if need_a else None
+        db = g @ a.t() if need_b else None
+    else:
+        raise ValueError(f"unknown gradient route {route!r}; choose thin or full")
+    if scale != 1.0:  # scaled on the small results, not on the [T, *] operands
+        da, db = (None if t is None else t * scale for t in (da, db))
+    return da, db
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layer's matmuls run in: autocast's where it is on (as ``F.linear`` would), else x's."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _autocast_off(device: str):
+    """A context running every op in the dtype it is given (the casts are explicit), on any device type."""
+    if torch.amp.is_autocast_available(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
+
+
+class _FrozenBaseLoRA(torch.autograd.Function):
+    """``y = x (W + ΔW)ᵀ + b`` with W and b frozen: backward gives x and the adapters their gradients, and forms
+    W's ``[out, in]`` gradient only where that is the cheaper route to them (:func:`grad_route`).
+
+    Inputs ``x, W, b (or None), slices, *lora_A, *lora_B``. Autocast's dtype is applied by explicit casts (the
+    backward then runs in the forward's dtype whatever thread or autocast state it runs in), and each gradient
+    comes back in its input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, slices, *lora):
+        dtype = _compute_dtype(x)
+        ctx.slices, ctx.dtypes = slices, [x.dtype] + [p.dtype for p in lora]
+        with _autocast_off(x.device.type):
+            x = x.to(dtype)
+            lora = [p.to(dtype) for p in lora]
+            half = len(lora) // 2
+            # summed in W's dtype and cast once, as autocast does with F.linear(x, W + ΔW)
+            fused = (weight + delta_weight(slices, lora[:half], lora[half:])).to(dtype)
+            y = nn.functional.linear(x, fused, None if bias is None else bias.to(dtype))
+        # W + ΔW is kept for x's gradient rather than rebuilt: one weight-sized tensor per layer whatever the
+        # batch, against a second ΔW product per step. Not kept where x needs no gradient (the first block).
+        ctx.save_for_backward(x, fused if ctx.needs_input_grad[0] else None, *lora)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, fused, *lora = ctx.saved_tensors
+        half = len(lora) // 2
+        needs = ctx.needs_input_grad[4:]
+        with _autocast_off(x.device.type):
+            dy = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)  # [T, sum(rows)]
+            x2d = x.reshape(-1, x.shape[-1])  # [T, in]
+            grad_x = (dy @ fused).view(x.shape).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+            grads_a, grads_b = [], []
+            for i, (start, end, scale) in enumerate(ctx.slices.adapted()):
+                a, b = lora[i], lora[half + i]
+                route = grad_route(x2d.shape[0], x2d.shape[1], end - start, a.shape[0])
+                da, db = adapter_grads(route, x2d, dy[:, start:end], a, b, scale, need_a=needs[i],
+                                       need_b=needs[half + i])
+                grads_a.append(da)
+                grads_b.append(db)
+        grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads_a + grads_b, ctx.dtypes[1:])]
+        return grad_x, None, None, None, *grads
+
+
 class LeanLoRALinear(nn.Module):
     """A frozen Linear plus low-rank updates on its output slices, computed as ONE matmul with W + B·A.
 
     ``y = x Wᵀ + b + Σ_s scale_s · B_s (A_s x)`` on output slice s, rewritten ``y = x (W + ΔW)ᵀ + b`` with
-    ``ΔW`` stacked from the ``B_s A_s`` (one batched matmul for q, k and v). Forward and backward then cost
-    one input-sized matmul each plus a weight gradient, instead of a base matmul and two thin ones per slice;
-    the result equals the peft layers' up to float rounding. Parameters are the peft layers' own objects,
-    so gradients land where the optimizer and ``save_pretrained`` expect them.
+    ``ΔW`` stacked from the ``B_s A_s`` (one batched matmul for q, k and v). The forward then costs one
+    input-sized matmul instead of a base matmul and two thin ones per slice, and the backward one for x's
+    gradient plus the adapters' by the cheaper of two routes (:class:`_FrozenBaseLoRA`); the result equals the
+    peft layers' up to float rounding. Parameters are the peft layers' own objects, so gradients land where
+    the optimizer and ``save_pretrained`` expect them. Should a base weight train, plain autograd through
+    ``W + ΔW`` gives it its gradient.
     """
 
     def __init__(self, bases: list[nn.Linear], updates: list[tuple[nn.Parameter, nn.Parameter, float] | None]):
         super().__init__()
-        self.slice_out = [b.out_features for b in bases]
         self.weights = nn.ParameterList([b.weight for b in bases])
         self.biases = nn.ParameterList([b.bias for b in bases if b.bias is not None])
         if self.biases and len(self.biases) != len(bases):
             raise ValueError("all slices must have a bias or none")
         self.lora_A = nn.ParameterList([u[0] for u in updates if u is not None])
         self.lora_B = nn.ParameterList([u[1] for u in updates if u is not None])
-        self.scales = [u[2] for u in updates if u is not None]
-        self.adapted = [u is not None for u in updates]
+        self.slices = OutputSlices(tuple(b.out_features for b in bases),
+                                   tuple(None if u is None else u[2] for u in updates))
         self._fused: dict[str, tuple[tuple, torch.Tensor]] = {}  # frozen slices concatenated once, see _concat
-        self.stacked = all(self.adapted) and len(updates) > 1 and len({a.shape for a in self.lora_A}) == 1 \
-            and len({b.shape for b in self.lora_B}) == 1
 
     def _concat(self, name: str, params: nn.ParameterList) -> torch.Tensor:
         """The slices' base weights (or biases) as one tensor; frozen ones are concatenated once and reused
@@ -220,34 +357,15 @@ class LeanLoRALinear(nn.Module):
                 self._fused[name] = (stamp, torch.cat(list(params)))
         return self._fused[name][1]
 
-    def base_weight(self) -> torch.Tensor:
-        return self._concat("weight", self.weights)
-
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW ``[sum(out), in]``: the stacked, scaled ``B_s A_s`` (zeros on slices without an adapter)."""
-        if self.stacked:  # q, k, v: one batched matmul [3, out, r] x [3, r, in]
-            delta = torch.bmm(torch.stack(list(self.lora_B)), torch.stack(list(self.lora_A))).flatten(0, 1)
-            if len(set(self.scales)) == 1:
-                return delta if self.scales[0] == 1.0 else delta * self.scales[0]
-            scale = torch.repeat_interleave(torch.tensor(self.scales, device=delta.device, dtype=delta.dtype),
-                                            torch.tensor(self.slice_out, device=delta.device))
-            return delta * scale[:, None]
-        parts, j = [], 0
-        for out, adapted in zip(self.slice_out, self.adapted):
-            if adapted:
-                a, b, s = self.lora_A[j], self.lora_B[j], self.scales[j]
-                parts.append(b @ a if s == 1.0 else (b @ a) * s)
-                j += 1
-            else:
-                parts.append(torch.zeros(out, self.weights[0].shape[1], device=self.weights[0].device,
-                                         dtype=self.weights[0].dtype))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.base_weight()
-        if self.lora_A:
-            weight = weight + self.delta_weight()
-        return nn.functional.linear(x, weight, self._concat("bias", self.biases) if self.biases else None)
+        weight = self._concat("weight", self.weights)
+        bias = self._concat("bias", self.biases) if self.biases else None
+        if not self.lora_A:
+            return nn.functional.linear(x, weight, bias)
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            return nn.functional.linear(x, weight + delta_weight(self.slices, list(self.lora_A), list(self.lora_B)),
+                                        bias)
+        return _FrozenBaseLoRA.apply(x, weight, bias, self.slices, *self.lora_A, *self.lora_B)
 
 
 def _lean_linear(module: nn.Module) -> nn.Module | None:

@@ -1,34 +1,36 @@
-"""``wecolora bench``: distillation and inference throughput on this machine, against the paper's code design.
+"""``wecolora bench``: distillation and inference throughput on this machine, against the paper's code design
+and against the machine's own ceiling.
 
-Everything is measured in ONE process, in interleaved rounds (reference, then each wecolora variant, then
+Everything is measured in ONE process, in interleaved rounds (reference, then each wecolora line, then
 again), so that a busy spell of a shared machine hits every line alike; each line reports its best round
 (other processes only ever slow a round down) and a ratio is a ratio of best rounds. Measured:
 
-1. distillation images/s (r=2, all six adapters): the reference design written here (fp32, the teacher
-   run at every step, one unfused low-rank module per projection added on top of the frozen fused qkv
-   and the other linears, as the authors' code does) against wecolora's own training step
-   (:func:`wecolora.distill.train_one_epoch` with the lean adapter path and the teacher cache, cold:
-   teacher run and tokens stored; warm: tokens read back; both cut their views from the image store on
-   the device), in fp32 and, where the hardware has fast bf16 (CUDA, or a CPU with AVX-512 BF16 / AMX),
-   in bf16 autocast;
-2. inference images/s of the teacher, of the unmerged adapter students and of the merged students
+1. distillation images/s (r=2, all six adapters): the reference design (:mod:`wecolora.bench_reference`)
+   against wecolora's own training step (:func:`wecolora.distill.train_one_epoch` on the set-up of
+   :func:`wecolora.training.make_training`, with the teacher cache cold: teacher run and tokens stored;
+   warm: tokens read back), in fp32 and, where the hardware has fast bf16, in bf16 autocast; and each
+   line's ceiling: the same loop on batches already on the device (no loader, no cache I/O), so that
+   what the data path loses is visible (``cold_fraction_of_ceiling``, ``warm_fraction_of_ceiling``);
+2. FLOPs per image of every line (``FlopCounterMode``), the TFLOP/s achieved, and on a known GPU the
+   fraction of its bf16 peak; ``step_flops_ratio``: the wecolora student's step FLOPs over a full
+   fine-tune step of the same student (``weco-kd``), for this teacher and for a ViT-B/16 at rank 128;
+3. inference images/s of the teacher, of the unmerged adapter students and of the merged students
    (r = 2 and 3), fp32;
-3. peak memory of each (tensor allocations during one step or forward: the profiler on the CPU,
-   ``max_memory_allocated`` on CUDA);
-4. the training cost of an ablation grid of six students (wecolora, lora-qv, weco-kd at r = 2 and 3)
+4. peak memory of each (tensor allocations during one step or forward);
+5. the training cost of an ablation grid of six students (wecolora, lora-qv, weco-kd at r = 2 and 3)
    with one shared teacher cache (the first student fills it) against the same grid without it.
 
-The CLI prints the table (or ``--json``: one object) and writes ``benchmarks/results/bench-*.json``.
+The CLI prints the table (:func:`wecolora.bench_report.format_table`, or ``--json``: one object) and
+writes ``benchmarks/results/bench-*.json``.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import json
 import logging
 import math
-import os
-import platform
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -38,15 +40,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from . import adapters, data, image_store, losses, teacher_cache, vit
+from . import adapters, data, flops, image_store, teacher_cache, vit
+from .bench_measure import best, bf16_peak_tflops, fast_bf16, machine, peak_memory_mb, sync, time_calls
+from .bench_reference import reference_epoch, reference_step, reference_student
 from .errors import UserError
-from .student import build_student, plan_student, student_from_plan
+from .student import build_student, plan_student
+from .training import Training, make_training, plain_attention
 
 _logger = logging.getLogger(__name__)
 
 GRID = [("wecolora", 2), ("wecolora", 3), ("lora-qv", 2), ("lora-qv", 3), ("weco-kd", 2), ("weco-kd", 3)]
 TARGETS = {"distill_speedup_cold": 1.5, "distill_speedup_warm": 2.5, "infer_speedup_r2": 1.85,
-           "infer_speedup_r3": 2.6, "grid_cost_ratio": 0.5}
+           "infer_speedup_r3": 2.6, "grid_cost_ratio": 0.5, "step_flops_ratio": 0.95,
+           "cold_fraction_of_ceiling": 0.8, "warm_fraction_of_ceiling": 0.8}
+AT_MOST = {"grid_cost_ratio", "step_flops_ratio"}  # targets that are upper bounds
 
 
 @dataclass
@@ -72,71 +79,6 @@ class BenchConfig:
                 raise UserError(f"--{name.replace('_', '-')} {value} is invalid: expected an integer >= 1")
         self.images = self.images or (512 if self.quick else 2048)
         self.rounds = self.rounds or (3 if self.quick else 5)
-
-
-# ---------------------------------------------------------------------------------------------
-# The reference design
-
-
-class ReferenceLoRA(nn.Module):
-    """The authors' layout: a frozen Linear plus its own unfused ``B(A(x))`` (two nn.Linear, no bias)."""
-
-    def __init__(self, base: nn.Linear, rank: int):
-        super().__init__()
-        self.base = base
-        self.a = nn.Linear(base.in_features, rank, bias=False)  # kaiming-uniform, as nn.Linear
-        self.b = nn.Linear(rank, base.out_features, bias=False)
-        nn.init.zeros_(self.b.weight)
-
-    def forward(self, x):
-        return self.base(x) + self.b(self.a(x))
-
-
-class ReferenceLoRAQKV(nn.Module):
-    """The authors' qkv: the frozen fused Linear, then q, k, v updates added in place to their slices."""
-
-    def __init__(self, qkv: nn.Linear, rank: int):
-        super().__init__()
-        self.qkv, self.dim = qkv, qkv.in_features
-        self.a = nn.ModuleList(nn.Linear(self.dim, rank, bias=False) for _ in range(3))
-        self.b = nn.ModuleList(nn.Linear(rank, self.dim, bias=False) for _ in range(3))
-        for b in self.b:
-            nn.init.zeros_(b.weight)
-
-    def forward(self, x):
-        qkv = self.qkv(x)  # [B, N, 3D]
-        for i, (a, b) in enumerate(zip(self.a, self.b)):
-            qkv[:, :, i * self.dim:(i + 1) * self.dim] += b(a(x))
-        return qkv
-
-
-def reference_student(teacher: nn.Module, reduction: int, rank: int) -> nn.Module:
-    """The weight-copied student with the reference design's adapters on q, k, v, proj, fc1 and fc2."""
-    student = build_student(teacher, reduction, mode="weco-kd").requires_grad_(False)
-    for block in student.blocks:
-        block.attn.qkv = ReferenceLoRAQKV(block.attn.qkv, rank)
-        block.attn.proj = ReferenceLoRA(block.attn.proj, rank)
-        block.mlp.fc1 = ReferenceLoRA(block.mlp.fc1, rank)
-        block.mlp.fc2 = ReferenceLoRA(block.mlp.fc2, rank)
-    return student
-
-
-def reference_epoch(student, teacher, loader, optimizer, device, teacher_blocks) -> float:
-    """One epoch of the reference loop (fp32, teacher at every step); returns images/s."""
-    student.train()
-    seen, start = 0, time.perf_counter()
-    for images, _ in loader:
-        images = images.to(device, non_blocking=True)
-        with torch.no_grad():
-            targets = vit.last_block_tokens(teacher, images, teacher_blocks)
-        predictions = vit.last_block_tokens(student, images)
-        loss = losses.feature_loss(predictions, targets, "l1")["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        seen += images.shape[0]
-    _sync(device)
-    return seen / (time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,38 +110,23 @@ class LocalAccelerator:
 
 @dataclass
 class Trainer:
-    """A student ready to train with wecolora's loop at one precision."""
+    """A student set up as ``distill`` sets it up, at one precision."""
     name: str
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
+    training: Training
     accelerator: LocalAccelerator
-    student_blocks: list[int]
-    teacher_blocks: list[int]
-    norm: bool
 
 
 def make_trainer(teacher: nn.Module, *, mode: str, reduction: int, rank: int, precision: str, device: torch.device,
                  updates_per_epoch: int) -> Trainer:
-    from .distill import freeze_unreached, make_optimizer, training_view
-    from .engine import make_scheduler
-
     plan = plan_student(teacher, reduction, "first", mode, rank)
-    student = student_from_plan(teacher, plan)
-    student_blocks, teacher_blocks, norm = losses.matched_blocks("last", list(plan.segment_ends))
-    freeze_unreached(student, norm)
-    model = training_view(student, student_blocks, norm, device=device, precision=precision).to(device)
-    optimizer = make_optimizer(student, 1e-4, 0.05, device)
-    scheduler = make_scheduler(optimizer, 10_000, 0, updates_per_epoch)
-    return Trainer(f"{mode} r={reduction}", model, optimizer, scheduler, LocalAccelerator(device, precision),
-                   student_blocks, teacher_blocks, norm)
+    training = make_training(teacher, plan, lr=1e-4, weight_decay=0.05, epochs=10_000, warmup_epochs=0,
+                             updates_per_epoch=updates_per_epoch, device=device, precision=precision)
+    return Trainer(f"{mode} r={reduction}", training, LocalAccelerator(device, precision))
 
 
 @contextlib.contextmanager
 def _teacher_attention(teacher: nn.Module, accelerator: LocalAccelerator):
     """The teacher's attention as distill sets it: plain matmuls under bf16 on the CPU, else as it was."""
-    from .distill import plain_attention
-
     modules = [m for m in teacher.modules() if hasattr(m, "fused_attn")]
     before = [m.fused_attn for m in modules]
     if plain_attention(accelerator.device, accelerator.precision):
@@ -211,116 +138,37 @@ def _teacher_attention(teacher: nn.Module, accelerator: LocalAccelerator):
             module.fused_attn = fused
 
 
-def wecolora_epoch(trainer: Trainer, teacher, loader, *, recipe, writer=None) -> float:
+def wecolora_epoch(trainer: Trainer, teacher, loader, *, recipe: image_store.ViewRecipe, writer=None) -> float:
     """One epoch of :func:`wecolora.distill.train_one_epoch`; returns images/s."""
     from tqdm.auto import tqdm
 
     from .distill import train_one_epoch
 
+    t = trainer.training
     with tqdm(disable=True) as bar, _teacher_attention(teacher, trainer.accelerator):
-        metrics, _ = train_one_epoch(trainer.model, teacher, loader, trainer.optimizer, trainer.scheduler,
-                                     trainer.accelerator, bar, teacher_blocks=trainer.teacher_blocks, norm=trainer.norm,
-                                     loss_kind="l1", updates=0, epoch=0, recipe=recipe, writer=writer)
-    _sync(trainer.accelerator.device)
+        metrics, _ = train_one_epoch(t.matcher, teacher, loader, t.optimizer, t.scheduler, trainer.accelerator, bar,
+                                     recipe=recipe, teacher_blocks=t.teacher_blocks, norm=t.norm, loss_kind="l1",
+                                     updates=0, epoch=0, writer=writer)
+    sync(trainer.accelerator.device)
     if writer is not None and not writer.commit():
         raise RuntimeError("the teacher cache view was not complete after an epoch")
     return metrics["images_per_s"]
 
 
-# ---------------------------------------------------------------------------------------------
-# Helpers
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls are fast here: CUDA with bf16, or a CPU with AVX-512 BF16 or AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool({"avx512_bf16", "amx_bf16"} & set(_cpu_flags()))
-
-
-def _cpu_flags() -> list[str]:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.split(":", 1)[1].split()
-    return []
-
-
-def machine(device: torch.device) -> dict:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    flags = set(_cpu_flags())
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cpu_bf16": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f"}),
-            "platform": platform.platform(), "python": platform.python_version(), "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
-    from .engine import versions
-
-    info.update(versions())
-    return info
-
-
-def peak_memory_mb(fn, device: torch.device) -> float:
-    """Peak tensor memory allocated while ``fn`` runs (MB), above what was allocated before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as tmp:  # the trace's memory events carry the running total allocated
-        path = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        events = json.loads(path.read_text()).get("traceEvents", [])
-    totals = [e["args"].get("Total Allocated", 0) for e in events if e.get("name") == "[memory]" and "args" in e]
-    return max(totals, default=0) / 2**20
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence the profiler's C++ start/stop lines (written straight to file descriptor 2)."""
-    import sys
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def _time_calls(fn, device: torch.device, calls: int) -> float:
-    """Seconds per call of ``fn``."""
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / calls
-
-
-def _best(rates: list[float]) -> float:
-    """The best of the rounds: other processes can only slow a round down, never speed it up."""
-    return max(rates)
+def device_batches(loader, device: torch.device, recipe: image_store.ViewRecipe, *,
+                   tokens_from: nn.Module | None = None, teacher_blocks: list[int] | None = None) -> list[dict]:
+    """Every batch of ``loader`` (:class:`wecolora.image_store.StoreBatches` items) moved to ``device`` once,
+    with the teacher's tokens for its views when ``tokens_from`` is given. An epoch over them is the loop
+    without its loader and cache I/O (the views are still cut on the device, as in training)."""
+    batches = []
+    for batch in loader:
+        batch = {k: v if k == "positions" else v.to(device) for k, v in batch.items()}
+        if tokens_from is not None:
+            with torch.no_grad():
+                images = recipe.apply(batch["pixels"], batch["boxes"], batch["flips"])
+                batch["tokens"] = vit.last_block_tokens(tokens_from, images, teacher_blocks)
+        batches.append(batch)
+    return batches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +180,7 @@ def run_bench(config: BenchConfig, progress=None) -> dict:
 
     Example:
         >>> result = run_bench(BenchConfig(quick=True))   # doctest: +SKIP
-        >>> result["distill_speedup_warm"]                # doctest: +SKIP
+        >>> result["distill_speedup_warm"], result["step_flops_ratio"]   # doctest: +SKIP
     """
     from .features import resolve_device
 
@@ -364,10 +212,10 @@ def run_bench(config: BenchConfig, progress=None) -> dict:
     indices = data.few_shot_indices(dataset.targets, per_class=per_class, seed=0)[:config.images]
     transform = data.train_transform(teacher)
     recipe = image_store.ViewRecipe.for_model(teacher)
+    store = image_store.open_store(dataset, indices, bound=recipe.bound, num_workers=config.num_workers)
     n, batch = len(indices), config.batch_size
     updates_per_epoch = math.ceil(n / batch)
     generator = torch.Generator()
-    store = image_store.open_store(dataset, indices, bound=recipe.bound, num_workers=config.num_workers)
 
     def view_loader(view: int, cache=None) -> DataLoader:
         """View ``view`` of the subset cut from the image store, with its cached tokens when ``cache`` is given."""
@@ -392,21 +240,27 @@ def run_bench(config: BenchConfig, progress=None) -> dict:
         result["grid"] = _bench_grid(config, teacher, rank, precisions[-1], cache_root, dataset, indices, recipe,
                                      view_loader, device, n, updates_per_epoch, say)
     result["inference"] = _bench_inference(config, teacher, rank, device, batch, say)
+    say("FLOPs of a full fine-tune step: this teacher and a ViT-B/16 (random weights, rank 128)")
+    result["flops"] = _bench_step_flops(teacher, rank, batch)
 
-    best = precisions[-1]
+    top = precisions[-1]
     d, inf = result["distill"], result["inference"]
     result.update({
-        "distill_precision": best,
-        "distill_speedup_cold": d[f"{best}_cold"]["speedup"],
-        "distill_speedup_warm": d[f"{best}_warm"]["speedup"],
+        "distill_precision": top,
+        "distill_speedup_cold": d[f"{top}_cold"]["speedup"],
+        "distill_speedup_warm": d[f"{top}_warm"]["speedup"],
         "distill_speedup_cold_fp32": d["fp32_cold"]["speedup"] if "fp32_cold" in d else None,
         "distill_speedup_warm_fp32": d["fp32_warm"]["speedup"] if "fp32_warm" in d else None,
+        "cold_fraction_of_ceiling": d[f"{top}_cold"]["of_ceiling"],
+        "warm_fraction_of_ceiling": d[f"{top}_warm"]["of_ceiling"],
+        "step_flops_ratio": result["flops"]["step_flops_ratio"],
+        "step_flops_ratio_vit_b": result["flops"]["vit_b"]["step_flops_ratio"],
         "infer_speedup_r2": inf["merged_r2"]["speedup"],
         "infer_speedup_r3": inf["merged_r3"]["speedup"],
         "grid_cost_ratio": result["grid"]["cost_ratio"],
     })
-    result["targets"] = {k: {"target": v, "reached": (result[k] <= v) if k == "grid_cost_ratio" else (result[k] >= v)}
-                         for k, v in TARGETS.items()}
+    result["targets"] = {k: {"target": v, "at_most": k in AT_MOST,
+                             "reached": (result[k] <= v) if k in AT_MOST else (result[k] >= v)} for k, v in TARGETS.items()}
     if config.output_dir:
         folder = Path(config.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
@@ -421,6 +275,7 @@ def run_bench(config: BenchConfig, progress=None) -> dict:
 
 def _bench_distill(config, teacher, rank, precisions, caches, recipe, view_loader, reference_loader, device, n, batch,
                    updates_per_epoch, say) -> dict:
+    """images/s, speed-up, FLOPs and peak memory of the reference, the cold and warm wecolora lines and their ceilings."""
     from torch.optim import AdamW
 
     last = [len(teacher.blocks) - 1]
@@ -429,67 +284,72 @@ def _bench_distill(config, teacher, rank, precisions, caches, recipe, view_loade
                           betas=(0.9, 0.95))
     trainers = {p: make_trainer(teacher, mode="wecolora", reduction=2, rank=rank, precision=p, device=device,
                                 updates_per_epoch=updates_per_epoch) for p in precisions}
+    # The ceilings' data: one epoch of canvas rows and view parameters on the device (and the teacher's tokens).
+    ready = device_batches(view_loader(0), device, recipe)
+    ready_tokens = device_batches(view_loader(0), device, recipe, tokens_from=teacher, teacher_blocks=last)
 
-    def cold(p: int, view: int) -> float:
+    def cold(p: str, view: int) -> float:
         return wecolora_epoch(trainers[p], teacher, view_loader(view), recipe=recipe, writer=caches[p].writer(view, n))
 
-    def warm(p: int) -> float:
+    def warm(p: str) -> float:
         return wecolora_epoch(trainers[p], teacher, view_loader(0, caches[p]), recipe=recipe)
 
-    say(f"distillation: warm-up ({n} images, batch {batch}, {', '.join(precisions)})")
-    reference_epoch(reference, teacher, reference_loader, ref_optimizer, device, last)
+    # Each line is one epoch as a function of the round (cold epochs need a view never computed before).
+    lines = {"reference": lambda r: reference_epoch(reference, teacher, reference_loader, ref_optimizer, device, last)}
     for p in precisions:
-        cold(p, 0)  # fills view 0: the view the warm epochs read
-        warm(p)
-    rates: dict[str, list[float]] = {"reference": []}
+        lines[f"{p}_cold_ceiling"] = lambda r, p=p: wecolora_epoch(trainers[p], teacher, ready, recipe=recipe)
+        lines[f"{p}_cold"] = lambda r, p=p: cold(p, r + 1)
+        lines[f"{p}_warm_ceiling"] = lambda r, p=p: wecolora_epoch(trainers[p], teacher, ready_tokens, recipe=recipe)
+        lines[f"{p}_warm"] = lambda r, p=p: warm(p)
+
+    say(f"distillation: warm-up ({n} images, batch {batch}, {', '.join(precisions)})")
+    for name, line in lines.items():
+        line(-1)  # the cold line's warm-up fills view 0: the view the warm epochs read
+    rates: dict[str, list[float]] = {name: [] for name in lines}
     for r in range(config.rounds):
         say(f"distillation: round {r + 1}/{config.rounds}")
-        rates["reference"].append(reference_epoch(reference, teacher, reference_loader, ref_optimizer, device, last))
-        for p in precisions:
-            rates.setdefault(f"{p}_cold", []).append(cold(p, r + 1))  # a view never computed before: cold
-            rates.setdefault(f"{p}_warm", []).append(warm(p))
+        for name, line in lines.items():
+            rates[name].append(line(r))
 
-    say("distillation: peak memory")
-    batch_images, _ = next(iter(reference_loader))
-    peaks = {"reference": peak_memory_mb(lambda: _one_reference_step(reference, teacher, batch_images.to(device),
-                                                                      ref_optimizer, last), device)}
+    say("distillation: FLOPs and peak memory")
+    images = recipe.apply(ready[0]["pixels"], ready[0]["boxes"], ready[0]["flips"])
+    one = {"reference": lambda: reference_step(reference, teacher, images, ref_optimizer, last)}
     for p in precisions:
-        cold_batch = [next(iter(view_loader(config.rounds + 1)))]
-        peaks[f"{p}_cold"] = peak_memory_mb(lambda: wecolora_epoch(
-            trainers[p], teacher, cold_batch, recipe=recipe,
-            writer=_PartialWriter(caches[p].writer(config.rounds + 1, n))), device)
-        warm_batch = [next(iter(view_loader(0, caches[p])))]
-        peaks[f"{p}_warm"] = peak_memory_mb(lambda: wecolora_epoch(trainers[p], teacher, warm_batch, recipe=recipe),
-                                            device)
-
+        one[f"{p}_cold_ceiling"] = one[f"{p}_cold"] = lambda p=p: wecolora_epoch(trainers[p], teacher, ready[:1],
+                                                                                  recipe=recipe)
+        one[f"{p}_warm_ceiling"] = one[f"{p}_warm"] = lambda p=p: wecolora_epoch(trainers[p], teacher, ready_tokens[:1],
+                                                                                  recipe=recipe)
+    peak = bf16_peak_tflops(device)
     out = {}
     for name, values in rates.items():
-        out[name] = {"images_per_s": _best(values), "rounds": values,
-                     "speedup": _best(values) / _best(rates["reference"]), "peak_mb": peaks[name]}
+        per_image = flops.count(one[name]) / len(images)
+        row = {"images_per_s": best(values), "rounds": values, "speedup": best(values) / best(rates["reference"]),
+               "gflop_per_image": per_image / 1e9, "tflops": best(values) * per_image / 1e12,
+               "peak_mb": peak_memory_mb(one[name], device)}
+        if peak:
+            row["fraction_of_bf16_peak"] = row["tflops"] / peak
+        out[name] = row
+    for p in precisions:
+        for kind in ("cold", "warm"):
+            out[f"{p}_{kind}"]["of_ceiling"] = out[f"{p}_{kind}"]["images_per_s"] / out[f"{p}_{kind}_ceiling"]["images_per_s"]
     return out
 
 
-class _PartialWriter:
-    """A view writer for a one-batch measurement: stores nothing on commit."""
+def _bench_step_flops(teacher: nn.Module, rank: int, batch: int) -> dict:
+    """``step_flops_ratio``: the wecolora student's step FLOPs (r=2, all six adapters, lean path) over a full
+    fine-tune step of the same student (``weco-kd``: every copied weight trains), counted on the ``meta``
+    device at the bench's batch, for this teacher and for a ViT-B/16 at 224 px with rank 128."""
+    import timm
 
-    def __init__(self, writer):
-        self.writer = writer
+    def counted(meta: nn.Module, rank: int) -> dict:
+        images = torch.empty(batch, 3, *meta.patch_embed.img_size, device="meta")
+        lean, full = (flops.student_step_flops(meta, images, mode=mode, rank=rank) for mode in ("wecolora", "weco-kd"))
+        return {"rank": rank, "wecolora_gflop_per_image": lean / batch / 1e9,
+                "full_finetune_gflop_per_image": full / batch / 1e9, "step_flops_ratio": lean / full}
 
-    def write(self, *args):
-        return self.writer.write(*args)
-
-    def commit(self):
-        self.writer.abort()
-        return True
-
-
-def _one_reference_step(student, teacher, images, optimizer, teacher_blocks) -> None:
-    with torch.no_grad():
-        targets = vit.last_block_tokens(teacher, images, teacher_blocks)
-    loss = losses.feature_loss(vit.last_block_tokens(student, images), targets, "l1")["loss"]
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    with torch.device("meta"):
+        vit_b = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0).requires_grad_(False)
+    return {**counted(copy.deepcopy(teacher).to("meta"), rank), "batch": batch, "vit_b": counted(vit_b, 128)}
 
 
 def _bench_grid(config, teacher, rank, precision, cache_root, dataset, indices, recipe, view_loader, device,
@@ -527,7 +387,7 @@ def _bench_grid(config, teacher, rank, precision, cache_root, dataset, indices, 
 
 
 def _bench_inference(config, teacher, rank, device, batch, say) -> dict:
-    """images/s and peak memory of the teacher, the adapter students and the merged students (fp32)."""
+    """images/s, FLOPs and peak memory of the teacher, the adapter students and the merged students (fp32)."""
     models = {"teacher": teacher.eval()}
     for r in (2, 3):
         student = build_student(teacher, r, mode="wecolora", rank=rank)
@@ -546,69 +406,21 @@ def _bench_inference(config, teacher, rank, device, batch, say) -> dict:
 
     say("inference: warm-up")
     for model in models.values():
-        _time_calls(lambda: forward(model), device, 2)
+        time_calls(lambda: forward(model), device, 2)
     seconds: dict[str, list[float]] = {name: [] for name in models}
     for r in range(config.rounds):
         say(f"inference: round {r + 1}/{config.rounds}")
         for name, model in models.items():
-            seconds[name].append(_time_calls(lambda: forward(model), device, calls))
+            seconds[name].append(time_calls(lambda: forward(model), device, calls))
     out = {}
     for name, values in seconds.items():
+        per_image = flops.count(lambda: forward(models[name])) / batch
         out[name] = {"images_per_s": batch / min(values), "rounds": [batch / v for v in values],
                      "speedup": min(seconds["teacher"]) / min(values),
+                     "gflop_per_image": per_image / 1e9, "tflops": batch / min(values) * per_image / 1e12,
                      "blocks": len(models[name].blocks),
                      "weights_mb": sum(t.numel() * t.element_size() for t in models[name].state_dict().values()) / 2**20,
                      "peak_mb": peak_memory_mb(lambda: forward(models[name]), device)}
     for r in (2, 3):
         out[f"merged_r{r}"]["limit"] = len(teacher.blocks) / len(models[f"merged_r{r}"].blocks)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Report
-
-
-def format_table(result: dict) -> str:
-    """The printed report: throughput, ratios and peak memory per line, then the targets."""
-    m, d, inf, grid = result["machine"], result["distill"], result["inference"], result["grid"]
-    lines = [
-        f"wecolora bench: {m['cpu']} ({m['torch_threads']} threads, {m['cpu_count']} cores), {m['device']}"
-        + (f" {m['gpu']}" if m.get("gpu") else "") + f", torch {m['torch']}",
-        f"teacher {result['teacher']} ({result['teacher_blocks']} blocks, width {result['width']}), rank "
-        f"{result['rank']}, {result['images']} images of {result['data']}, batch {result['batch_size']}, "
-        f"best of {result['config']['rounds']} interleaved rounds",
-        "",
-        f"{'distillation, r=2, all six adapters':<44}{'images/s':>10}{'vs reference':>14}{'peak MB':>10}",
-    ]
-    names = {"reference": "reference design (fp32, teacher every step)"}
-    for p in result["precisions"]:
-        names[f"{p}_cold"] = f"wecolora {p}, teacher cache cold"
-        names[f"{p}_warm"] = f"wecolora {p}, teacher cache warm"
-    for key, label in names.items():
-        row = d[key]
-        lines.append(f"  {label:<42}{row['images_per_s']:>10.0f}{row['speedup']:>13.2f}x{row['peak_mb']:>10.1f}")
-    lines += ["", f"{'inference, fp32, batch ' + str(result['batch_size']):<44}{'images/s':>10}{'vs teacher':>14}"
-                  f"{'peak MB':>10}{'weights MB':>12}"]
-    labels = {"teacher": f"teacher ({result['teacher_blocks']} blocks)"}
-    for r in (2, 3):
-        labels[f"adapters_r{r}"] = f"r={r} student, adapters unmerged"
-        labels[f"merged_r{r}"] = f"r={r} student, merged (limit {inf[f'merged_r{r}']['limit']:.2f}x)"
-    for key, label in labels.items():
-        row = inf[key]
-        lines.append(f"  {label:<42}{row['images_per_s']:>10.0f}{row['speedup']:>13.2f}x{row['peak_mb']:>10.1f}"
-                     f"{row['weights_mb']:>12.1f}")
-    lines += ["(peak MB: tensor memory allocated during one step or forward, on top of the weights)", "",
-              f"ablation grid, 6 students ({grid['precision']}), training seconds per epoch:"]
-    for row in grid["students"]:
-        lines.append(f"  {row['mode'] + ' r=' + str(row['reduction']):<20} without cache {row['seconds_without_cache']:6.2f}"
-                     f"   with the shared cache {row['seconds_with_cache']:6.2f} ({row['cache']})")
-    lines.append(f"  total {grid['seconds_with_cache']:.2f} s vs {grid['seconds_without_cache']:.2f} s: cost ratio "
-                 f"{grid['cost_ratio']:.2f}")
-    lines += ["", "targets:"]
-    for key, target in result["targets"].items():
-        sign = "<=" if key == "grid_cost_ratio" else ">="
-        lines.append(f"  {key:<26}{result[key]:>6.2f} ({sign} {target['target']}: "
-                     f"{'reached' if target['reached'] else 'NOT reached'})")
-    if result.get("written_to"):
-        lines += ["", f"written to {result['written_to']}"]
-    return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .cache_admin import cache_cap_bytes
 from .errors import UserError
 from .files import recover_folder
 from .hf_transformers import check_folder, transformers_folder
@@ -191,7 +192,7 @@ def check_run_folder(output: str | Path, *, finished: str, overwrite: bool, resu
 # Settings a resumed run may change: where and how it runs, not what it computes. The batch split may
 # change with the number of processes (the schedule adapts, see engine.resume_schedule).
 EXECUTION_SETTINGS = {"output", "resume", "overwrite", "device", "num_workers", "precision", "compile",
-                      "teacher_cache", "teacher_cache_dir"}  # how a run executes, not what it computes
+                      "teacher_cache", "teacher_cache_dir", "cache_max_gb"}  # how a run executes, not what it computes
 RESUME_MAY_CHANGE = EXECUTION_SETTINGS | {"batch_size", "accum_steps"}
 
 
@@ -204,6 +205,8 @@ def check_distill(config) -> Path:
                               resume=config.resume)
     if config.resume == "auto" and (output / "checkpoint").is_dir():
         check_same_settings(config, output / "config.yaml")
+    if config.uses_teacher_cache():
+        cache_cap_bytes(config.cache_max_gb)  # $WECOLORA_CACHE_MAX_GB is read, and checked, here first
     return output
 
 

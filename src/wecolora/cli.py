@@ -12,8 +12,8 @@ import logging
 import os
 import sys
 
-from .config import (DEVICES, LOSS_NAMES, MATCH_NAMES, MODE_NAMES, POOLINGS, PRECISIONS, PROBE_OPTIMIZERS,
-                     PROBE_PROTOCOLS, DistillConfig, ProbeConfig, build_config, parse_keep)
+from .config import (CACHE_POLICIES, DEVICES, LOSS_NAMES, MATCH_NAMES, MODE_NAMES, POOLINGS, PRECISIONS,
+                     PROBE_OPTIMIZERS, PROBE_PROTOCOLS, DistillConfig, ProbeConfig, build_config, parse_keep)
 from .checks import check_ablation, check_distill, check_evaluation, check_model_spec, check_pretrain
 from .errors import UserError
 from .files import disk_error
@@ -29,6 +29,11 @@ DISTILL_EXAMPLES = """examples:
   # a baseline, and continuing an interrupted run
   wecolora distill --teacher bundled --data fashion-mnist --output runs/kd --mode weco-kd --batch-size 64 --accum-steps 1
   wecolora distill --teacher bundled --data fashion-mnist --output runs/kd --mode weco-kd --batch-size 64 --accum-steps 1 --resume auto
+
+  # several students of one teacher and subset: cache the teacher's tokens once, the later runs read them
+  wecolora distill --teacher bundled --data fashion-mnist --output runs/r2 --cache-teacher on
+  wecolora distill --teacher bundled --data fashion-mnist --output runs/r3 --cache-teacher on --reduction 3
+  wecolora cache list                     # what the caches hold; wecolora cache clear --older-than 30
 
   # 8 GPUs on one node (effective batch 128 x 1 x 8 = 1024, lr 4e-3 by the rule)
   torchrun --nproc-per-node 8 -m wecolora distill --teacher vit_base_patch16_224.mae --data /data/imagenet \\
@@ -99,14 +104,23 @@ def add_distill_parser(sub) -> None:
     g.add_argument("--device", choices=DEVICES, help="auto (default): cuda when available")
     g.add_argument("--num-workers", type=int, help="data loader workers (default: min(8, CPU threads))")
     g = p.add_argument_group("speed")
+    g.add_argument("--cache-teacher", dest="teacher_cache", choices=CACHE_POLICIES,
+                   help="store the teacher's tokens per (image, view) on disk for later students and reruns of the "
+                        "same teacher and subset: auto (default) = on inside `wecolora ablate` and with "
+                        "--teacher-cache DIR, off for a lone run (its tokens would never be read back)")
     g.add_argument("--teacher-cache", dest="teacher_cache_dir", metavar="DIR",
-                   help="where the teacher's tokens per (image, view) are kept and reused by later epochs, students "
-                        "and reruns (default $WECOLORA_CACHE_DIR/teacher, else ~/.cache/wecolora/teacher)")
-    g.add_argument("--no-teacher-cache", dest="teacher_cache", action="store_false", default=None,
-                   help="run the teacher at every step instead")
+                   help="the cache's folder; giving it turns the cache on (default $WECOLORA_CACHE_DIR/teacher, "
+                        "else ~/.cache/wecolora/teacher)")
+    g.add_argument("--no-teacher-cache", dest="teacher_cache", action="store_const", const="off",
+                   help="the same as --cache-teacher off: run the teacher at every step")
+    g.add_argument("--cache-max-gb", type=float, metavar="GB",
+                   help="cap of the teacher cache folder in GB; the least recently used entries are evicted to stay "
+                        "under it (default $WECOLORA_CACHE_MAX_GB, else 50)")
     g.add_argument("--cache-views", type=int, metavar="K",
                    help="augmented views per image; epoch e shows view e mod K (default: --epochs)")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the student (slow start)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the student's training step (default: on with CUDA, where it measured 1.24x "
+                        "faster on an H200, ViT-B/16 bf16; off on the CPU, where compiling costs half a minute)")
     p.set_defaults(handler=run_distill)
 
 
@@ -318,6 +332,8 @@ ABLATE_EXAMPLES = """examples:
 a grid file holds teacher, distill_data, probe_data, distill: {...}, probe: {...}, reference: [teacher, copy],
 seeds: [0, 1, 2] (each run once per seed; cells are mean ± std) and runs: [{mode, reduction, ratio, ...}]
 (any distill setting per run, e.g. lr; a run may give its own seeds). See the presets' files.
+the grid's runs share the teacher cache (one entry per teacher, subset and seed; `teacher_cache: off` under
+distill: turns it off; `wecolora cache list` shows it).
 """
 
 
@@ -407,7 +423,8 @@ def add_bench_parser(sub) -> None:
 
 
 def run_bench(args) -> int:
-    from .bench import BenchConfig, format_table, run_bench as bench
+    from .bench import BenchConfig, run_bench as bench
+    from .bench_report import format_table
 
     options = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "json")}
     progress = (lambda message: print(message, file=sys.stderr)) if not args.json else (lambda message: None)
@@ -441,6 +458,69 @@ def run_export(args) -> int:
     return 0
 
 
+CACHE_EXAMPLES = """examples:
+  wecolora cache list                          # every entry under $WECOLORA_CACHE_DIR (else ~/.cache/wecolora)
+  wecolora cache list --json --cache-dir /scratch/wecolora-cache
+  wecolora cache clear --older-than 30         # entries last used more than 30 days ago
+  wecolora cache clear --all                   # every entry no running process uses
+the teacher cache is capped at $WECOLORA_CACHE_MAX_GB (default 50 GB; distill --cache-max-gb): the least
+recently used entries are evicted when a run needs room.
+"""
+
+
+def add_cache_parser(sub) -> None:
+    p = sub.add_parser("cache", help="list or clear the teacher-token and feature caches",
+                       description="List or clear wecolora's caches: teacher tokens (teacher/), probe features "
+                                   "(features/) and any other kind under the cache root.",
+                       epilog=CACHE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=Parser)
+    for action, what in (("list", "each entry: size, views stored, last used, what it is keyed on"),
+                         ("clear", "delete entries (those a running process uses are kept) and say what was freed")):
+        a = actions.add_parser(action, help=what, epilog=CACHE_EXAMPLES,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        a.add_argument("--cache-dir", metavar="DIR", help="the cache root, or one cache's folder (default "
+                                                          "$WECOLORA_CACHE_DIR, else ~/.cache/wecolora)")
+        if action == "list":
+            a.add_argument("--json", action="store_true", help="print one JSON object")
+        else:
+            a.add_argument("--older-than", type=float, metavar="DAYS", help="entries last used more than DAYS days ago")
+            a.add_argument("--all", dest="everything", action="store_true", help="every entry")
+        a.set_defaults(handler=run_cache)
+
+
+def run_cache(args) -> int:
+    import time
+
+    from .cache_admin import cache_root, clear_entries, format_age, format_bytes, list_entries
+
+    def plural(n: int, word: str) -> str:
+        return f"{n} {word if n == 1 else word[:-1] + 'ies' if word.endswith('y') else word + 's'}"
+
+    def line(e) -> str:
+        parts = [f"{e.kind}/{e.name}", format_bytes(e.bytes), *([plural(e.views, "view")] if e.views is not None else []),
+                 f"last used {format_age(time.time() - e.last_used)}", *(f"{k}={v}" for k, v in e.key.items()),
+                 *(["(in use)"] if e.busy else [])]
+        return "  ".join(parts)
+
+    root = cache_root(args.cache_dir)
+    if args.action == "list":
+        entries = list_entries(args.cache_dir)
+        total = sum(e.bytes for e in entries)
+        if args.json:
+            print(json.dumps({"root": str(root), "entries": [e.to_dict() for e in entries], "total_bytes": total}))
+        else:
+            print("\n".join([line(e) for e in entries] +
+                            [f"{plural(len(entries), 'entry')}, {format_bytes(total)} in {root}"]))
+        return 0
+    removed, busy = clear_entries(args.cache_dir, older_than_days=args.older_than, everything=args.everything)
+    for e in removed:
+        print(f"removed {line(e)}")
+    for e in busy:
+        print(f"kept {e.kind}/{e.name} ({format_bytes(e.bytes)}): a running process uses it")
+    print(f"freed {format_bytes(sum(e.bytes for e in removed))} ({plural(len(removed), 'entry')}) in {root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="wecolora", description="Few-shot distillation of Vision Transformers by weight copy "
                                                  "and low-rank adaptation (WeCoLoRA, WACV 2025).")
@@ -453,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ablate_parsers(sub)
     add_bench_parser(sub)
     add_export_parser(sub)
+    add_cache_parser(sub)
     return parser
 
 

@@ -25,6 +25,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PROBE_PROTOCOLS = ("cached", "mae")
 PROBE_OPTIMIZERS = ("lars", "sgd")  # lars: MAE's rule (trust ratio on >1-D params); sgd: momentum SGD (0.1.0)
 POOLINGS = ("cls", "mean")
+CACHE_POLICIES = ("auto", "on", "off")  # teacher cache; auto: on in an ablate grid or with --teacher-cache DIR
 PAPER_WARMUP_EPOCHS = 2
 
 
@@ -115,10 +116,14 @@ class DistillConfig:
     device: str = "auto"
     num_workers: int | None = None  # default: min(8, CPU count)
     # speed
-    teacher_cache: bool = True  # store the teacher's tokens per (image, view) on disk and reuse them
+    # teacher cache: store the teacher's tokens per (image, view) on disk for later epochs, students and reruns.
+    # auto: on where they are read back (an ablate grid, or a folder given in teacher_cache_dir), else off;
+    # True/False (configs of wecolora 0.2) read as on/off.
+    teacher_cache: str = "auto"
     teacher_cache_dir: str | None = None  # default: $WECOLORA_CACHE_DIR/teacher, else ~/.cache/wecolora/teacher
+    cache_max_gb: float | None = None  # cap of the teacher cache folder; default $WECOLORA_CACHE_MAX_GB, else 50
     cache_views: int | None = None  # K augmented views per image, epoch e shows view e mod K (default: epochs)
-    compile: bool = False  # torch.compile the student's training forward
+    compile: bool | None = None  # torch.compile the student's training step; None: on with CUDA, off on the CPU
     resume: str | None = None  # auto | PATH of a checkpoint folder
     overwrite: bool = False
 
@@ -148,6 +153,23 @@ class DistillConfig:
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         _check(self.num_workers is None or self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
         _check(self.cache_views is None or self.cache_views >= 1, "cache_views", self.cache_views, "an integer >= 1")
+        if isinstance(self.teacher_cache, bool):  # wecolora 0.2's bool (and YAML's bare on/off)
+            self.teacher_cache = "on" if self.teacher_cache else "off"
+        _check(self.teacher_cache in CACHE_POLICIES, "cache_teacher", self.teacher_cache,
+               f"one of {', '.join(CACHE_POLICIES)}")
+        _check(self.cache_max_gb is None or (isinstance(self.cache_max_gb, (int, float)) and self.cache_max_gb > 0),
+               "cache_max_gb", self.cache_max_gb, "a positive number of GB")
+
+    def uses_teacher_cache(self) -> bool:
+        """Whether the run caches the teacher's tokens: ``on``, or ``auto`` with a cache folder given.
+
+        An ablate grid turns ``auto`` into ``on`` for its runs (they share one entry); a lone run's tokens
+        would never be read back, so ``auto`` alone is off.
+
+        >>> DistillConfig("t", "d", "o").uses_teacher_cache(), DistillConfig("t", "d", "o", teacher_cache_dir="c").uses_teacher_cache()
+        (False, True)
+        """
+        return self.teacher_cache == "on" or (self.teacher_cache == "auto" and self.teacher_cache_dir is not None)
 
     def peak_lr(self, world_size: int = 1) -> float:
         """Absolute lr: ``--lr`` if given, else the linear scaling rule blr * effective_batch / 256."""

@@ -8,9 +8,12 @@ or ``D/test/`` for evaluation; a folder of class folders alone is the train spli
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
+import hashlib
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -25,7 +28,7 @@ from torchvision.datasets import ImageFolder
 
 from .checks import IMAGE_EXTENSIONS, is_image_name
 from .errors import UserError
-from .files import atomic_write_text
+from .files import atomic_write_text, cache_folder
 
 _logger = logging.getLogger(__name__)
 
@@ -313,13 +316,32 @@ def _decodes(path: str) -> bool:
         return False
 
 
+def _readable_files(paths: list[str], workers: int) -> list[bool]:
+    """Whether each file decodes. The answer for a file listing is remembered under the cache folder, keyed by
+    every file's (path, size, mtime): a second probe or run on an unchanged folder decodes nothing here."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    record = cache_folder("readable") / f"{digest.hexdigest()}.json"
+    with contextlib.suppress(OSError, ValueError):
+        unreadable = set(json.loads(record.read_text()))
+        return [path not in unreadable for path in paths]
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without the GIL
+        readable = list(pool.map(_decodes, paths))
+    with contextlib.suppress(OSError):  # a read-only cache costs the next run a decode, not this one
+        atomic_write_text(record, json.dumps([path for path, ok in zip(paths, readable) if not ok]))
+    return readable
+
+
 def drop_unreadable(dataset, indices: list[int], *, max_fraction: float = 0.05, min_per_class: int = 0,
                     workers: int = 8) -> tuple[list[int], list[str]]:
     """The chosen images whose files decode, and the ``sample_ids`` of those skipped (with a warning).
 
     Images held in memory (the built-ins) are all readable. More than ``max_fraction`` of the choice
     unreadable, or a class left with fewer than ``min_per_class`` images, stops with a UserError:
-    a damaged copy of a dataset is better repaired than silently shrunk.
+    a damaged copy of a dataset is better repaired than silently shrunk. Each file is decoded once per
+    (path, size, mtime): the verdicts are remembered under ``$WECOLORA_CACHE_DIR/readable``.
 
     Returns:
         ``(kept indices, skipped sample ids)``.
@@ -327,8 +349,7 @@ def drop_unreadable(dataset, indices: list[int], *, max_fraction: float = 0.05, 
     samples = getattr(dataset, "samples", None)
     if samples is None or not indices:
         return list(indices), []
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without the GIL
-        readable = list(pool.map(lambda i: _decodes(samples[i][0]), indices))
+    readable = _readable_files([samples[i][0] for i in indices], workers)
     kept = [i for i, ok in zip(indices, readable) if ok]
     skipped = [dataset.sample_ids[i] for i, ok in zip(indices, readable) if not ok]
     if not skipped:

@@ -172,10 +172,11 @@ def distill(config: DistillConfig) -> dict:
         store = image_store.open_store(dataset, indices, bound=recipe.bound, num_workers=num_workers,
                                        progress=accelerator.is_local_main_process)
     n_views = config.cache_views or config.epochs
+    # Cached where it is read back (an ablate grid, or --cache-teacher on / --teacher-cache DIR), not for a lone run.
     cache = teacher_cache.open_for_run(
-        config.teacher_cache, config.teacher_cache_dir, teacher=teacher, dataset=dataset, indices=indices,
+        config.uses_teacher_cache(), config.teacher_cache_dir, teacher=teacher, dataset=dataset, indices=indices,
         transform=recipe, seed=config.seed, teacher_blocks=teacher_blocks, norm=norm, precision=precision,
-        views=n_views)
+        views=n_views, max_gb=config.cache_max_gb)
     generator = torch.Generator()  # reseeded every epoch: the order depends on (seed, epoch) only
 
     def epoch_loader(view: int, tokens_from: teacher_cache.TeacherCache | None):

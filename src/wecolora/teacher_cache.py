@@ -11,7 +11,12 @@ reductions, ranks, lrs) and every rerun.
 
 Layout: ``ROOT/<key>/meta.json`` (what the key is made of) and ``ROOT/<key>/view0003.tokens.npy``.
 A view's files are written under temporary names and renamed when every row is filled, tokens last:
-a view is complete exactly when its tokens file exists, so a half-written view is never read.
+a view is complete exactly when its tokens file exists, so a half-written view is never read. The copy
+to the host and the file writes run on a background thread (:class:`ViewWriter`), off the training step.
+
+The cache folder is capped (:func:`wecolora.cache_admin.cache_cap_bytes`, 50 GB by default): opening an
+entry for a run, and starting each view, evicts the least recently used entries that no live process
+uses (:func:`wecolora.cache_admin.make_room`).
 """
 from __future__ import annotations
 
@@ -20,16 +25,17 @@ import hashlib
 import json
 import logging
 import os
-import re
+import queue
 import shutil
-import socket
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from . import cache_admin
 from .features import model_fingerprint
 from .files import atomic_write_text, cache_folder
 
@@ -129,6 +135,8 @@ class TeacherCache:
     def __init__(self, folder: Path, key: dict):
         self.folder, self.key = Path(folder), key
         self.dtype = torch.bfloat16 if key["dtype"] == "bfloat16" else torch.float16
+        self.max_bytes: int | None = None  # the cache folder's cap (set by open_for_run); None: uncapped
+        self.view_bytes: int | None = None  # the size of one view, when known
 
     @classmethod
     def open(cls, root: str | os.PathLike, **key_args) -> TeacherCache:
@@ -137,6 +145,8 @@ class TeacherCache:
         folder = Path(root) / _digest(key)
         if not (folder / "meta.json").is_file():
             atomic_write_text(folder / "meta.json", json.dumps(key, indent=1))
+        else:
+            cache_admin.touch(folder)  # last used: what eviction orders by
         _remove_orphans(folder)
         return cls(folder, key)
 
@@ -171,48 +181,58 @@ class TeacherCache:
         return list(_from_numpy(tokens[positions.cpu().numpy()], self.dtype).unbind(1))
 
     def writer(self, view: int, size: int) -> ViewWriter:
-        """A writer that fills view ``view`` (``size`` rows) batch by batch and commits it when complete."""
-        return ViewWriter(self, view, size)
+        """A writer that fills view ``view`` (``size`` rows) batch by batch and commits it when complete.
+
+        Under a cap, room for the view is made first (least recently used entries evicted); when there is
+        none (other entries in use fill the cap), the writer stores nothing and says so once.
+        """
+        writer = ViewWriter(self, view, size)
+        if self.max_bytes is not None and self.view_bytes:
+            if not cache_admin.make_room(self.folder.parent, self.view_bytes, self.max_bytes, keep=self.folder):
+                _logger.warning("teacher cache: no room for view %d under the %s cap (entries in use by other runs "
+                                "fill it); it is not cached", view, cache_admin.format_bytes(self.max_bytes))
+                writer.failed = True
+        return writer
 
     def nbytes_per_view(self, size: int, token_shape: tuple[int, ...], image_shape: tuple[int, ...] | None) -> int:
         per_row = int(np.prod(token_shape)) * 2 + (int(np.prod(image_shape)) if image_shape else 0)
         return size * per_row
 
 
-_OWNER = f"{socket.gethostname()}-{os.getpid()}"  # in temporary names: whose writer made the file
-
-
 def _remove_orphans(folder: Path) -> None:
     """Delete temporary view files left by writers of this host that died (SIGKILL, power loss)."""
-    host = socket.gethostname()
-    for tmp in folder.glob(".view*.tmp"):
-        match = re.fullmatch(r"\.view\d+\.[a-z]+\.(.+)\.[^.]+\.tmp", tmp.name)  # .view0003.tokens.HOST-PID.XXXX.tmp
-        owner_host, _, pid = match.group(1).rpartition("-") if match else ("", "", "")
-        if owner_host != host or not pid.isdigit() or int(pid) == os.getpid():
-            continue  # another machine's (it may be writing) or ours
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        except OSError:
-            pass  # alive, owned by another user
+    cache_admin.remove_stale(folder)
 
 
 class ViewWriter:
-    """Fills one view's files under temporary names; :meth:`commit` renames them once every row is written."""
+    """Fills one view's files under temporary names; :meth:`commit` renames them once every row is written.
+
+    :meth:`write` rounds the batch's tokens to the cache dtype on their device and hands them to a
+    background thread (one per view), which copies them to the host and writes them into the memory-mapped
+    files; a bounded queue (:attr:`QUEUE_BATCHES` batches) holds the batches in flight, so a slow disk slows
+    training down rather than filling memory. A disk error in the thread (full, read-only) costs the view,
+    not the run: it is logged at the next :meth:`write` or at :meth:`commit` and the view is not cached. Any
+    other error in the thread is raised there. Tensors handed to :meth:`write` must not be changed in place
+    afterwards (they are written later).
+    """
+
+    QUEUE_BATCHES = 4
 
     def __init__(self, cache: TeacherCache, view: int, size: int):
         self.cache, self.view, self.size = cache, view, size
         self.filled = np.zeros(size, dtype=bool)
         self.files: dict[str, tuple[Path, np.ndarray]] = {}
         self.failed = False
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None  # raised in the thread, not yet reported
+        self._stop = False  # the thread discards what is still queued
 
     def _array(self, kind: str, row_shape: tuple[int, ...], dtype) -> np.ndarray:
         if kind not in self.files:
             self.cache.folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.cache.folder, suffix=".tmp",
-                                       prefix=f".view{self.view:04d}.{kind}.{_OWNER}.")
+                                       prefix=f".view{self.view:04d}.{kind}.{cache_admin.owner()}.")
             os.close(fd)
             self.files[kind] = (Path(tmp), None)
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(self.size, *row_shape))
@@ -223,35 +243,77 @@ class ViewWriter:
             self.files[kind] = (Path(tmp), array)
         return self.files[kind][1]
 
+    def _store(self, positions: torch.Tensor, stored: torch.Tensor, images: torch.Tensor | None) -> None:
+        """On the writer thread: one batch from the device into the files."""
+        rows = positions.cpu().numpy()
+        token_dtype = np.int16 if self.cache.dtype == torch.bfloat16 else np.float16
+        self._array("tokens", tuple(stored.shape[1:]), token_dtype)[rows] = _to_numpy(stored)
+        if images is not None:
+            self._array("images", tuple(images.shape[1:]), np.uint8)[rows] = images.cpu().numpy()
+        self.filled[rows] = True
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._stop or self._error is not None:
+                continue  # drained, so that a producer waiting on a full queue never blocks
+            try:
+                self._store(*item)
+            except BaseException as err:  # reported on the training thread (_report)
+                self._error = err
+
+    def _drain(self) -> None:
+        """Wait until the thread has handled every queued batch, and end it."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = self._queue = None
+
+    def _report(self) -> None:
+        """Surface an error of the writer thread: a disk error costs the view (a warning), any other is raised."""
+        err = self._error
+        if err is None:
+            return
+        self._stop = self.failed = True
+        self._drain()
+        self._error = None
+        self._delete_files()
+        if not isinstance(err, OSError):
+            raise err
+        _logger.warning("teacher cache: cannot store view %d in %s (%s); it is not cached", self.view,
+                        self.cache.folder, err)
+
     def write(self, positions: torch.Tensor, tokens: list[torch.Tensor], images: torch.Tensor | None) -> list[torch.Tensor]:
         """Store a batch (tokens ``[B, N, D]`` per block, uint8 images) and return the tokens as stored, in fp32.
 
-        Training on the returned values, not the unrounded ones, makes a cold run equal a warm rerun.
+        Training on the returned values, not the unrounded ones, makes a cold run equal a warm rerun. The
+        rounding happens here, on the tokens' device; the copy to the host and the write happen on the
+        writer thread.
         """
+        self._report()
         stacked = torch.stack([t.detach() for t in tokens], dim=1)  # [B, blocks, N, D]
         stored = stacked.to(self.cache.dtype)
         if self.cache.dtype == torch.float16 and not torch.isfinite(stored).all() and torch.isfinite(stacked).all():
             if not self.failed:
                 _logger.warning("teacher tokens exceed the fp16 range (|x| > %g): view %d is not cached", FP16_MAX, self.view)
-            self.failed = True
+            self.failed = self._stop = True
             return [t.float() for t in tokens]
         if not self.failed:
-            rows = positions.cpu().numpy()
-            token_dtype = np.int16 if self.cache.dtype == torch.bfloat16 else np.float16
-            try:
-                self._array("tokens", tuple(stacked.shape[1:]), token_dtype)[rows] = _to_numpy(stored)
-                if images is not None:
-                    self._array("images", tuple(images.shape[1:]), np.uint8)[rows] = images.cpu().numpy()
-            except OSError as err:  # disk full, read-only folder: train on, uncached
-                _logger.warning("teacher cache: cannot store view %d in %s (%s); it is not cached", self.view,
-                                self.cache.folder, err)
-                self.failed = True
-                self.abort()
-            self.filled[rows] = True
+            if self._thread is None:
+                self._queue = queue.Queue(maxsize=self.QUEUE_BATCHES)
+                self._thread = threading.Thread(target=self._run, name=f"wecolora-view{self.view:04d}-writer",
+                                                daemon=True)
+                self._thread.start()
+            self._queue.put((positions, stored, images))
         return list(stored.float().unbind(1))
 
     def commit(self) -> bool:
-        """Rename the files into place if every row was written (tokens last); else discard them."""
+        """Wait for the writer thread, then rename the files into place if every row was written (tokens
+        last); else discard them. A disk error in the thread is a warning and False; any other is raised."""
+        self._drain()
+        self._report()
         if self.failed or not self.filled.all() or "tokens" not in self.files:
             self.abort()
             return False
@@ -264,9 +326,20 @@ class ViewWriter:
             os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a shared cache from other users
             os.replace(tmp, self.cache._path(self.view, kind))
         self.files.clear()
+        cache_admin.touch(self.cache.folder)
         return True
 
     def abort(self) -> None:
+        """Stop the writer thread (queued batches are dropped) and delete the temporary files."""
+        self._stop = True
+        self._drain()
+        if self._error is not None and not isinstance(self._error, OSError):
+            _logger.warning("teacher cache: the writer of view %d failed (%r); the view is discarded", self.view,
+                            self._error)
+        self._error = None
+        self._delete_files()
+
+    def _delete_files(self) -> None:
         for tmp, _ in self.files.values():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -313,35 +386,53 @@ class SharedWriter:
 
 
 def open_for_run(enabled: bool, cache_dir: str | None, *, teacher: nn.Module, dataset, indices: list[int], transform,
-                 seed: int, teacher_blocks: list[int], norm: bool, precision: str, views: int) -> TeacherCache | None:
+                 seed: int, teacher_blocks: list[int], norm: bool, precision: str, views: int,
+                 max_gb: float | None = None) -> TeacherCache | None:
     """The cache entry a distillation run uses, or None when the cache is off or cannot serve this run.
 
-    It is skipped, with a warning, when its ``views`` views would not fit on the disk that holds it. With
-    several processes the first one writes it (:class:`SharedWriter`) and all read it,
+    The cache folder is kept under a cap (``max_gb``, else ``$WECOLORA_CACHE_MAX_GB``, else 50 GB): room for
+    the run's missing views is made by evicting the least recently used entries that no live process
+    uses. The cache is skipped, with a warning, when those views would not fit under the cap or on the
+    disk. With several processes the first one writes the entry (:class:`SharedWriter`) and all read it,
     so it belongs on a file system every node sees.
     """
+    cache_admin.release_in_use()  # the entry of this process's previous run (an ablate grid's) is free again
     if not enabled:
         return None
     root = default_cache_dir(cache_dir)
+    cap = cache_admin.cache_cap_bytes(max_gb)
     try:
         cache = TeacherCache.open(root, teacher=teacher, dataset=dataset, indices=indices, transform=transform,
                                   seed=seed, teacher_blocks=teacher_blocks, norm=norm, precision=precision)
+        cache_admin.mark_in_use(cache.folder)  # from now on no other run evicts it
     except OSError as err:  # an unwritable cache folder costs speed, not the run
         _logger.warning("teacher cache: cannot use %s (%s); training without it (--teacher-cache DIR elsewhere)",
                         root, err)
         return None
     tokens = len(teacher_blocks), teacher.patch_embed.num_patches + teacher.num_prefix_tokens, teacher.embed_dim
     missing = [v for v in range(views) if not cache.has_view(v, images=False)]  # views are cut from the image store
-    need = len(missing) * cache.nbytes_per_view(len(indices), tokens, None)
+    per_view = cache.nbytes_per_view(len(indices), tokens, None)
+    need = len(missing) * per_view
+    own = cache_admin.read_entry(cache.folder, root.name).bytes
     free = shutil.disk_usage(cache.folder).free
-    if need > free - (1 << 30):
-        _logger.warning("teacher cache: %d views need %.1f GB but %s has %.1f GB free; training without it "
-                        "(--teacher-cache DIR elsewhere, fewer --cache-views, or --no-teacher-cache)",
-                        len(missing), need / 1e9, root, free / 1e9)
-        return None
-    _logger.info("teacher cache: %s (%d of %d views stored, %.1f MB per view)", cache.folder, views - len(missing),
-                 views, cache.nbytes_per_view(len(indices), tokens, None) / 1e6)
-    return cache
+    size = cache_admin.format_bytes
+    if own + need > cap:
+        reason = (f"this run's {views} views need {size(own + need)}, over the cache's {size(cap)} cap "
+                  f"(--cache-max-gb or ${cache_admin.MAX_GB_ENV} higher, or fewer --cache-views)")
+    elif need and not cache_admin.make_room(root, need, cap, keep=cache.folder):
+        reason = (f"{len(missing)} views need {size(need)} but entries in use by other runs fill the {size(cap)} cap "
+                  f"of {root} (--cache-max-gb higher; see `wecolora cache list`)")
+    elif need > free - (1 << 30):
+        reason = (f"{len(missing)} views need {size(need)} but {root} has {size(free)} free (--teacher-cache DIR "
+                  f"elsewhere, fewer --cache-views, or --no-teacher-cache)")
+    else:
+        cache.max_bytes, cache.view_bytes = cap, per_view
+        _logger.info("teacher cache: %s (%d of %d views stored, %s per view, cap %s)", cache.folder,
+                     views - len(missing), views, size(per_view), size(cap))
+        return cache
+    _logger.warning("teacher cache: %s; training without it", reason)
+    cache_admin.release_in_use()
+    return None
 
 
 def clear(root: str | os.PathLike | None = None) -> None:
