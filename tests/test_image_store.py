@@ -314,3 +314,16 @@ def test_a_full_disk_or_unwritable_folder_is_one_line_naming_the_size_and_the_fi
     (tmp_path / "a-file").write_text("")
     with pytest.raises(UserError, match="cannot write the image store"):
         image_store.open_store(digits, [1, 2], bound=33, cache_dir=tmp_path / "a-file" / "stores")
+
+
+def test_a_store_in_use_is_not_cleared_by_wecolora_cache(tmp_path):
+    import gc
+
+    from wecolora import cache_admin
+
+    store = image_store.open_store(data.open_dataset("mnist-5k", "train"), [1, 2], bound=33, cache_dir=tmp_path)
+    folder = store.folder
+    assert cache_admin.locked(folder) and not cache_admin.evict(folder) and folder.is_dir()
+    del store
+    gc.collect()
+    assert not cache_admin.locked(folder) and cache_admin.evict(folder) and not folder.exists()

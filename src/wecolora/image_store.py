@@ -13,10 +13,13 @@ Layout: ``ROOT/<data fingerprint>-<bound>px/`` holds ``pixels.npy`` (``[n, 3, Hc
 bicubic taps at its border read the border, as ``grid_sample``'s ``padding_mode="border"`` does),
 ``sizes.npy`` (``[n, 2]``, each image's stored height and width) and ``meta.json``. The folder is built under a
 temporary name and renamed once complete, so a half-written store is never read, and every later run on the same
-subset (an ablation grid, a rerun) reuses it.
+subset (an ablation grid, a rerun) reuses it. A process reading a store holds a shared lock on its
+``meta.json``, so ``wecolora cache clear`` leaves it alone (:mod:`wecolora.cache_admin`).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -25,6 +28,7 @@ import re
 import shutil
 import socket
 import tempfile
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +40,7 @@ from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
-from . import augment, data
+from . import augment, cache_admin, data
 from .errors import UserError
 from .files import CACHE_ENV, cache_folder
 from .teacher_cache import first_item, fingerprint_data, view_seed
@@ -144,10 +148,21 @@ def _open(folder: Path, images: int, bound: int) -> ImageStore | None:
     except (OSError, ValueError, KeyError) as err:
         problem = str(err)
     if problem is None:
+        _hold(store)
         return store
     _logger.warning("image store %s is damaged (%s); building it again", folder, problem)
     shutil.rmtree(folder, ignore_errors=True)
     return None
+
+
+def _hold(store: ImageStore) -> None:
+    """Lock the store (shared, on its ``meta.json``) while this process may read it, and stamp it used:
+    ``wecolora cache clear`` leaves a locked entry alone and orders the others by that stamp (:mod:`wecolora.cache_admin`)."""
+    fd = os.open(store.folder / META, os.O_RDONLY)
+    with contextlib.suppress(OSError):  # a file system without locks: the store is not protected
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    weakref.finalize(store, os.close, fd)  # the lock goes with the store
+    cache_admin.touch(store.folder)
 
 
 def _build(folder: Path, dataset, indices: list[int], bound: int, *, fingerprint: str, num_workers: int,
