@@ -175,7 +175,7 @@ def _build(folder: Path, dataset, indices: list[int], bound: int, *, fingerprint
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_builds(folder.parent)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.{socket.gethostname()}-{os.getpid()}.",
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.{cache_admin.owner()}.",
                                     suffix=".tmp"))
         _write(tmp, source, meta, num_workers=num_workers, progress=progress)
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would keep a shared cache from other users
@@ -222,15 +222,9 @@ def _remove_dead_builds(root: Path) -> None:
     """Delete half-built stores (``.NAME.HOST-PID.XXXX.tmp``) whose builder, a process of this host, died."""
     host = socket.gethostname()
     for tmp in root.glob(".*.tmp"):
-        match = re.fullmatch(r"\.[^.]+\.(.+)-(\d+)\.[^.]+\.tmp", tmp.name)
-        if not match or match.group(1) != host or int(match.group(2)) == os.getpid():
-            continue  # another machine's (it may be building) or ours
-        try:
-            os.kill(int(match.group(2)), 0)
-        except ProcessLookupError:
+        match = re.fullmatch(r"\.[^.]+\.(.+)\.[^.]+\.tmp", tmp.name)
+        if match and match.group(1).rpartition("-")[0] == host and not cache_admin.owner_alive(match.group(1)):
             shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
-            pass  # alive, owned by another user
 
 
 class _Decoder(torch.utils.data.Dataset):
