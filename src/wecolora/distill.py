@@ -1,7 +1,8 @@
 """The distillation loop: a frozen teacher, a weight-copied student, an L1 on last-block tokens.
 
-Reads top to bottom: resolve settings -> build teacher, student, data -> optimizer and schedule ->
-(resume) -> epochs of steps -> checkpoint each epoch -> export the merged student.
+Reads top to bottom: resolve settings -> teacher and student plan -> the training set-up (student,
+optimizer, schedule: :func:`wecolora.training.make_training`, shared with bench) -> data (the image store,
+views cut on the device) -> (resume) -> epochs of steps -> checkpoint each epoch -> export the merged student.
 """
 from __future__ import annotations
 
@@ -16,71 +17,22 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import adapters, block_search, data, image_store, losses, teacher_cache, vit
+from . import block_search, data, image_store, losses, teacher_cache, vit
 from .checkpoint import load_checkpoint, save_checkpoint
 from .checks import check_distill
 from .config import DistillConfig, parse_keep, to_yaml
 from .distributed import all_agree
 from .errors import UserError
-from .engine import (csv_text, loader_workers, make_accelerator, make_scheduler, resume_schedule, resume_source,
-                     versions)
+from .engine import csv_text, loader_workers, make_accelerator, resume_schedule, resume_source, versions
 from .export import export_run
 from .files import atomic_write_text
-from .student import StudentPlan, check_settings, get_mode, plan_student, student_from_plan
+from .student import StudentPlan, check_settings, get_mode, plan_student
+from .training import make_training, plain_attention
 
 _logger = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = ("epoch", "loss", "lr", "images_per_s", "seconds", "updates")
 CHECK_EVERY = 10  # steps between reads of the loss (each read waits for the device to finish its queued work)
-
-
-class TokenMatcher(nn.Module):
-    """The student seen through the loss: ``forward(images)`` returns the tokens to match.
-
-    Training calls this module's plain forward, so DDP wrapping (multi-GPU) sees every step.
-    """
-
-    def __init__(self, student: nn.Module, blocks: list[int], norm: bool):
-        super().__init__()
-        self.student, self.blocks, self.norm = student, blocks, norm
-
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return vit.last_block_tokens(self.student, images, self.blocks, norm=self.norm)
-
-
-def freeze_unreached(student: nn.Module, norm: bool) -> None:
-    """Freeze what the matched tokens never reach: the head, and the final norm unless matched after it.
-
-    Only ``weco-kd``/``scratch-kd`` train them. They get no gradient, so the optimizer leaves them as they
-    are either way, but DDP expects a gradient for every trainable parameter at every step.
-    """
-    for name in ("head", "fc_norm", "attn_pool", *(() if norm else ("norm",))):
-        module = getattr(student, name, None)
-        if isinstance(module, nn.Module):
-            module.requires_grad_(False)
-
-
-def make_optimizer(student: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
-    """The paper's AdamW (betas 0.9, 0.95) on the trainable parameters, no decay on 1-D ones; one fused kernel."""
-    from timm.optim import create_optimizer_v2
-
-    return create_optimizer_v2(student, "adamw", lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95),
-                               fused=device.type in ("cpu", "cuda"))
-
-
-def plain_attention(device: torch.device, precision: str) -> bool:
-    """Whether attention should run as plain matmuls: the CPU's bf16 fused-attention backward is ~10x slower."""
-    return device.type == "cpu" and precision == "bf16"
-
-
-def training_view(student: nn.Module, student_blocks: list[int], norm: bool, *, device: torch.device,
-                  precision: str) -> TokenMatcher:
-    """What training calls: the student's lean view (fused adapter matmuls, the same parameters) returning
-    the tokens the loss matches."""
-    lean = adapters.lean_student(student)
-    if plain_attention(device, precision):
-        vit.use_fused_attention([lean], False)
-    return TokenMatcher(lean, student_blocks, norm)
 
 
 class NonFiniteLoss(UserError):
@@ -156,11 +108,20 @@ def distill(config: DistillConfig) -> dict:
     teacher = vit.load_model(config.teacher, weights=config.teacher_weights, img_size=config.img_size)
     teacher.requires_grad_(False).to(accelerator.device)
     plan = make_plan(config, teacher, dataset, indices, accelerator, resumed=resume_from is not None and resume_from.is_dir())
-    student = student_from_plan(teacher, plan, dropout=config.lora_dropout, use_dora=config.dora,
-                                use_rslora=config.rslora)
     kept, depth = list(plan.kept), plan.teacher_blocks
-    student_blocks, teacher_blocks, norm = losses.matched_blocks(config.match, list(plan.segment_ends))
-    freeze_unreached(student, norm)
+
+    # The student, what its loss matches, AdamW without decay on 1-D params, warmup from 0 then per-iteration
+    # cosine to 0: the set-up bench measures (training.make_training).
+    world = accelerator.num_processes
+    peak_lr = config.peak_lr(world)
+    steps_per_epoch = math.ceil(len(indices) / (config.batch_size * world))  # each process's batches
+    updates_per_epoch = math.ceil(steps_per_epoch / config.accum_steps)
+    training = make_training(teacher, plan, lr=peak_lr, weight_decay=config.weight_decay, epochs=config.epochs,
+                             warmup_epochs=config.warmup_epochs, updates_per_epoch=updates_per_epoch,
+                             device=accelerator.device, precision=precision, match=config.match,
+                             dropout=config.lora_dropout, use_dora=config.dora, use_rslora=config.rslora)
+    student, optimizer, scheduler = training.student, training.optimizer, training.scheduler
+    student_blocks, teacher_blocks, norm = training.student_blocks, training.teacher_blocks, training.norm
 
     # Data: the few-shot subset decoded once into a memory-mapped store (reused by every run on this subset),
     # and the paper's augmentation cut from it on the device, with the teacher's own mean/std. View v of image i
@@ -187,20 +148,10 @@ def distill(config: DistillConfig) -> dict:
         # (accelerate's placement copies synchronously, which would stall the device's queue every step).
         return accelerator.prepare_data_loader(loader, device_placement=False)
 
-    # Optimisation: AdamW without decay on 1-D params, warmup from 0 then per-iteration cosine to 0.
-    world = accelerator.num_processes
-    peak_lr = config.peak_lr(world)
-    optimizer = make_optimizer(student, peak_lr, config.weight_decay, accelerator.device)
-    steps_per_epoch = math.ceil(len(indices) / (config.batch_size * world))  # each process's batches
-    updates_per_epoch = math.ceil(steps_per_epoch / config.accum_steps)
-    scheduler = make_scheduler(optimizer, config.epochs, config.warmup_epochs, updates_per_epoch)
-    matcher = training_view(student, student_blocks, norm, device=accelerator.device, precision=precision)
-    lean_adapters = matcher.student is not student
     if plain_attention(accelerator.device, precision):
         vit.use_fused_attention([teacher], False)
-    if config.compile:
-        matcher = torch.compile(matcher)
-    model, optimizer = accelerator.prepare(matcher, optimizer)
+    compiled = config.compile if config.compile is not None else accelerator.device.type == "cuda"
+    model, optimizer = accelerator.prepare(torch.compile(training.matcher) if compiled else training.matcher, optimizer)
 
     resolved = {
         **plan.record(), "lr": peak_lr, "precision": precision, "device": str(accelerator.device),
@@ -209,7 +160,7 @@ def distill(config: DistillConfig) -> dict:
         "images": len(indices), "unreadable_images": len(unreadable), "updates_per_epoch": updates_per_epoch,
         "num_workers": num_workers, "data_path": "image store, views cut on the device", "image_store": store.record(),
         "views": n_views, "teacher_cache": str(cache.folder) if cache else None,
-        "lean_adapters": lean_adapters, "versions": versions(),
+        "lean_adapters": training.lean_adapters, "compiled": compiled, "versions": versions(),
     }
     start_epoch, updates, rows = 0, 0, []
     if resume_from is not None and resume_from.is_dir():
