@@ -199,7 +199,7 @@ def test_consumers_read_the_plan(teacher):
     plan = st.plan_student(teacher, 3, "first", "wecolora")
     trainer = make_trainer(teacher, mode="wecolora", reduction=3, rank=plan.rank, precision="fp32",
                            device=torch.device("cpu"), updates_per_epoch=1)
-    assert trainer.teacher_blocks == [plan.segment_ends[-1]] == [5]
+    assert trainer.training.teacher_blocks == [plan.segment_ends[-1]] == [5]
     info = st.describe(teacher, 3, "0,4", "wecolora")
     assert (info["kept_blocks"], info["segment_ends"], info["rank"]) == ([0, 4], [3, 5], st.default_rank(32))
 

@@ -23,6 +23,7 @@ from conftest import interrupted_after_first_checkpoint
 from safetensors.torch import load_file
 
 import wecolora.distill as distill_module
+import wecolora.training as training_module
 from wecolora.checkpoint import trainable_state
 from wecolora.config import DistillConfig
 from wecolora.evaluate import probe
@@ -103,13 +104,13 @@ def distill_in_process(config: DistillConfig, stop_after_epoch: int | None = Non
     ``stop_after_epoch`` interrupts every process once that epoch's checkpoint is written.
     """
     built = {}
-    real_build = distill_module.student_from_plan
+    real_build = training_module.student_from_plan
 
     def build_and_keep(*args, **kwargs):
         built["student"] = real_build(*args, **kwargs)
         return built["student"]
 
-    distill_module.student_from_plan = build_and_keep  # a forked process: the patch dies with it
+    training_module.student_from_plan = build_and_keep  # a forked process: the patch dies with it
     if stop_after_epoch is not None:
         from accelerate import Accelerator
 
