@@ -94,10 +94,10 @@ def test_a_view_is_complete_only_once_every_row_is_written(tmp_path, teacher28, 
     written = {}
     for rows in ([4, 0, 2], [5, 1]):
         positions = torch.tensor(rows)
-        tokens, images = _tokens(len(rows), seed=rows[0]), torch.randint(0, 255, (len(rows), 3, 4, 4), dtype=torch.uint8)
-        stored = writer.write(positions, tokens, images)
+        tokens = _tokens(len(rows), seed=rows[0])
+        stored = writer.write(positions, tokens)
         for i, p in enumerate(rows):
-            written[p] = ([t[i] for t in stored], images[i])
+            written[p] = [t[i] for t in stored]
             for s, t in zip(stored, tokens):  # what training sees: the fp16-rounded tokens, in fp32
                 assert s.dtype == torch.float32
                 torch.testing.assert_close(s, t, atol=1e-2, rtol=1e-3)
@@ -106,25 +106,24 @@ def test_a_view_is_complete_only_once_every_row_is_written(tmp_path, teacher28, 
     assert not cache.has_view(0) and not list(cache.folder.glob("*.npy")) and not list(cache.folder.glob(".*.tmp"))
 
     writer = cache.writer(0, 6)
-    for p, (tokens, image) in written.items():
-        writer.write(torch.tensor([p]), [t[None] for t in tokens], image[None])
-    writer.write(torch.tensor([3]), _tokens(1), torch.zeros(1, 3, 4, 4, dtype=torch.uint8))
+    for p, tokens in written.items():
+        writer.write(torch.tensor([p]), [t[None] for t in tokens])
+    writer.write(torch.tensor([3]), _tokens(1))
     assert writer.commit() and cache.has_view(0) and not cache.has_view(1)
-    images, tokens = cache.load_view(0)
-    assert tokens.shape == (6, 2, 5, 8) and images.shape == (6, 3, 4, 4)
-    for p, (expected, image) in written.items():
-        assert torch.equal(torch.from_numpy(np.array(images[p])), image)
+    tokens = cache.load_view(0)
+    assert tokens.shape == (6, 2, 5, 8)
+    for p, expected in written.items():
         for b in range(2):
             assert torch.equal(torch.from_numpy(np.array(tokens[p, b])).float(), expected[b])
     picked = cache.tokens(0, torch.tensor([5, 0]))
-    assert len(picked) == 2 and torch.equal(picked[1][0].float(), written[5][0][1])
+    assert len(picked) == 2 and torch.equal(picked[1][0].float(), written[5][1])
 
 
 def test_bf16_views_round_trip(tmp_path, teacher28, digits):
     cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, precision="bf16", indices=[7, 9]))
     writer = cache.writer(0, 2)
-    stored = writer.write(torch.tensor([1, 0]), _tokens(2, blocks=1), None)
-    assert writer.commit() and cache.has_view(0, images=False) and not cache.has_view(0)
+    stored = writer.write(torch.tensor([1, 0]), _tokens(2, blocks=1))
+    assert writer.commit() and cache.has_view(0)
     got = cache.tokens(0, torch.tensor([1, 0]))[0]
     assert got.dtype == torch.bfloat16 and torch.equal(got.float(), stored[0])
 
@@ -133,8 +132,8 @@ def test_tokens_beyond_fp16_are_not_cached(tmp_path, teacher28, digits, caplog):
     cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits))
     writer = cache.writer(0, 1)
     huge = [torch.full((1, 5, 8), 1e6)]
-    assert torch.equal(writer.write(torch.tensor([0]), huge, None)[0], huge[0])  # trained on the exact values
-    assert not writer.commit() and not cache.has_view(0, images=False)
+    assert torch.equal(writer.write(torch.tensor([0]), huge)[0], huge[0])  # trained on the exact values
+    assert not writer.commit() and not cache.has_view(0)
     assert "fp16 range" in caplog.text
 
 
@@ -204,7 +203,7 @@ def test_the_cached_loss_equals_the_recomputed_teacher_loss_on_the_same_views(te
         images, positions = recipe.apply(batch["pixels"], batch["boxes"], batch["flips"]), batch["positions"]
         with torch.no_grad():
             targets = vit.last_block_tokens(teacher28, images, [5])
-            writer.write(positions, targets, None)
+            writer.write(positions, targets)
             fresh.append((images, positions, losses.feature_loss(vit.last_block_tokens(student, images), targets)["loss"]))
     assert writer.commit()
     for images, positions, expected in fresh:
@@ -244,18 +243,18 @@ def test_a_full_disk_or_damaged_view_costs_speed_not_the_run(tmp_path, teacher28
     monkeypatch.setattr(os, "posix_fallocate", full)
     writer = cache.writer(0, 2)
     tokens = _tokens(2, blocks=1)
-    stored = writer.write(torch.tensor([0, 1]), tokens, None)
+    stored = writer.write(torch.tensor([0, 1]), tokens)
     torch.testing.assert_close(stored[0], tokens[0], atol=1e-2, rtol=1e-3)
     assert not writer.commit() and not list(cache.folder.glob("view*")) and not list(cache.folder.glob(".*.tmp"))
     assert "No space left" in caplog.text
 
     monkeypatch.setattr(os, "posix_fallocate", real)
     writer = cache.writer(0, 2)
-    writer.write(torch.tensor([0, 1]), tokens, None)
-    assert writer.commit() and cache.has_view(0, images=False)
+    writer.write(torch.tensor([0, 1]), tokens)
+    assert writer.commit() and cache.has_view(0)
     path = cache.folder / "view0000.tokens.npy"
     path.write_bytes(path.read_bytes()[:-100])  # truncated behind our back
-    assert not cache.has_view(0, images=False)
+    assert not cache.has_view(0)
 
     monkeypatch.setattr(teacher_cache, "atomic_write_text", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
     assert teacher_cache.open_for_run(True, str(tmp_path / "elsewhere"), views=1,
@@ -352,7 +351,7 @@ def test_a_lone_distill_writes_no_cache_unless_asked(teacher_dir, tmp_path, monk
 
 
 def _batch(n, offset=0):
-    return torch.arange(offset, offset + n), _tokens(n, seed=offset), torch.zeros(n, 3, 4, 4, dtype=torch.uint8)
+    return torch.arange(offset, offset + n), _tokens(n, seed=offset)
 
 
 def test_views_are_written_on_the_writer_thread(tmp_path, teacher28, digits, monkeypatch):
@@ -409,8 +408,8 @@ def test_a_disk_error_in_the_writer_thread_costs_the_view_not_the_run(tmp_path, 
     _failing_memmap(monkeypatch, OSError(errno.EIO, "Input/output error"))
     writer = cache.writer(0, 40)
     for offset in range(0, 40, 4):  # more batches than the queue holds: a failed thread never blocks training
-        positions, tokens, images = _batch(4, offset)
-        stored = writer.write(positions, tokens, images)
+        positions, tokens = _batch(4, offset)
+        stored = writer.write(positions, tokens)
         torch.testing.assert_close(stored[0], tokens[0], atol=1e-2, rtol=1e-3)  # trained on, rounded as stored
     assert not writer.commit()
     assert caplog.text.count("cannot store view 0") == 1 and "Input/output error" in caplog.text
@@ -456,7 +455,7 @@ def _open(root, teacher, dataset, seed, *, views=1, max_gb=1.0):
 def _fill(cache, view=0):
     n = cache.key["images"]
     writer = cache.writer(view, n)
-    writer.write(torch.arange(n), [torch.zeros(n, 17, 32)], None)
+    writer.write(torch.arange(n), [torch.zeros(n, 17, 32)])
     assert writer.commit()
     return cache
 
@@ -482,7 +481,7 @@ def test_a_new_entry_evicts_the_least_recently_used_not_the_one_in_use(tmp_path,
     # Now the entry in use is the least recently used: a second view for it evicts the other one instead.
     _last_used(new, 10)
     again = _open(tmp_path, teacher28, digits, 3, views=2, max_gb=cap_gb)
-    assert again.folder == new.folder and again.has_view(0, images=False) and not recent.folder.exists()
+    assert again.folder == new.folder and again.has_view(0) and not recent.folder.exists()
     # A run whose own views cannot fit under the cap trains without the cache.
     assert _open(tmp_path, teacher28, digits, 4, views=3, max_gb=cap_gb) is None
     assert "over the cache's" in caplog.text and new.folder.is_dir()

@@ -188,7 +188,7 @@ def distill(config: DistillConfig) -> dict:
         generator.manual_seed(config.seed + epoch)
         view, tokens_from, writer = epoch % n_views, None, None
         # A view's tokens are read when every process sees them (a node-local cache dir may hold them on some nodes only).
-        if cache is not None and all_agree(cache.has_view(view, images=False)):
+        if cache is not None and all_agree(cache.has_view(view)):
             tokens_from = cache
         elif cache is not None:
             writer = cache.writer(view, len(indices))
@@ -266,7 +266,7 @@ def train_one_epoch(model, teacher, loader, optimizer, scheduler, accelerator, b
                 with torch.no_grad(), accelerator.autocast():
                     targets = vit.last_block_tokens(teacher, images, teacher_blocks, norm=norm)
                 if writer is not None:
-                    targets = writer.write(batch["positions"], targets, None)
+                    targets = writer.write(batch["positions"], targets)
             with accelerator.autocast():
                 predictions = model(images)
             out = losses.feature_loss(predictions, targets, loss_kind)

@@ -124,7 +124,7 @@ def _from_numpy(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 
 class TeacherCache:
-    """One cache entry: per view, the teacher's tokens and (when the transform splits) the uint8 images.
+    """One cache entry: per view, the teacher's tokens (the views themselves are cut again from the image store).
 
     Example:
         >>> cache = TeacherCache.open(default_cache_dir(), teacher=teacher, dataset=ds, indices=subset,
@@ -153,32 +153,28 @@ class TeacherCache:
     def _path(self, view: int, kind: str) -> Path:
         return self.folder / f"view{view:04d}.{kind}.npy"
 
-    def has_view(self, view: int, *, images: bool = True) -> bool:
-        """Whether view ``view`` is complete and readable (its tokens, and its images when ``images``).
+    def has_view(self, view: int) -> bool:
+        """Whether view ``view``'s tokens are complete and readable.
 
         A file damaged after it was written (truncated, wrong row count) counts as missing: the view is
         computed again and replaces it.
         """
-        kinds = ("tokens", "images") if images else ("tokens",)
-        if not all(self._path(view, kind).is_file() for kind in kinds):
+        if not self._path(view, "tokens").is_file():
             return False
         try:
-            arrays = [np.load(self._path(view, kind), mmap_mode="r") for kind in kinds]
+            tokens = np.load(self._path(view, "tokens"), mmap_mode="r")
         except (OSError, ValueError) as err:
             _logger.warning("teacher cache: view %d in %s is unreadable (%s); computing it again", view, self.folder, err)
             return False
-        return all(len(a) == self.key["images"] for a in arrays)
+        return len(tokens) == self.key["images"]
 
-    def load_view(self, view: int, *, images: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
-        """Memory-mapped ``(images [n, C, H, W] uint8 or None, tokens [n, blocks, N, D])`` of a complete view."""
-        tokens = np.load(self._path(view, "tokens"), mmap_mode="r")
-        pixels = np.load(self._path(view, "images"), mmap_mode="r") if images else None
-        return pixels, tokens
+    def load_view(self, view: int) -> np.ndarray:
+        """Memory-mapped tokens ``[n, blocks, N, D]`` of a complete view."""
+        return np.load(self._path(view, "tokens"), mmap_mode="r")
 
     def tokens(self, view: int, positions: torch.Tensor) -> list[torch.Tensor]:
         """Cached tokens of some subset positions, one ``[B, N, D]`` tensor per matched block."""
-        _, tokens = self.load_view(view, images=False)
-        return list(_from_numpy(tokens[positions.cpu().numpy()], self.dtype).unbind(1))
+        return list(_from_numpy(self.load_view(view)[positions.cpu().numpy()], self.dtype).unbind(1))
 
     def writer(self, view: int, size: int) -> ViewWriter:
         """A writer that fills view ``view`` (``size`` rows) batch by batch and commits it when complete.
@@ -194,9 +190,8 @@ class TeacherCache:
                 writer.failed = True
         return writer
 
-    def nbytes_per_view(self, size: int, token_shape: tuple[int, ...], image_shape: tuple[int, ...] | None) -> int:
-        per_row = int(np.prod(token_shape)) * 2 + (int(np.prod(image_shape)) if image_shape else 0)
-        return size * per_row
+    def nbytes_per_view(self, size: int, token_shape: tuple[int, ...]) -> int:
+        return size * int(np.prod(token_shape)) * 2
 
 
 def _remove_orphans(folder: Path) -> None:
@@ -243,13 +238,11 @@ class ViewWriter:
             self.files[kind] = (Path(tmp), array)
         return self.files[kind][1]
 
-    def _store(self, positions: torch.Tensor, stored: torch.Tensor, images: torch.Tensor | None) -> None:
-        """On the writer thread: one batch from the device into the files."""
+    def _store(self, positions: torch.Tensor, stored: torch.Tensor) -> None:
+        """On the writer thread: one batch from the device into the file."""
         rows = positions.cpu().numpy()
         token_dtype = np.int16 if self.cache.dtype == torch.bfloat16 else np.float16
         self._array("tokens", tuple(stored.shape[1:]), token_dtype)[rows] = _to_numpy(stored)
-        if images is not None:
-            self._array("images", tuple(images.shape[1:]), np.uint8)[rows] = images.cpu().numpy()
         self.filled[rows] = True
 
     def _run(self) -> None:
@@ -285,8 +278,8 @@ class ViewWriter:
         _logger.warning("teacher cache: cannot store view %d in %s (%s); it is not cached", self.view,
                         self.cache.folder, err)
 
-    def write(self, positions: torch.Tensor, tokens: list[torch.Tensor], images: torch.Tensor | None) -> list[torch.Tensor]:
-        """Store a batch (tokens ``[B, N, D]`` per block, uint8 images) and return the tokens as stored, in fp32.
+    def write(self, positions: torch.Tensor, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Store a batch (tokens ``[B, N, D]`` per block) and return the tokens as stored, in fp32.
 
         Training on the returned values, not the unrounded ones, makes a cold run equal a warm rerun. The
         rounding happens here, on the tokens' device; the copy to the host and the write happen on the
@@ -306,7 +299,7 @@ class ViewWriter:
                 self._thread = threading.Thread(target=self._run, name=f"wecolora-view{self.view:04d}-writer",
                                                 daemon=True)
                 self._thread.start()
-            self._queue.put((positions, stored, images))
+            self._queue.put((positions, stored))
         return list(stored.float().unbind(1))
 
     def commit(self) -> bool:
@@ -317,7 +310,7 @@ class ViewWriter:
         if self.failed or not self.filled.all() or "tokens" not in self.files:
             self.abort()
             return False
-        for kind in sorted(self.files, key=lambda k: k == "tokens"):  # images first, tokens (the marker) last
+        for kind in self.files:  # the tokens file's name is the view's completion marker
             tmp, array = self.files[kind]
             array.flush()
             del array
@@ -357,15 +350,13 @@ class SharedWriter:
     def __init__(self, writer: ViewWriter, accelerator):
         self.writer, self.accelerator = writer, accelerator
 
-    def write(self, positions: torch.Tensor, tokens: list[torch.Tensor], images: torch.Tensor | None) -> list[torch.Tensor]:
+    def write(self, positions: torch.Tensor, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
         stacked = torch.stack([t.detach() for t in tokens], dim=1)  # [B, blocks, N, D]
         stored = stacked.to(self.writer.cache.dtype)
         overflow = (self.writer.cache.dtype == torch.float16 and not torch.isfinite(stored).all()
                     and bool(torch.isfinite(stacked).all()))
         parts = {"positions": positions.to(stacked.device, torch.long), "tokens": stored,
                  "overflow": torch.tensor([int(overflow)], device=stacked.device)}
-        if images is not None:
-            parts["images"] = images
         gathered = self.accelerator.gather(parts)  # accelerate's even batches: the same size on every process
         if self.accelerator.is_main_process:
             if gathered["overflow"].any():
@@ -374,7 +365,7 @@ class SharedWriter:
                                     FP16_MAX, self.writer.view)
                 self.writer.failed = True
             else:
-                self.writer.write(gathered["positions"], list(gathered["tokens"].unbind(1)), gathered.get("images"))
+                self.writer.write(gathered["positions"], list(gathered["tokens"].unbind(1)))
         return [t.float() for t in tokens] if overflow else list(stored.float().unbind(1))
 
     def commit(self) -> bool:
@@ -410,8 +401,8 @@ def open_for_run(enabled: bool, cache_dir: str | None, *, teacher: nn.Module, da
                         root, err)
         return None
     tokens = len(teacher_blocks), teacher.patch_embed.num_patches + teacher.num_prefix_tokens, teacher.embed_dim
-    missing = [v for v in range(views) if not cache.has_view(v, images=False)]  # views are cut from the image store
-    per_view = cache.nbytes_per_view(len(indices), tokens, None)
+    missing = [v for v in range(views) if not cache.has_view(v)]
+    per_view = cache.nbytes_per_view(len(indices), tokens)
     need = len(missing) * per_view
     own = cache_admin.read_entry(cache.folder, root.name).bytes
     free = shutil.disk_usage(cache.folder).free
