@@ -458,3 +458,35 @@ def test_lean_student_sees_base_weights_written_after_it_was_made(teacher):
         student.get_base_model().blocks[0].attn.qkv.k.base_layer.weight.mul_(1.5)
         student.get_base_model().blocks[1].attn.qkv.v.base_layer.bias.add_(0.1)
     torch.testing.assert_close(lean(images), student(images), atol=1e-5, rtol=1e-4)
+
+
+def test_torch_compile_traces_the_lean_backward(teacher):
+    """distill compiles its training view by default on CUDA: dynamo must capture the custom backward in its
+    graph and give the eager gradients (aot_eager: the same capture, without a C++ compiler)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from wecolora.training import TokenMatcher
+
+    torch._dynamo.reset()
+    student = st.build_student(teacher, 2, rank=4).train()
+    _randomize_lora_b(student)
+    matcher = TokenMatcher(adapters.lean_student(student), [len(student.get_base_model().blocks) - 1], norm=False)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(matcher, backend=counter, dynamic=False)
+    images = _images(3)
+    weights = torch.randn(3, 17, WIDTH, generator=torch.Generator().manual_seed(2))
+
+    def tokens_and_grads(model):
+        student.zero_grad(set_to_none=True)
+        tokens = model(images)[0]
+        (tokens * weights).sum().backward()
+        return tokens.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    expected, expected_grads = tokens_and_grads(matcher)
+    got, grads = tokens_and_grads(compiled)
+    assert counter.frame_count == 1 and counter.op_count > 0  # the forward went through dynamo, as one graph
+    assert torch._dynamo.explain(matcher)(images).graph_break_count == 0  # CUDA graphs need an unbroken graph
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert grads.keys() == expected_grads.keys() and grads
+    for name in grads:
+        _assert_relative_close(grads[name], expected_grads[name], 1e-5, name)

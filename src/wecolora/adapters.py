@@ -346,10 +346,11 @@ class LeanLoRALinear(nn.Module):
 
     def _concat(self, name: str, params: nn.ParameterList) -> torch.Tensor:
         """The slices' base weights (or biases) as one tensor; frozen ones are concatenated once and reused
-        until a slice moves or is written to (its storage or version counter changes)."""
+        until a slice moves or is written to (its storage or version counter changes). Under torch.compile the
+        stamp's pointer comparison would break the graph, so the compiled graph concatenates instead."""
         if len(params) == 1:
             return params[0]
-        if any(p.requires_grad for p in params):
+        if torch.compiler.is_compiling() or any(p.requires_grad for p in params):
             return torch.cat(list(params))
         stamp = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         if self._fused.get(name, (None,))[0] != stamp:

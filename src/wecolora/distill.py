@@ -151,7 +151,9 @@ def distill(config: DistillConfig) -> dict:
     if plain_attention(accelerator.device, precision):
         vit.use_fused_attention([teacher], False)
     compiled = config.compile if config.compile is not None else accelerator.device.type == "cuda"
-    model, optimizer = accelerator.prepare(torch.compile(training.matcher) if compiled else training.matcher, optimizer)
+    # Static shapes: at most two graphs per run (the full batch and an epoch's shorter last batch).
+    matcher = torch.compile(training.matcher, dynamic=False) if compiled else training.matcher
+    model, optimizer = accelerator.prepare(matcher, optimizer)
 
     resolved = {
         **plan.record(), "lr": peak_lr, "precision": precision, "device": str(accelerator.device),
