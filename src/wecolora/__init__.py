@@ -14,4 +14,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["build_student", "merge", "select_blocks", "MODES", "UserError"]
-__version__ = "0.1.0"
+__version__ = "0.3.0"

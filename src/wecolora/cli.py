@@ -15,6 +15,7 @@ import sys
 from .config import (CACHE_POLICIES, DEVICES, LOSS_NAMES, MATCH_NAMES, MODE_NAMES, POOLINGS, PRECISIONS,
                      PROBE_OPTIMIZERS, PROBE_PROTOCOLS, DistillConfig, ProbeConfig, build_config, parse_keep)
 from .checks import check_ablation, check_distill, check_evaluation, check_model_spec, check_pretrain
+from . import __version__
 from .errors import UserError
 from .files import disk_error
 
@@ -524,7 +525,7 @@ def run_cache(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="wecolora", description="Few-shot distillation of Vision Transformers by weight copy "
                                                  "and low-rank adaptation (WeCoLoRA, WACV 2025).")
-    parser.add_argument("--version", action="version", version="wecolora 0.1.0")
+    parser.add_argument("--version", action="version", version=f"wecolora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     add_distill_parser(sub)
     add_inspect_parser(sub)
