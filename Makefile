@@ -30,11 +30,14 @@ MIN_PINS := timm==1.0.23 peft==0.13.0 accelerate==1.0.0 safetensors==0.4.3 trans
 	certifi==2026.10.19.post1
 # The tests that exercise the version-sensitive timm/peft/accelerate/transformers surface, kept to about
 # three minutes on 2 cores: model args and local-dir folders, students of each ViT family, peft adapters
-# and their merge, a distillation with resume, export, transformers teachers.
+# and their merge, the lean path's gradients against peft's layers, a distillation with resume, export,
+# transformers teachers.
 MIN_TESTS := tests/test_vit.py tests/test_hf_transformers.py tests/test_export.py tests/test_distill.py \
 	tests/test_student.py::test_supported_families tests/test_adapters.py::test_fresh_adapters_change_nothing \
 	tests/test_adapters.py::test_each_adapter_changes_its_own_map tests/test_adapters.py::test_merge_equals_adapter_student \
-	tests/test_adapters.py::test_merged_model_round_trips_through_save_for_hf
+	tests/test_adapters.py::test_merged_model_round_trips_through_save_for_hf \
+	tests/test_adapters.py::test_lean_linear_equals_the_peft_layers \
+	tests/test_adapters.py::test_lean_student_computes_the_same_tokens_and_gradients
 
 $(MIN_STAMP): $(STAMP) Makefile
 	rm -rf $(MIN_VENV)
