@@ -103,3 +103,4 @@ def test_per_block_matching_pairs_student_blocks_with_the_ends_of_their_groups(t
     distill(config(teacher_dir, tmp_path / "run", reduction=3, match="per-block", epochs=2))
     text = (tmp_path / "run" / "config.yaml").read_text()
     assert "matched_teacher_blocks:\n  - 2\n  - 5\n" in text
+

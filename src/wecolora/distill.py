@@ -27,7 +27,7 @@ from .engine import csv_text, loader_workers, make_accelerator, resume_schedule,
 from .export import export_run
 from .files import atomic_write_text
 from .student import StudentPlan, check_settings, get_mode, plan_student
-from .training import make_training, plain_attention
+from .training import compile_by_default, make_training, plain_attention
 
 _logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def distill(config: DistillConfig) -> dict:
 
     if plain_attention(accelerator.device, precision):
         vit.use_fused_attention([teacher], False)
-    compiled = config.compile if config.compile is not None else accelerator.device.type == "cuda"
+    compiled = config.compile if config.compile is not None else compile_by_default(accelerator.device)
     # Static shapes: at most two graphs per run (the full batch and an epoch's shorter last batch).
     matcher = torch.compile(training.matcher, dynamic=False) if compiled else training.matcher
     model, optimizer = accelerator.prepare(matcher, optimizer)

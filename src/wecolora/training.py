@@ -54,6 +54,14 @@ def plain_attention(device: torch.device, precision: str) -> bool:
     return device.type == "cpu" and precision == "bf16"
 
 
+def compile_by_default(device: torch.device) -> bool:
+    """Whether ``torch.compile`` is on when not asked for: with CUDA, where it measured 1.24x faster on an H200
+    (lean ViT-B/16 step, bf16), and only where its GPU code generator (Triton) is installed."""
+    import importlib.util
+
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
 def training_view(student: nn.Module, student_blocks: list[int], norm: bool, *, device: torch.device,
                   precision: str) -> TokenMatcher:
     """What training calls: the student's lean view (fused adapter matmuls, the same parameters) returning
