@@ -30,6 +30,18 @@ def fake_teacher_entry(root, name, *, views, days_ago, nbytes=1000):
     return folder
 
 
+def fake_image_store(root, name, *, days_ago, nbytes=1000):
+    """An image store as image_store writes it: pixels, sizes and meta.json, last used ``days_ago``."""
+    folder = root / "images" / name
+    folder.mkdir(parents=True)
+    (folder / "pixels.npy").write_bytes(b"\0" * nbytes)
+    (folder / "sizes.npy").write_bytes(b"\0" * 16)
+    (folder / "meta.json").write_text(json.dumps({"format": 1, "images": 2, "bytes": nbytes}))
+    stamp = time.time() - days_ago * DAY
+    os.utime(folder / "meta.json", (stamp, stamp))
+    return folder
+
+
 def fake_feature_entry(root, name, *, days_ago):
     """A feature cache entry: a safetensors file whose header metadata is what it is keyed on."""
     header = json.dumps({"__metadata__": {"model": "cd" * 16, "split": "test", "n": "2000", "pooling": "cls"}}).encode()
@@ -46,7 +58,7 @@ def root(tmp_path):
     fake_teacher_entry(tmp_path, "0123456789abcdef01234567", views=2, days_ago=40)
     fake_teacher_entry(tmp_path, "fedcba9876543210fedcba98", views=1, days_ago=1, nbytes=5000)
     fake_feature_entry(tmp_path, "features1", days_ago=2)
-    (tmp_path / "images" / "store1").mkdir(parents=True)  # a kind this version does not know: listed generically
+    (tmp_path / "images" / "store1").mkdir(parents=True)  # listed generically: size and age
     (tmp_path / "images" / "store1" / "shard0.bin").write_bytes(b"\0" * 300)
     return tmp_path
 
@@ -165,3 +177,22 @@ def test_an_empty_default_root_lists_nothing(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.startswith("0 entries, 0 B in")
     with pytest.raises(UserError, match="give --all"):
         cache_admin.clear_entries()
+
+
+def test_make_room_evicts_the_least_recently_used_teacher_entry_or_image_store_not_in_use(tmp_path):
+    in_use = fake_teacher_entry(tmp_path, "in-use", views=1, days_ago=5)
+    store = fake_image_store(tmp_path, "store", days_ago=3)
+    recent = fake_teacher_entry(tmp_path, "recent", views=1, days_ago=1)
+    capped = cache_admin.capped_folders(tmp_path / "teacher", tmp_path / "images")
+    total = sum(e.bytes for e in cache_admin.list_entries(tmp_path))
+    cache_admin.mark_in_use(in_use)  # this process trains with it
+    try:
+        assert not cache_admin.make_room(capped, total + 1, total)  # over the cap by itself: nothing evicted
+        assert store.is_dir() and recent.is_dir()
+        assert cache_admin.make_room(capped, 1, total)
+        assert not store.exists() and in_use.is_dir() and recent.is_dir()
+        total = sum(e.bytes for e in cache_admin.list_entries(tmp_path))
+        assert not cache_admin.make_room(capped, 1, total, keep=recent)  # the rest is in use or kept
+        assert in_use.is_dir() and recent.is_dir()
+    finally:
+        cache_admin.release_in_use()

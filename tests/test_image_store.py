@@ -327,3 +327,30 @@ def test_a_store_in_use_is_not_cleared_by_wecolora_cache(tmp_path):
     del store
     gc.collect()
     assert not cache_admin.locked(folder) and cache_admin.evict(folder) and not folder.exists()
+
+
+def test_a_new_store_evicts_the_least_recently_used_entry_not_in_use_or_is_built_over_the_cap(tmp_path, monkeypatch,
+                                                                                              caplog):
+    from test_cache_admin import fake_teacher_entry
+
+    from wecolora import cache_admin
+
+    monkeypatch.setenv("WECOLORA_CACHE_DIR", str(tmp_path))
+    digits = data.open_dataset("mnist-5k", "train")
+    in_use = fake_teacher_entry(tmp_path, "in-use", views=1, days_ago=5)
+    old = fake_teacher_entry(tmp_path, "old", views=1, days_ago=3)
+    recent = fake_teacher_entry(tmp_path, "recent", views=1, days_ago=1)
+    store_bytes = 2 * 3 * 28 * 28  # [n, 3, Hc, Wc] uint8
+    cap_gb = (sum(e.bytes for e in cache_admin.list_entries(tmp_path)) + store_bytes - 10) / 1e9  # one must go
+    cache_admin.mark_in_use(in_use)  # this process trains with it
+    try:
+        store = image_store.open_store(digits, [1, 2], bound=33, max_gb=cap_gb)
+        assert store.meta["bytes"] == store_bytes and store.folder.parent == tmp_path / "images"
+        assert not old.exists() and in_use.is_dir() and recent.is_dir() and "over its" not in caplog.text
+
+        # Over the cap by itself: built anyway, nothing evicted, one warning naming the fix.
+        big = image_store.open_store(digits, [1, 2, 3], bound=33, max_gb=store_bytes / 1e9)
+        assert len(big) == 3 and store.folder.is_dir() and recent.is_dir()
+        assert "over its" in caplog.text and "--cache-max-gb or $WECOLORA_CACHE_MAX_GB" in caplog.text
+    finally:
+        cache_admin.release_in_use()

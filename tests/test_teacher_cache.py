@@ -28,6 +28,14 @@ def digits():
     return data.open_dataset("mnist-5k", "train")
 
 
+@pytest.fixture(autouse=True)
+def own_cache_root(tmp_path_factory, monkeypatch):
+    """A cache root per test: the cap counts the image stores under it with the teacher entries."""
+    root = tmp_path_factory.mktemp("cache-root")
+    monkeypatch.setenv("WECOLORA_CACHE_DIR", str(root))
+    return root
+
+
 def _key_args(teacher, dataset, **overrides):
     args = dict(teacher=teacher, dataset=dataset, indices=list(range(0, 400, 10)),
                 transform=image_store.ViewRecipe.for_model(teacher),
@@ -485,6 +493,16 @@ def test_a_new_entry_evicts_the_least_recently_used_not_the_one_in_use(tmp_path,
     # A run whose own views cannot fit under the cap trains without the cache.
     assert _open(tmp_path, teacher28, digits, 4, views=3, max_gb=cap_gb) is None
     assert "over the cache's" in caplog.text and new.folder.is_dir()
+
+
+def test_a_view_write_evicts_an_old_image_store_not_in_use(tmp_path, teacher28, digits, own_cache_root):
+    from test_cache_admin import fake_image_store
+
+    cap_gb = (2 * VIEW_BYTES + 2000) / 1e9  # the entry's two views fit, not with the store
+    cache = _fill(_open(tmp_path, teacher28, digits, 1, max_gb=cap_gb))
+    old = fake_image_store(own_cache_root, "old", days_ago=3, nbytes=VIEW_BYTES)
+    _fill(cache, view=1)
+    assert not old.exists() and cache.has_view(0) and cache.has_view(1)
 
 
 HOLD_LOCK = ("import fcntl, sys, time; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_SH); print('locked', flush=True); "

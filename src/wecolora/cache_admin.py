@@ -1,15 +1,17 @@
-"""What is in wecolora's caches, who is using an entry, the teacher cache's size cap, and clearing them.
+"""What is in wecolora's caches, who is using an entry, the size cap, and clearing them.
 
 Standard library only, so that ``wecolora cache list`` answers without importing torch.
 
 The caches share one root (:func:`wecolora.files.cache_folder`): ``ROOT/<kind>/<entry>``, where kind is
 ``teacher`` (a folder per entry: ``meta.json`` plus view files, see :mod:`wecolora.teacher_cache`),
-``features`` (one ``.safetensors`` file per entry) or any other kind a later version adds (listed
-generically: size and age). A teacher entry's "last used" is its ``meta.json`` mtime, stamped each time a
-run opens the entry or stores a view in it; other entries' is their mtime.
+``images`` (a folder per image store, see :mod:`wecolora.image_store`), ``features`` (one ``.safetensors``
+file per entry) or any other kind a later version adds (listed
+generically: size and age). A teacher entry's or image store's "last used" is its ``meta.json`` mtime,
+stamped each time a run opens it or stores a view in it; other entries' is their mtime. The cap covers
+teacher entries and image stores together (:func:`capped_folders`); feature files are not counted.
 
-Liveness: a run holds a shared ``flock`` on the ``meta.json`` of the teacher entry it trains with (the
-kernel drops it when the process ends, even by SIGKILL), and a writer names its process ``HOST-PID``
+Liveness: a run holds a shared ``flock`` on the ``meta.json`` of the teacher entry it trains with and of
+the image store it reads (the kernel drops it when the process ends, even by SIGKILL), and a writer names its process ``HOST-PID``
 (:func:`owner`) in its temporary files. An entry locked by a live process, or holding a live writer's
 temporary file, is never evicted or cleared; temporary files of dead writers on this host are removed.
 """
@@ -30,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .files import CACHE_ENV, DEFAULT_CACHE_ROOT
+from .files import CACHE_ENV, DEFAULT_CACHE_ROOT, cache_folder
 
 _logger = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ _KEY_FIELDS = (("teacher", "teacher"), ("model", "teacher"), ("images", "images"
 
 
 def cache_cap_bytes(max_gb: float | None = None) -> int:
-    """The teacher cache's cap in bytes: ``max_gb``, else ``$WECOLORA_CACHE_MAX_GB``, else 50 GB.
+    """The cap of teacher entries and image stores together, in bytes: ``max_gb``, else ``$WECOLORA_CACHE_MAX_GB``, else 50 GB.
 
     >>> cache_cap_bytes(0.5)
     500000000
@@ -350,23 +352,38 @@ def _remove_abandoned_evictions(folder: Path) -> None:
                 shutil.rmtree(entry.path, ignore_errors=True)
 
 
-def make_room(folder: Path, need: int, cap: int, *, keep: Path) -> bool:
-    """Evict least recently used teacher entries under ``folder`` until ``need`` more bytes fit under ``cap``.
+def capped_folders(teacher_dir: str | os.PathLike | None = None,
+                   images_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The folders the cap covers: the teacher cache folder and the image-store folder in use by the run.
 
-    ``keep`` (the entry the caller uses) and every entry a live process writes or trains with are never
-    evicted. Returns whether the bytes fit afterwards.
+    Each is its own setting (``--teacher-cache DIR``, ``open_store(cache_dir=...)``), else ``ROOT/teacher``
+    and ``ROOT/images`` under :func:`wecolora.files.cache_folder`'s root.
     """
-    folder, keep = Path(folder), Path(keep)
-    _remove_abandoned_evictions(folder)
-    found = entries_in(folder)
+    return [cache_folder("teacher", teacher_dir), cache_folder("images", images_dir)]
+
+
+def make_room(folders: list[Path], need: int, cap: int, *, keep: Path | None = None) -> bool:
+    """Evict the least recently used entries under ``folders`` (teacher entries and image stores alike,
+    :func:`capped_folders`) until ``need`` more bytes fit under ``cap``.
+
+    ``keep`` (the entry the caller uses) and every entry a live process writes, trains with or reads (this
+    process included) are never evicted, and nothing is evicted when ``need`` alone is over the cap.
+    Returns whether the bytes fit afterwards.
+    """
+    if need > cap:
+        return False
+    found = []
+    for folder in folders:
+        _remove_abandoned_evictions(Path(folder))
+        found += entries_in(folder)
     total = sum(e.bytes for e in found)
-    for entry in found:  # oldest use first
+    for entry in sorted(found, key=lambda e: e.last_used):  # oldest use first
         if total + need <= cap:
             break
-        if Path(entry.path) == keep or entry.busy:
+        if entry.busy or Path(entry.path) == keep:
             continue
         if evict(Path(entry.path)):
-            _logger.info("teacher cache: evicted %s (%s, last used %s) to stay under the %s cap", entry.path,
+            _logger.info("cache: evicted %s (%s, last used %s) to stay under the %s cap", entry.path,
                          format_bytes(entry.bytes), time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used)),
                          format_bytes(cap))
             total -= entry.bytes

@@ -131,7 +131,8 @@ def distill(config: DistillConfig) -> dict:
     num_workers = loader_workers(config.num_workers)
     with accelerator.local_main_process_first():  # one process per machine decodes; the others open its store
         store = image_store.open_store(dataset, indices, bound=recipe.bound, num_workers=num_workers,
-                                       progress=accelerator.is_local_main_process)
+                                       progress=accelerator.is_local_main_process,
+                                       teacher_cache_dir=config.teacher_cache_dir, max_gb=config.cache_max_gb)
     n_views = config.cache_views or config.epochs
     # Cached where it is read back (an ablate grid, or --cache-teacher on / --teacher-cache DIR), not for a lone run.
     cache = teacher_cache.open_for_run(

@@ -14,7 +14,8 @@ bicubic taps at its border read the border, as ``grid_sample``'s ``padding_mode=
 ``sizes.npy`` (``[n, 2]``, each image's stored height and width) and ``meta.json``. The folder is built under a
 temporary name and renamed once complete, so a half-written store is never read, and every later run on the same
 subset (an ablation grid, a rerun) reuses it. A process reading a store holds a shared lock on its
-``meta.json``, so ``wecolora cache clear`` leaves it alone (:mod:`wecolora.cache_admin`).
+``meta.json``, so ``wecolora cache clear`` leaves it alone (:mod:`wecolora.cache_admin`). Stores count towards
+the cache cap with the teacher cache's entries: building one evicts the least recently used entries not in use.
 """
 from __future__ import annotations
 
@@ -109,8 +110,12 @@ class ImageStore:
 
 
 def open_store(dataset, indices, *, bound: int, cache_dir: str | os.PathLike | None = None, num_workers: int = 0,
-               progress: bool = False) -> ImageStore:
+               progress: bool = False, teacher_cache_dir: str | os.PathLike | None = None,
+               max_gb: float | None = None) -> ImageStore:
     """The subset's store, built first (each image decoded once, in ``num_workers`` loader workers) if missing.
+
+    Before a build, room for the store is made under the cap of the image stores and teacher entries together
+    (:func:`wecolora.cache_admin.make_room`); a store that cannot fit is built anyway, with a warning.
 
     Args:
         dataset: an image folder (``samples``: JPEGs decode with ``torchvision.io.decode_jpeg``, anything else
@@ -119,6 +124,8 @@ def open_store(dataset, indices, *, bound: int, cache_dir: str | os.PathLike | N
         bound: the largest stored short side (:func:`short_side_bound`); part of the store's key.
         cache_dir: the folder of stores (default ``$WECOLORA_CACHE_DIR/images``, else ``~/.cache/wecolora/images``).
         progress: show a progress bar while building.
+        teacher_cache_dir: the run's teacher cache folder, counted under the cap (default ``ROOT/teacher``).
+        max_gb: the cap (default ``$WECOLORA_CACHE_MAX_GB``, else 50 GB; :func:`wecolora.cache_admin.cache_cap_bytes`).
 
     Example:
         >>> store = open_store(data.open_dataset("mnist-5k"), range(100), bound=33)  # doctest: +SKIP
@@ -131,7 +138,9 @@ def open_store(dataset, indices, *, bound: int, cache_dir: str | os.PathLike | N
     folder = root / f"{fingerprint}-{bound}px"
     store = _open(folder, len(indices), bound)
     if store is None:
-        _build(folder, dataset, indices, bound, fingerprint=fingerprint, num_workers=num_workers, progress=progress)
+        capped = cache_admin.capped_folders(teacher_cache_dir, root)
+        _build(folder, dataset, indices, bound, fingerprint=fingerprint, num_workers=num_workers, progress=progress,
+               cap=cache_admin.cache_cap_bytes(max_gb), capped=capped)
         store = _open(folder, len(indices), bound)
     return store
 
@@ -166,11 +175,16 @@ def _hold(store: ImageStore) -> None:
 
 
 def _build(folder: Path, dataset, indices: list[int], bound: int, *, fingerprint: str, num_workers: int,
-           progress: bool) -> None:
-    """Decode the subset into ``folder``: written under a temporary name, renamed when complete."""
+           progress: bool, cap: int, capped: list[Path]) -> None:
+    """Decode the subset into ``folder``: room made under ``cap`` in the ``capped`` folders first, then written
+    under a temporary name, renamed when complete."""
     source = _Decoder(dataset, indices, bound)
     meta = {"format": STORE_FORMAT, "images": len(indices), "canvas": list(source.canvas), "bound": bound,
             "bytes": len(indices) * 3 * math.prod(source.canvas), "data": fingerprint}
+    if not cache_admin.make_room(capped, meta["bytes"], cap):  # the store is built anyway: training needs it
+        _logger.warning("image store: the cache is over its %s cap with this %s store (entries in use fill it, or "
+                        "the store alone exceeds it); raise the cap with --cache-max-gb or $%s",
+                        cache_admin.format_bytes(cap), cache_admin.format_bytes(meta["bytes"]), cache_admin.MAX_GB_ENV)
     tmp = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,9 @@ A view's files are written under temporary names and renamed when every row is f
 a view is complete exactly when its tokens file exists, so a half-written view is never read. The copy
 to the host and the file writes run on a background thread (:class:`ViewWriter`), off the training step.
 
-The cache folder is capped (:func:`wecolora.cache_admin.cache_cap_bytes`, 50 GB by default): opening an
-entry for a run, and starting each view, evicts the least recently used entries that no live process
-uses (:func:`wecolora.cache_admin.make_room`).
+The cache folder and the image stores are capped together (:func:`wecolora.cache_admin.cache_cap_bytes`,
+50 GB by default): opening an entry for a run, and starting each view, evicts the least recently used
+teacher entries or image stores that no live process uses (:func:`wecolora.cache_admin.make_room`).
 """
 from __future__ import annotations
 
@@ -135,7 +135,8 @@ class TeacherCache:
     def __init__(self, folder: Path, key: dict):
         self.folder, self.key = Path(folder), key
         self.dtype = torch.bfloat16 if key["dtype"] == "bfloat16" else torch.float16
-        self.max_bytes: int | None = None  # the cache folder's cap (set by open_for_run); None: uncapped
+        self.max_bytes: int | None = None  # the cap (set by open_for_run); None: uncapped
+        self.capped: list[Path] = []  # the folders the cap covers (cache_admin.capped_folders)
         self.view_bytes: int | None = None  # the size of one view, when known
 
     @classmethod
@@ -179,14 +180,15 @@ class TeacherCache:
     def writer(self, view: int, size: int) -> ViewWriter:
         """A writer that fills view ``view`` (``size`` rows) batch by batch and commits it when complete.
 
-        Under a cap, room for the view is made first (least recently used entries evicted); when there is
-        none (other entries in use fill the cap), the writer stores nothing and says so once.
+        Under a cap, room for the view is made first (least recently used entries or image stores evicted);
+        when there is none (other entries in use fill the cap), the writer stores nothing and says so once.
         """
         writer = ViewWriter(self, view, size)
         if self.max_bytes is not None and self.view_bytes:
-            if not cache_admin.make_room(self.folder.parent, self.view_bytes, self.max_bytes, keep=self.folder):
+            if not cache_admin.make_room(self.capped, self.view_bytes, self.max_bytes, keep=self.folder):
                 _logger.warning("teacher cache: no room for view %d under the %s cap (entries in use by other runs "
-                                "fill it); it is not cached", view, cache_admin.format_bytes(self.max_bytes))
+                                "and this run's image store fill it); it is not cached", view,
+                                cache_admin.format_bytes(self.max_bytes))
                 writer.failed = True
         return writer
 
@@ -381,8 +383,9 @@ def open_for_run(enabled: bool, cache_dir: str | None, *, teacher: nn.Module, da
                  max_gb: float | None = None) -> TeacherCache | None:
     """The cache entry a distillation run uses, or None when the cache is off or cannot serve this run.
 
-    The cache folder is kept under a cap (``max_gb``, else ``$WECOLORA_CACHE_MAX_GB``, else 50 GB): room for
-    the run's missing views is made by evicting the least recently used entries that no live process
+    The cache folder and the image-store folder are kept under one cap (``max_gb``, else
+    ``$WECOLORA_CACHE_MAX_GB``, else 50 GB; :func:`wecolora.cache_admin.capped_folders`): room for the run's
+    missing views is made by evicting the least recently used entries or image stores that no live process
     uses. The cache is skipped, with a warning, when those views would not fit under the cap or on the
     disk. With several processes the first one writes the entry (:class:`SharedWriter`) and all read it,
     so it belongs on a file system every node sees.
@@ -391,7 +394,7 @@ def open_for_run(enabled: bool, cache_dir: str | None, *, teacher: nn.Module, da
     if not enabled:
         return None
     root = default_cache_dir(cache_dir)
-    cap = cache_admin.cache_cap_bytes(max_gb)
+    cap, capped = cache_admin.cache_cap_bytes(max_gb), cache_admin.capped_folders(cache_dir)
     try:
         cache = TeacherCache.open(root, teacher=teacher, dataset=dataset, indices=indices, transform=transform,
                                   seed=seed, teacher_blocks=teacher_blocks, norm=norm, precision=precision)
@@ -410,14 +413,15 @@ def open_for_run(enabled: bool, cache_dir: str | None, *, teacher: nn.Module, da
     if own + need > cap:
         reason = (f"this run's {views} views need {size(own + need)}, over the cache's {size(cap)} cap "
                   f"(--cache-max-gb or ${cache_admin.MAX_GB_ENV} higher, or fewer --cache-views)")
-    elif need and not cache_admin.make_room(root, need, cap, keep=cache.folder):
-        reason = (f"{len(missing)} views need {size(need)} but entries in use by other runs fill the {size(cap)} cap "
-                  f"of {root} (--cache-max-gb higher; see `wecolora cache list`)")
+    elif need and not cache_admin.make_room(capped, need, cap, keep=cache.folder):
+        reason = (f"{len(missing)} views need {size(need)} but entries in use by other runs and this run's image "
+                  f"store fill the {size(cap)} cap of {' and '.join(map(str, capped))} (--cache-max-gb higher; see "
+                  f"`wecolora cache list`)")
     elif need > free - (1 << 30):
         reason = (f"{len(missing)} views need {size(need)} but {root} has {size(free)} free (--teacher-cache DIR "
                   f"elsewhere, fewer --cache-views, or --no-teacher-cache)")
     else:
-        cache.max_bytes, cache.view_bytes = cap, per_view
+        cache.max_bytes, cache.view_bytes, cache.capped = cap, per_view, capped
         _logger.info("teacher cache: %s (%d of %d views stored, %s per view, cap %s)", cache.folder,
                      views - len(missing), views, size(per_view), size(cap))
         return cache
