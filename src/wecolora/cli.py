@@ -115,8 +115,8 @@ def add_distill_parser(sub) -> None:
     g.add_argument("--no-teacher-cache", dest="teacher_cache", action="store_const", const="off",
                    help="the same as --cache-teacher off: run the teacher at every step")
     g.add_argument("--cache-max-gb", type=float, metavar="GB",
-                   help="cap of the teacher cache folder in GB; the least recently used entries are evicted to stay "
-                        "under it (default $WECOLORA_CACHE_MAX_GB, else 50)")
+                   help="cap of the teacher cache and image stores together, in GB; the least recently used entries "
+                        "are evicted to stay under it (default $WECOLORA_CACHE_MAX_GB, else 50)")
     g.add_argument("--cache-views", type=int, metavar="K",
                    help="augmented views per image; epoch e shows view e mod K (default: --epochs)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -468,15 +468,16 @@ CACHE_EXAMPLES = """examples:
   wecolora cache list --json --cache-dir /scratch/wecolora-cache
   wecolora cache clear --older-than 30         # entries last used more than 30 days ago
   wecolora cache clear --all                   # every entry no running process uses
-the teacher cache is capped at $WECOLORA_CACHE_MAX_GB (default 50 GB; distill --cache-max-gb): the least
-recently used entries are evicted when a run needs room.
+teacher entries (teacher/) and image stores (images/) are capped together at $WECOLORA_CACHE_MAX_GB
+(default 50 GB; distill --cache-max-gb): the least recently used of either kind that no running process
+uses are evicted when a run needs room; features/ is not counted.
 """
 
 
 def add_cache_parser(sub) -> None:
-    p = sub.add_parser("cache", help="list or clear the teacher-token and feature caches",
-                       description="List or clear wecolora's caches: teacher tokens (teacher/), probe features "
-                                   "(features/) and any other kind under the cache root.",
+    p = sub.add_parser("cache", help="list or clear the teacher-token, image-store and feature caches",
+                       description="List or clear wecolora's caches: teacher tokens (teacher/), image stores "
+                                   "(images/), probe features (features/) and any other kind under the cache root.",
                        epilog=CACHE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=Parser)
     for action, what in (("list", "each entry: size, views stored, last used, what it is keyed on"),
