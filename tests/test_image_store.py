@@ -117,7 +117,7 @@ def test_device_views_of_fashion_mnist_match_torchvisions_pil_crop(fashion, tmp_
     assert store.canvas == (28, 28)  # never enlarged: 28 -> 224 happens in the crop
     positions = np.arange(len(indices))
     boxes, flips = recipe.params(0, 0, np.array(indices), store.sizes)
-    pixels = torch.from_numpy(store.pixels[positions])
+    pixels = torch.from_numpy(store.rows(positions))
     views = recipe.apply(pixels, boxes, flips) * 255
     shifted = boxes + torch.tensor([0.0, 1.0, 0.0, 0.0])
     misplaced = recipe.apply(pixels, shifted, flips) * 255
@@ -142,7 +142,7 @@ def test_device_views_of_a_downscaled_jpeg_match_pil_on_the_original(tmp_path):
     store = image_store.open_store(dataset, range(4), bound=recipe.bound, cache_dir=tmp_path / "stores")
     assert store.sizes.tolist() == [[258, 344]] * 4
     boxes, flips = recipe.params(0, 0, np.arange(4), store.sizes)
-    views = recipe.apply(torch.from_numpy(store.pixels[np.arange(4)]), boxes, flips) * 255
+    views = recipe.apply(torch.from_numpy(store.rows(np.arange(4))), boxes, flips) * 255
     for p in range(4):
         original = data.load_rgb(dataset.samples[p][0])
         top, left, height, width = boxes[p].tolist()
@@ -197,12 +197,7 @@ def test_jpegs_decode_with_torchvision_and_the_rest_with_pil_to_pils_pixels(tmp_
     assert store.canvas == (40, 50) and store.pixels.dtype == np.uint8
     for p, (path, _) in enumerate(dataset.samples):
         expected = np.array(Image.open(path).convert("RGB")).transpose(2, 0, 1)
-        height, width = store.sizes[p]
-        row = store.pixels[p]
-        assert np.array_equal(row[:, :height, :width], expected), path  # libjpeg-turbo decodes alike in both
-        # The canvas beyond the image repeats its last row and column.
-        assert np.array_equal(row[:, :height, width:], np.repeat(expected[:, :, -1:], 50 - width, axis=2))
-        assert np.array_equal(row[:, height:, :], np.repeat(row[:, height - 1:height, :], 40 - height, axis=1))
+        assert np.array_equal(store.image(p), expected), path  # libjpeg-turbo decodes alike in both
 
 
 def test_the_bound_shrinks_large_images_antialiased_and_a_second_open_decodes_nothing(tmp_path, monkeypatch):
@@ -216,9 +211,9 @@ def test_the_bound_shrinks_large_images_antialiased_and_a_second_open_decodes_no
     assert store.canvas == (200, 133)
     wide = [p for p, (path, _) in enumerate(dataset.samples) if path.endswith("wide.jpg")][0]
     expected = np.array(data.load_rgb(dataset.samples[wide][0]).resize((133, 100), Image.BICUBIC)).transpose(2, 0, 1)
-    assert np.abs(store.pixels[wide][:, :100, :133].astype(int) - expected).mean() < 1  # PIL's antialiased shrink
+    assert np.abs(store.image(wide).astype(int) - expected).mean() < 1  # PIL's antialiased shrink
     meta = json.loads((store.folder / "meta.json").read_text())
-    assert meta["bytes"] == 3 * 3 * 200 * 133 and store.record()["canvas"] == [200, 133]
+    assert meta["bytes"] == 3 * (100 * 133 + 200 * 80 + 50 * 60) and store.record()["canvas"] == [200, 133]
 
     calls = dict(counting.calls)
     again = image_store.open_store(dataset, range(3), bound=100, cache_dir=tmp_path / "stores")
@@ -228,13 +223,44 @@ def test_the_bound_shrinks_large_images_antialiased_and_a_second_open_decodes_no
     assert sorted(p.name for p in (tmp_path / "stores").iterdir()) == sorted([store.folder.name, other.folder.name])
 
 
+def test_a_mixed_orientation_subset_is_stored_at_its_sizes_and_read_on_the_format_1_canvas(tmp_path):
+    shapes = [(30, 40), (40, 30), (30, 40), (12, 50), (40, 30)]  # landscape, portrait and one wide image
+    dataset = image_folder(tmp_path / "data", {f"{k}.png": smooth_rgb(h, w, k) for k, (h, w) in enumerate(shapes)})
+    store = image_store.open_store(dataset, range(len(shapes)), bound=100, cache_dir=tmp_path / "stores")
+    n, (height, width) = len(shapes), store.canvas
+    assert store.canvas == (40, 50)
+    real = sum(3 * h * w for h, w in shapes)
+    on_disk = np.load(store.folder / "pixels.npy", mmap_mode="r")
+    assert on_disk.nbytes == real == store.meta["bytes"] < n * 3 * height * width
+    # Format 1's rows: each image at the top left of the canvas, the rest repeating its last row and column.
+    images = [np.array(data.load_rgb(path)).transpose(2, 0, 1) for path, _ in dataset.samples]
+    expected = np.stack([np.pad(im, ((0, 0), (0, height - im.shape[1]), (0, width - im.shape[2])), mode="edge")
+                         for im in images])
+    order = [3, 0, 4, 1, 1]
+    assert np.array_equal(store.rows(order), expected[order]) and store.rows([2]).shape == (1, 3, 40, 50)
+
+
+def test_a_format_1_store_is_built_again_in_the_current_format(tmp_path, caplog):
+    digits = data.open_dataset("mnist-5k", "train")
+    store = image_store.open_store(digits, [1, 2], bound=33, cache_dir=tmp_path)
+    folder = store.folder
+    del store
+    (folder / "offsets.npy").unlink()  # as a format-1 store: one [n, 3, Hc, Wc] array, no offsets
+    np.save(folder / "pixels.npy", np.zeros((2, 3, 28, 28), dtype=np.uint8))
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "format": 1, "bytes": 2 * 3 * 28 * 28}))
+    again = image_store.open_store(digits, [1, 2], bound=33, cache_dir=tmp_path)
+    assert "format 1, not 2" in caplog.text and again.folder == folder and again.meta["format"] == 2
+    assert np.array_equal(again.image(1)[0], digits.images[2])
+
+
 def test_in_memory_images_are_stored_as_they_are(tmp_path):
     digits = data.open_dataset("mnist-5k", "train")
     indices = [3, 50, 700]
     store = image_store.open_store(digits, indices, bound=33, num_workers=0, cache_dir=tmp_path)
-    assert store.pixels.shape == (3, 3, 28, 28) and store.sizes.tolist() == [[28, 28]] * 3
+    assert store.pixels.shape == (3 * 3 * 28 * 28,) and store.sizes.tolist() == [[28, 28]] * 3
     for p, index in enumerate(indices):
-        assert np.array_equal(store.pixels[p], np.repeat(digits.images[index][None], 3, axis=0))
+        assert np.array_equal(store.image(p), np.repeat(digits.images[index][None], 3, axis=0))
 
 
 def test_a_damaged_image_stops_the_build_with_the_loaders_error_and_leaves_nothing(tmp_path):
@@ -294,7 +320,7 @@ def test_a_store_damaged_after_it_was_built_is_built_again(tmp_path, caplog):
     pixels.write_bytes(pixels.read_bytes()[:-100])  # truncated behind our back
     again = image_store.open_store(digits, [1, 2, 3], bound=33, cache_dir=tmp_path)
     assert "is damaged" in caplog.text and again.folder == store.folder
-    assert np.array_equal(again.pixels[1, 0], digits.images[2])
+    assert np.array_equal(again.image(1)[0], digits.images[2])
 
 
 def test_a_full_disk_or_unwritable_folder_is_one_line_naming_the_size_and_the_fix(tmp_path, monkeypatch):
@@ -340,7 +366,7 @@ def test_a_new_store_evicts_the_least_recently_used_entry_not_in_use_or_is_built
     in_use = fake_teacher_entry(tmp_path, "in-use", views=1, days_ago=5)
     old = fake_teacher_entry(tmp_path, "old", views=1, days_ago=3)
     recent = fake_teacher_entry(tmp_path, "recent", views=1, days_ago=1)
-    store_bytes = 2 * 3 * 28 * 28  # [n, 3, Hc, Wc] uint8
+    store_bytes = 2 * 3 * 28 * 28  # two [3, 28, 28] uint8 images
     cap_gb = (sum(e.bytes for e in cache_admin.list_entries(tmp_path)) + store_bytes - 10) / 1e9  # one must go
     cache_admin.mark_in_use(in_use)  # this process trains with it
     try:

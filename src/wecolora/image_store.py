@@ -1,21 +1,25 @@
 """The few-shot subset decoded once into a memory-mapped uint8 store, and its augmented views made on the device.
 
-A per-image PIL pipeline (decode, RandomResizedCrop, flip, in DataLoader workers) feeds a GPU at a fraction of
-what it trains at. As FFCV does, the subset is instead decoded ONCE into a store of bounded size: each image in
-RGB, shrunk (antialiased, never enlarged) so that its short side is at most a little above the model's input
-size, at the top left of a canvas all images share. A training batch is a few canvas rows read from the memory
-map, then cropped, resized and flipped on the device by one ``grid_sample`` call (:mod:`wecolora.augment`), with
-each image's box and flip drawn as torchvision draws them from a generator seeded by (seed, view, image): view
-``v`` of image ``i`` is the same in any batch, order, worker or process, so the teacher cache stores tokens only.
+A per-image PIL pipeline (decode, RandomResizedCrop, flip, in DataLoader workers) feeds a GPU at a fraction of what
+it trains at. As FFCV does, the subset is instead decoded ONCE into a store of bounded size: each image in RGB,
+shrunk (antialiased, never enlarged) so that its short side is at most a little above the model's input size, and
+kept at that size. A training batch is a few images read from the memory map, each placed on a canvas all images
+share (so every batch has one shape, as ``torch.compile(dynamic=False)`` needs), then cropped, resized and flipped
+on the device by one ``grid_sample`` call (:mod:`wecolora.augment`), with each image's box and flip drawn as
+torchvision draws them from a generator seeded by (seed, view, image): view ``v`` of image ``i`` is the same in any
+batch, order, worker or process, so the teacher cache stores tokens only.
 
-Layout: ``ROOT/<data fingerprint>-<bound>px/`` holds ``pixels.npy`` (``[n, 3, Hc, Wc]`` uint8: subset image
-``p`` at the top left of row ``p``, the rest of the row repeating the image's last row and column, so that the
-bicubic taps at its border read the border, as ``grid_sample``'s ``padding_mode="border"`` does),
-``sizes.npy`` (``[n, 2]``, each image's stored height and width) and ``meta.json``. The folder is built under a
-temporary name and renamed once complete, so a half-written store is never read, and every later run on the same
-subset (an ablation grid, a rerun) reuses it. A process reading a store holds a shared lock on its
-``meta.json``, so ``wecolora cache clear`` leaves it alone (:mod:`wecolora.cache_admin`). Stores count towards
-the cache cap with the teacher cache's entries: building one evicts the least recently used entries not in use.
+Layout: ``ROOT/<data fingerprint>-<bound>px/`` holds ``pixels.npy`` (1-D uint8: the subset's ``[3, h, w]`` images
+one after the other, in subset order, each at its own stored size, as FFCV stores them), ``offsets.npy``
+(``[n + 1]`` int64: image ``p`` is ``pixels[offsets[p]:offsets[p + 1]]``), ``sizes.npy`` (``[n, 2]``, each
+image's stored height and width) and ``meta.json`` (``canvas``: the largest stored height and width). Only a
+batch read pads its images to the canvas (:meth:`ImageStore.rows`): a mixed-orientation subset (4:3 and 3:4
+photos) would otherwise pay a square canvas per image, about 1.3x its pixels, on disk and in the page cache. The
+folder is built under a temporary name and renamed once complete, so a half-written store is never read, and every
+later run on the same subset (an ablation grid, a rerun) reuses it. A process reading a store holds a shared lock
+on its ``meta.json``, so ``wecolora cache clear`` leaves it alone (:mod:`wecolora.cache_admin`). Stores count
+towards the cache cap with the teacher cache's entries: building one evicts the least recently used entries not in
+use.
 """
 from __future__ import annotations
 
@@ -48,10 +52,10 @@ from .teacher_cache import first_item, fingerprint_data, view_seed
 
 _logger = logging.getLogger(__name__)
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 1: every image on a canvas-sized row of a [n, 3, Hc, Wc] array
 SIZE_MARGIN = 1.15  # stored short side / input size: the largest crops are shrunk a little, never enlarged much
 LONG_SIDE_LIMIT = 2  # x the bound: one panorama would otherwise widen every row of the shared canvas
-PIXELS, SIZES, META = "pixels.npy", "sizes.npy", "meta.json"
+PIXELS, OFFSETS, SIZES, META = "pixels.npy", "offsets.npy", "sizes.npy", "meta.json"
 
 
 def short_side_bound(input_size: int | tuple[int, int]) -> int:
@@ -77,18 +81,29 @@ def stored_size(height: int, width: int, bound: int) -> tuple[int, int]:
     return max(1, round(height * factor)), max(1, round(width * factor))
 
 
+def image_offsets(sizes: np.ndarray) -> np.ndarray:
+    """Where each image of stored ``sizes`` (``[n, 2]``) starts in the 1-D store, and where the last one ends.
+
+    >>> image_offsets(np.array([[2, 3], [1, 1]])).tolist()
+    [0, 18, 21]
+    """
+    return np.concatenate([[0], np.cumsum(3 * np.prod(sizes, axis=1, dtype=np.int64))]).astype(np.int64)
+
+
 # ---------------------------------------------------------------------------------------------
 # The store
 
 
 class ImageStore:
-    """A complete store: ``pixels`` (``[n, 3, Hc, Wc]`` uint8, memory-mapped in each process on first use),
-    ``sizes`` (``[n, 2]`` stored height and width), ``canvas`` (Hc, Wc) and the short-side ``bound``."""
+    """A complete store: ``pixels`` (1-D uint8, memory-mapped in each process on first use), ``offsets``
+    (``[n + 1]``, where each image starts), ``sizes`` (``[n, 2]`` stored height and width), ``canvas`` (Hc, Wc)
+    and the short-side ``bound``. Read images with :meth:`image` or, padded to the canvas, :meth:`rows`."""
 
     def __init__(self, folder: Path, meta: dict):
         self.folder, self.meta = Path(folder), meta
         self.canvas, self.bound = tuple(meta["canvas"]), meta["bound"]
         self.sizes = np.load(self.folder / SIZES)
+        self.offsets = np.load(self.folder / OFFSETS)
         self._pixels = None
 
     def __len__(self) -> int:
@@ -99,6 +114,25 @@ class ImageStore:
         if self._pixels is None:
             self._pixels = np.load(self.folder / PIXELS, mmap_mode="r")
         return self._pixels
+
+    def image(self, position: int) -> np.ndarray:
+        """Subset image ``position`` at its stored size, uint8 ``[3, h, w]`` (a view of the memory map)."""
+        height, width = self.sizes[position]
+        return self.pixels[self.offsets[position]:self.offsets[position + 1]].reshape(3, height, width)
+
+    def rows(self, positions) -> np.ndarray:
+        """The images at ``positions`` on the store's canvas, uint8 ``[B, 3, Hc, Wc]``: each at the top left, the
+        rest repeating its last row and column, so that the bicubic taps at its border read the border, as
+        ``grid_sample``'s ``padding_mode="border"`` does (:meth:`ViewRecipe.apply` crops inside the image)."""
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        rows = np.empty((len(positions), 3, *self.canvas), dtype=np.uint8)
+        for row, position in zip(rows, positions):
+            image = self.image(position)
+            _, height, width = image.shape
+            row[:, :height, :width] = image
+            row[:, :height, width:] = image[:, :, -1:]
+            row[:, height:, :] = row[:, height - 1:height, :]
+        return rows
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pixels": None}  # a loader worker maps the file itself; a pickled map is a copy
@@ -129,8 +163,8 @@ def open_store(dataset, indices, *, bound: int, cache_dir: str | os.PathLike | N
 
     Example:
         >>> store = open_store(data.open_dataset("mnist-5k"), range(100), bound=33)  # doctest: +SKIP
-        >>> store.pixels.shape, store.sizes[0].tolist()  # doctest: +SKIP
-        ((100, 3, 28, 28), [28, 28])
+        >>> store.rows([0, 1]).shape, store.image(0).shape  # doctest: +SKIP
+        ((2, 3, 28, 28), (3, 28, 28))
     """
     indices = [int(i) for i in indices]
     root = cache_folder("images", cache_dir)
@@ -150,10 +184,15 @@ def _open(folder: Path, images: int, bound: int) -> ImageStore | None:
     if not folder.exists():
         return None
     try:
-        store = ImageStore(folder, json.loads((folder / META).read_text()))
-        complete = (store.meta.get("format") == STORE_FORMAT and store.bound == bound
-                    and store.pixels.shape == (images, 3, *store.canvas) and store.sizes.shape == (images, 2))
-        problem = None if complete else "its files do not match its meta.json"
+        meta = json.loads((folder / META).read_text())
+        if meta.get("format") != STORE_FORMAT:  # an older layout: built again in this one
+            problem = f"format {meta.get('format')}, not {STORE_FORMAT}"
+        else:
+            store = ImageStore(folder, meta)
+            complete = (store.bound == bound and store.sizes.shape == (images, 2)
+                        and np.array_equal(store.offsets, image_offsets(store.sizes))
+                        and store.pixels.shape == (store.offsets[-1],))
+            problem = None if complete else "its files do not match its meta.json"
     except (OSError, ValueError, KeyError) as err:
         problem = str(err)
     if problem is None:
@@ -180,7 +219,7 @@ def _build(folder: Path, dataset, indices: list[int], bound: int, *, fingerprint
     under a temporary name, renamed when complete."""
     source = _Decoder(dataset, indices, bound)
     meta = {"format": STORE_FORMAT, "images": len(indices), "canvas": list(source.canvas), "bound": bound,
-            "bytes": len(indices) * 3 * math.prod(source.canvas), "data": fingerprint}
+            "bytes": int(source.offsets[-1]), "data": fingerprint}
     if not cache_admin.make_room(capped, meta["bytes"], cap):  # the store is built anyway: training needs it
         _logger.warning("image store: the cache is over its %s cap with this %s store (entries in use fill it, or "
                         "the store alone exceeds it); raise the cap with --cache-max-gb or $%s",
@@ -206,24 +245,26 @@ def _build(folder: Path, dataset, indices: list[int], bound: int, *, fingerprint
             raise UserError(f"cannot write the image store of this subset ({meta['bytes'] / 1e9:.2f} GB) in "
                             f"{folder.parent} ({err}); free space there or point {CACHE_ENV} at another folder") from None
         raise
-    _logger.info("image store: %d images on a %dx%d canvas (%.1f MB) in %s", len(indices), *source.canvas,
+    _logger.info("image store: %d images up to %dx%d (%.1f MB) in %s", len(indices), *source.canvas,
                  meta["bytes"] / 1e6, folder)
 
 
 def _write(tmp: Path, source: _Decoder, meta: dict, *, num_workers: int, progress: bool) -> None:
     """Fill ``tmp`` with the store's files, every image decoded by ``source`` in loader workers, and fsync them."""
-    pixels = np.lib.format.open_memmap(tmp / PIXELS, mode="w+", dtype=np.uint8, shape=(len(source), 3, *source.canvas))
+    offsets = source.offsets
+    pixels = np.lib.format.open_memmap(tmp / PIXELS, mode="w+", dtype=np.uint8, shape=(int(offsets[-1]),))
     if hasattr(os, "posix_fallocate"):  # reserve the blocks now: a full disk fails here, not with SIGBUS later
         with open(tmp / PIXELS, "r+b") as f:
             os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
     loader = DataLoader(source, batch_size=None, num_workers=num_workers)  # in subset order
-    for position, row in enumerate(tqdm(loader, total=len(source), desc="image store", unit="image",
-                                        disable=not progress)):
-        if isinstance(row, UserError):  # raised here, not in the worker, to stay one line
-            raise row
-        pixels[position] = row.numpy()
+    for position, image in enumerate(tqdm(loader, total=len(source), desc="image store", unit="image",
+                                          disable=not progress)):
+        if isinstance(image, UserError):  # raised here, not in the worker, to stay one line
+            raise image
+        pixels[offsets[position]:offsets[position + 1]] = image.numpy().reshape(-1)
     pixels.flush()
     del pixels
+    np.save(tmp / OFFSETS, offsets)
     np.save(tmp / SIZES, source.sizes)
     (tmp / META).write_text(json.dumps(meta, indent=1))
     for path in tmp.iterdir():
@@ -242,9 +283,10 @@ def _remove_dead_builds(root: Path) -> None:
 
 
 class _Decoder(torch.utils.data.Dataset):
-    """Item ``p``: subset image ``p`` as a uint8 canvas row ``[3, Hc, Wc]``, or the UserError reading it raised.
+    """Item ``p``: subset image ``p`` at its stored size, uint8 ``[3, h, w]``, or the UserError reading it raised.
 
-    The stored sizes, and so the canvas, come from the files' headers (or the arrays' shape) before any decoding.
+    The stored sizes, and so the offsets and the canvas, come from the files' headers (or the arrays' shape)
+    before any decoding.
     """
 
     def __init__(self, dataset, indices: list[int], bound: int):
@@ -260,6 +302,7 @@ class _Decoder(torch.utils.data.Dataset):
         self.jpeg = [jpeg for _, _, jpeg in headers]
         self.sizes = np.array([stored_size(h, w, bound) for h, w, _ in headers], dtype=np.int64).reshape(-1, 2)
         self.canvas = tuple(int(s) for s in self.sizes.max(axis=0)) if len(headers) else (1, 1)
+        self.offsets = image_offsets(self.sizes)
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -272,7 +315,7 @@ class _Decoder(torch.utils.data.Dataset):
         height, width = (int(s) for s in self.sizes[position])
         if image.shape[1:] != (height, width):
             image = shrink(image, height, width)
-        return on_canvas(image, self.canvas)
+        return image
 
     def _read(self, position: int) -> torch.Tensor:
         """The image as it is, uint8 RGB ``[3, H, W]``."""
@@ -302,13 +345,6 @@ def shrink(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """uint8 ``[3, H, W]`` resized down to ``(height, width)``: antialiased bicubic, PIL's filter (a = -0.5)."""
     x = F.interpolate(image[None].float(), size=(height, width), mode="bicubic", antialias=True, align_corners=False)
     return x[0].round_().clamp_(0, 255).to(torch.uint8)
-
-
-def on_canvas(image: torch.Tensor, canvas: tuple[int, int]) -> torch.Tensor:
-    """uint8 ``[3, h, w]`` at the top left of a ``[3, *canvas]`` row whose rest repeats its last row and column."""
-    _, height, width = image.shape
-    padded = np.pad(image.numpy(), ((0, 0), (0, canvas[0] - height), (0, canvas[1] - width)), mode="edge")
-    return torch.from_numpy(padded)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,9 +431,9 @@ class StoreBatches(torch.utils.data.Dataset):
         return len(self.store)
 
     def __getitem__(self, positions) -> dict:
-        rows = np.asarray(positions, dtype=np.int64).reshape(-1)  # accelerate nests the sampler's list once more
-        boxes, flips = self.recipe.params(self.seed, self.view, self.indices[rows], self.store.sizes[rows])
-        batch = {"pixels": torch.from_numpy(self.store.pixels[rows]), "positions": torch.from_numpy(rows),
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)  # accelerate nests the sampler's list once more
+        boxes, flips = self.recipe.params(self.seed, self.view, self.indices[positions], self.store.sizes[positions])
+        batch = {"pixels": torch.from_numpy(self.store.rows(positions)), "positions": torch.from_numpy(positions),
                  "boxes": boxes, "flips": flips}
         if self.cache is not None:
             batch["tokens"] = self.cache.tokens(self.view, batch["positions"])
