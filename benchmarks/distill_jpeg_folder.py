@@ -70,7 +70,7 @@ def ceiling(teacher_spec: str, *, device: torch.device, precision: str, batch: i
     trainer = bench.make_trainer(teacher, mode="wecolora", reduction=2, rank=rank, precision=precision, device=device,
                                  updates_per_epoch=steps)
     recipe = image_store.ViewRecipe.for_model(teacher)
-    canvas = (recipe.bound, recipe.bound)  # canvas rows as the image store holds them; views cut in the loop
+    canvas = (recipe.bound, recipe.bound)  # canvas rows as ImageStore.rows gives them; views cut in the loop
     boxes, flips = recipe.params(0, 0, range(batch), [canvas] * batch)
     batches = [{"pixels": torch.randint(0, 256, (batch, 3, *canvas), dtype=torch.uint8, device=device),
                 "positions": torch.arange(batch), "boxes": boxes.to(device), "flips": flips.to(device)}] * steps
