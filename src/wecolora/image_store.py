@@ -186,7 +186,10 @@ def _open(folder: Path, images: int, bound: int) -> ImageStore | None:
     try:
         meta = json.loads((folder / META).read_text())
         if meta.get("format") != STORE_FORMAT:  # an older layout: built again in this one
-            problem = f"format {meta.get('format')}, not {STORE_FORMAT}"
+            _logger.info("image store %s has the format %s of an older wecolora; building it again in format %d",
+                         folder, meta.get("format"), STORE_FORMAT)
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
         else:
             store = ImageStore(folder, meta)
             complete = (store.bound == bound and store.sizes.shape == (images, 2)
