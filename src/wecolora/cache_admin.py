@@ -105,15 +105,19 @@ def live_writers(folder: Path) -> list[str]:
     return found
 
 
-def remove_stale(folder: Path) -> None:
-    """Delete temporary view files left by writers of this host that died (SIGKILL, power loss)."""
+def remove_stale(folder: Path, pattern: re.Pattern = _TEMP) -> None:
+    """Delete the temporary files or folders in ``folder`` (names matching ``pattern``, whose first group is
+    the owner ``HOST-PID``) left by processes of this host that died (SIGKILL, power loss)."""
     host = socket.gethostname()
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
-            match = _TEMP.fullmatch(entry.name)
+            match = pattern.fullmatch(entry.name)
             if match and match.group(1).rpartition("-")[0] == host and not owner_alive(match.group(1)):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
 
 
 _HELD: dict[Path, int] = {}  # teacher entries this process trains with -> the descriptor holding their lock

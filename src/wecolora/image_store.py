@@ -31,7 +31,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import tempfile
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +54,7 @@ _logger = logging.getLogger(__name__)
 STORE_FORMAT = 2  # 1: every image on a canvas-sized row of a [n, 3, Hc, Wc] array
 SIZE_MARGIN = 1.15  # stored short side / input size: the largest crops are shrunk a little, never enlarged much
 LONG_SIDE_LIMIT = 2  # x the bound: one panorama would otherwise widen every row of the shared canvas
+BUILDING = re.compile(r"\.[^.]+\.(.+)\.[^.]+\.tmp")  # .NAME.HOST-PID.XXXX.tmp: a store being built
 PIXELS, OFFSETS, SIZES, META = "pixels.npy", "offsets.npy", "sizes.npy", "meta.json"
 
 
@@ -230,7 +230,7 @@ def _build(folder: Path, dataset, indices: list[int], bound: int, *, fingerprint
     tmp = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        _remove_dead_builds(folder.parent)
+        cache_admin.remove_stale(folder.parent, BUILDING)  # half-built stores of builders that died
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.{cache_admin.owner()}.",
                                     suffix=".tmp"))
         _write(tmp, source, meta, num_workers=num_workers, progress=progress)
@@ -274,15 +274,6 @@ def _write(tmp: Path, source: _Decoder, meta: dict, *, num_workers: int, progres
         with open(path, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(path, 0o644)
-
-
-def _remove_dead_builds(root: Path) -> None:
-    """Delete half-built stores (``.NAME.HOST-PID.XXXX.tmp``) whose builder, a process of this host, died."""
-    host = socket.gethostname()
-    for tmp in root.glob(".*.tmp"):
-        match = re.fullmatch(r"\.[^.]+\.(.+)\.[^.]+\.tmp", tmp.name)
-        if match and match.group(1).rpartition("-")[0] == host and not cache_admin.owner_alive(match.group(1)):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _Decoder(torch.utils.data.Dataset):

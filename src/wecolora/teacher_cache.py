@@ -148,7 +148,7 @@ class TeacherCache:
             atomic_write_text(folder / "meta.json", json.dumps(key, indent=1))
         else:
             cache_admin.touch(folder)  # last used: what eviction orders by
-        _remove_orphans(folder)
+        cache_admin.remove_stale(folder)  # view files of writers that died
         return cls(folder, key)
 
     def _path(self, view: int, kind: str) -> Path:
@@ -194,11 +194,6 @@ class TeacherCache:
 
     def nbytes_per_view(self, size: int, token_shape: tuple[int, ...]) -> int:
         return size * int(np.prod(token_shape)) * 2
-
-
-def _remove_orphans(folder: Path) -> None:
-    """Delete temporary view files left by writers of this host that died (SIGKILL, power loss)."""
-    cache_admin.remove_stale(folder)
 
 
 class ViewWriter:
