@@ -151,8 +151,9 @@ class TeacherCache:
         cache_admin.remove_stale(folder)  # view files of writers that died
         return cls(folder, key)
 
-    def _path(self, view: int, kind: str) -> Path:
-        return self.folder / f"view{view:04d}.{kind}.npy"
+    def _path(self, view: int) -> Path:
+        """View ``view``'s tokens file (its name is the view's completion marker)."""
+        return self.folder / f"view{view:04d}.tokens.npy"
 
     def has_view(self, view: int) -> bool:
         """Whether view ``view``'s tokens are complete and readable.
@@ -160,10 +161,10 @@ class TeacherCache:
         A file damaged after it was written (truncated, wrong row count) counts as missing: the view is
         computed again and replaces it.
         """
-        if not self._path(view, "tokens").is_file():
+        if not self._path(view).is_file():
             return False
         try:
-            tokens = np.load(self._path(view, "tokens"), mmap_mode="r")
+            tokens = np.load(self._path(view), mmap_mode="r")
         except (OSError, ValueError) as err:
             _logger.warning("teacher cache: view %d in %s is unreadable (%s); computing it again", view, self.folder, err)
             return False
@@ -171,7 +172,7 @@ class TeacherCache:
 
     def load_view(self, view: int) -> np.ndarray:
         """Memory-mapped tokens ``[n, blocks, N, D]`` of a complete view."""
-        return np.load(self._path(view, "tokens"), mmap_mode="r")
+        return np.load(self._path(view), mmap_mode="r")
 
     def tokens(self, view: int, positions: torch.Tensor) -> list[torch.Tensor]:
         """Cached tokens of some subset positions, one ``[B, N, D]`` tensor per matched block."""
@@ -197,7 +198,7 @@ class TeacherCache:
 
 
 class ViewWriter:
-    """Fills one view's files under temporary names; :meth:`commit` renames them once every row is written.
+    """Fills one view's tokens file under a temporary name; :meth:`commit` renames it once every row is written.
 
     :meth:`write` rounds the batch's tokens to the cache dtype on their device and hands them to a
     background thread (one per view), which copies them to the host and writes them into the memory-mapped
@@ -213,33 +214,35 @@ class ViewWriter:
     def __init__(self, cache: TeacherCache, view: int, size: int):
         self.cache, self.view, self.size = cache, view, size
         self.filled = np.zeros(size, dtype=bool)
-        self.files: dict[str, tuple[Path, np.ndarray]] = {}
+        self._tmp: Path | None = None  # the tokens file being written, under a temporary name
+        self._tokens: np.ndarray | None = None  # its memory map
         self.failed = False
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None  # raised in the thread, not yet reported
         self._stop = False  # the thread discards what is still queued
 
-    def _array(self, kind: str, row_shape: tuple[int, ...], dtype) -> np.ndarray:
-        if kind not in self.files:
+    def _tokens_file(self, row_shape: tuple[int, ...], dtype) -> np.ndarray:
+        """The view's memory-mapped tokens file under its temporary name, made by the first batch."""
+        if self._tokens is None:
             self.cache.folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.cache.folder, suffix=".tmp",
-                                       prefix=f".view{self.view:04d}.{kind}.{cache_admin.owner()}.")
+                                       prefix=f".view{self.view:04d}.tokens.{cache_admin.owner()}.")
             os.close(fd)
-            self.files[kind] = (Path(tmp), None)
+            self._tmp = Path(tmp)
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(self.size, *row_shape))
             # Reserve the blocks now: a full disk then fails here with OSError, not later with SIGBUS on the memmap.
             if hasattr(os, "posix_fallocate"):
                 with open(tmp, "r+b") as f:
                     os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-            self.files[kind] = (Path(tmp), array)
-        return self.files[kind][1]
+            self._tokens = array
+        return self._tokens
 
     def _store(self, positions: torch.Tensor, stored: torch.Tensor) -> None:
         """On the writer thread: one batch from the device into the file."""
         rows = positions.cpu().numpy()
         token_dtype = np.int16 if self.cache.dtype == torch.bfloat16 else np.float16
-        self._array("tokens", tuple(stored.shape[1:]), token_dtype)[rows] = _to_numpy(stored)
+        self._tokens_file(tuple(stored.shape[1:]), token_dtype)[rows] = _to_numpy(stored)
         self.filled[rows] = True
 
     def _run(self) -> None:
@@ -300,22 +303,20 @@ class ViewWriter:
         return list(stored.float().unbind(1))
 
     def commit(self) -> bool:
-        """Wait for the writer thread, then rename the files into place if every row was written (tokens
-        last); else discard them. A disk error in the thread is a warning and False; any other is raised."""
+        """Wait for the writer thread, then rename the tokens file into place if every row was written; else
+        discard it. A disk error in the thread is a warning and False; any other is raised."""
         self._drain()
         self._report()
-        if self.failed or not self.filled.all() or "tokens" not in self.files:
+        if self.failed or not self.filled.all() or self._tokens is None:
             self.abort()
             return False
-        for kind in self.files:  # the tokens file's name is the view's completion marker
-            tmp, array = self.files[kind]
-            array.flush()
-            del array
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a shared cache from other users
-            os.replace(tmp, self.cache._path(self.view, kind))
-        self.files.clear()
+        self._tokens.flush()
+        self._tokens = None
+        with open(self._tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(self._tmp, 0o644)  # mkstemp's 0600 would keep a shared cache from other users
+        os.replace(self._tmp, self.cache._path(self.view))
+        self._tmp = None
         cache_admin.touch(self.cache.folder)
         return True
 
@@ -330,10 +331,10 @@ class ViewWriter:
         self._delete_files()
 
     def _delete_files(self) -> None:
-        for tmp, _ in self.files.values():
+        if self._tmp is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        self.files.clear()
+                os.unlink(self._tmp)
+        self._tmp = self._tokens = None
 
 
 class SharedWriter:
