@@ -123,7 +123,7 @@ class DistillConfig:
     teacher_cache_dir: str | None = None  # default: $WECOLORA_CACHE_DIR/teacher, else ~/.cache/wecolora/teacher
     cache_max_gb: float | None = None  # cap of the teacher cache and image stores together; default $WECOLORA_CACHE_MAX_GB, else 50
     cache_views: int | None = None  # K augmented views per image, epoch e shows view e mod K (default: epochs)
-    compile: bool | None = None  # torch.compile the student's training step; None: on with CUDA, off on the CPU
+    compile: bool | None = None  # torch.compile the student's training step; None: training.compile_by_default
     resume: str | None = None  # auto | PATH of a checkpoint folder
     overwrite: bool = False
 
