@@ -4,7 +4,7 @@ Writes N JPEGs (default 12,800 at 500 x 375, the size of a typical ImageNet phot
 upscaled, with noise, in 10 class folders), runs one distillation over all of them (every epoch a new
 view, the teacher cache off, as a lone run) and reports its images/s per epoch (summary.csv) and its
 wall time; then the ceiling: the same teacher forward and student step on batches already on the
-device (``bench.make_trainer`` + ``bench.wecolora_epoch``: the loop distill runs, without its data path),
+device (``make_trainer`` + ``wecolora_epoch``: the loop distill runs, without its data path),
 and the ratio distill / ceiling. Run it on an idle machine.
 
 Examples:
@@ -30,18 +30,22 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from wecolora import bench, data, image_store, vit
+from wecolora.bench.run import make_trainer, wecolora_epoch
 from wecolora.config import DistillConfig
-from wecolora.distill import distill
-from wecolora.features import resolve_device
-from wecolora.student import plan_student
+from wecolora.data.datasets import open_dataset
+from wecolora.data.views import ViewRecipe
+from wecolora.method.plan import plan_student
+from wecolora.runtime import resolve_device
+from wecolora.teachers.load import load_model
+from wecolora.teachers.vit import model_args
+from wecolora.train.distill import distill
 
 
 def write_jpeg_folder(folder: Path, images: int, size: tuple[int, int], seed: int = 0) -> None:
     """``images`` JPEGs of ``size`` (width, height) in 10 class folders, made from Fashion-MNIST (or noise),
     written by a thread per core (PIL encodes without the GIL); image i depends on (seed, i) only."""
     try:
-        source = data.open_dataset("fashion-mnist", "train")
+        source = open_dataset("fashion-mnist", "train")
         pictures, labels = source.images, np.asarray(source.targets)
     except Exception:  # Fashion-MNIST not installed: noise with a class-dependent brightness
         pictures, labels = None, np.arange(images) % 10
@@ -66,23 +70,23 @@ def random_vit_b(folder: Path) -> str:
     """A random-weights ViT-B/16 (224 px) saved as a ``local-dir:`` teacher."""
     torch.manual_seed(0)
     model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
-    timm.models.save_for_hf(model, folder, safe_serialization=True, model_args=vit.model_args(model))
+    timm.models.save_for_hf(model, folder, safe_serialization=True, model_args=model_args(model))
     return f"local-dir:{folder}"
 
 
 def ceiling(teacher_spec: str, *, device: torch.device, precision: str, batch: int, steps: int) -> float:
     """images/s of distill's loop (teacher forward + student step, r=2, all six adapters) on device-resident batches."""
-    teacher = vit.load_model(teacher_spec).requires_grad_(False).to(device)
+    teacher = load_model(teacher_spec).requires_grad_(False).to(device)
     rank = plan_student(teacher, 2, mode="wecolora").rank
-    trainer = bench.make_trainer(teacher, mode="wecolora", reduction=2, rank=rank, precision=precision, device=device,
+    trainer = make_trainer(teacher, mode="wecolora", reduction=2, rank=rank, precision=precision, device=device,
                                  updates_per_epoch=steps)
-    recipe = image_store.ViewRecipe.for_model(teacher)
+    recipe = ViewRecipe.for_model(teacher)
     canvas = (recipe.bound, recipe.bound)  # canvas rows as ImageStore.rows gives them; views cut in the loop
     boxes, flips = recipe.params(0, 0, range(batch), [canvas] * batch)
     batches = [{"pixels": torch.randint(0, 256, (batch, 3, *canvas), dtype=torch.uint8, device=device),
                 "positions": torch.arange(batch), "boxes": boxes.to(device), "flips": flips.to(device)}] * steps
-    bench.wecolora_epoch(trainer, teacher, batches[: max(1, steps // 5)], recipe=recipe)  # warm-up (kernels, allocator)
-    return max(bench.wecolora_epoch(trainer, teacher, batches, recipe=recipe) for _ in range(2))
+    wecolora_epoch(trainer, teacher, batches[: max(1, steps // 5)], recipe=recipe)  # warm-up (kernels, allocator)
+    return max(wecolora_epoch(trainer, teacher, batches, recipe=recipe) for _ in range(2))
 
 
 def main() -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 import timm
 import torch
 
-from wecolora import evaluate, vit
+from wecolora.evaluation.probe import probe
+from wecolora.teachers.vit import model_args
 
 
 def random_teacher(folder: Path) -> str:
@@ -25,7 +26,7 @@ def random_teacher(folder: Path) -> str:
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7,
                               embed_dim=128, depth=12, num_heads=4, num_classes=0)  # fmt: skip
-    timm.models.save_for_hf(model, folder, safe_serialization=True, model_args=vit.model_args(model))
+    timm.models.save_for_hf(model, folder, safe_serialization=True, model_args=model_args(model))
     return f"local-dir:{folder}"
 
 
@@ -47,10 +48,10 @@ def main() -> None:
         results = {}
         for protocol in ("cached", "mae"):
             start = time.perf_counter()
-            results[protocol] = evaluate.probe(model, args.data, str(tmp / protocol), protocol=protocol, **common)
+            results[protocol] = probe(model, args.data, str(tmp / protocol), protocol=protocol, **common)
             results[protocol]["wall"] = time.perf_counter() - start
         start = time.perf_counter()
-        warm = evaluate.probe(model, args.data, str(tmp / "warm"), protocol="cached", **common)
+        warm = probe(model, args.data, str(tmp / "warm"), protocol="cached", **common)
         warm_wall = time.perf_counter() - start
 
     cached, mae = results["cached"], results["mae"]

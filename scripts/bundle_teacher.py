@@ -17,8 +17,11 @@ from pathlib import Path
 
 import torch
 
-from wecolora import augment, data, vit
+from wecolora.data.augment import resize_normalize
+from wecolora.data.datasets import ArrayDataset, open_dataset
+from wecolora.data.transforms import eval_transform
 from wecolora.export import save_student
+from wecolora.teachers.load import load_model
 
 MAX_BYTES = 8 * 2**20  # package size budget of one bundled teacher
 
@@ -31,16 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--atol", type=float, default=0.05, help="largest feature difference allowed (default 0.05)")
     args = parser.parse_args(argv)
 
-    model = vit.load_model(args.run).float().eval()
+    model = load_model(args.run).float().eval()
     save_student(copy.deepcopy(model).half(), args.asset)  # save_for_hf writes the tensors as they are: fp16
     size = sum(f.stat().st_size for f in Path(args.asset).iterdir())
-    reloaded = vit.load_model(f"local-dir:{args.asset}").float().eval()  # fp16 values into an fp32 model
+    reloaded = load_model(f"local-dir:{args.asset}").float().eval()  # fp16 values into an fp32 model
 
-    test = data.open_dataset(args.data, "test")
+    test = open_dataset(args.data, "test")
     cfg = model.pretrained_cfg
-    images = augment.resize_normalize(torch.tensor(test.images[:512]), model.patch_embed.img_size[0],
-                                      cfg["mean"], cfg["std"]) if isinstance(test, data.ArrayDataset) else \
-        torch.stack([data.eval_transform(model)(test[i][0]) for i in range(min(512, len(test)))])
+    images = resize_normalize(torch.tensor(test.images[:512]), model.patch_embed.img_size[0],
+                                      cfg["mean"], cfg["std"]) if isinstance(test, ArrayDataset) else \
+        torch.stack([eval_transform(model)(test[i][0]) for i in range(min(512, len(test)))])
     with torch.no_grad():
         diff = (model.forward_features(images) - reloaded.forward_features(images)).abs().max().item()
     print(f"{args.asset}: {size / 2**20:.2f} MB, {sum(p.numel() for p in reloaded.parameters()) / 1e6:.2f}M "

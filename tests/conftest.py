@@ -11,6 +11,11 @@ import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 
+from wecolora.data.datasets import open_dataset
+from wecolora.data.subset import few_shot_indices
+from wecolora.data.transforms import eval_transform
+from wecolora.evaluation.features import extract_features
+
 
 def tiny_vit(depth: int = 6, **overrides):
     """A tiny timm ViT (width 32, 4 heads, 16 px input, 4 px patches: 17 tokens) with random weights."""
@@ -30,7 +35,7 @@ def teacher_dir(tmp_path_factory):
     """A saved 6-block tiny ViT for 28 px digits (patch 7: 17 tokens), loadable as ``local-dir:``."""
     from timm.models import save_for_hf
 
-    from wecolora.vit import model_args
+    from wecolora.teachers.vit import model_args
 
     model = tiny_vit(img_size=28, patch_size=7)
     folder = tmp_path_factory.mktemp("teacher") / "vit"
@@ -40,16 +45,15 @@ def teacher_dir(tmp_path_factory):
 
 def probe_on_fixed_fashion_slice(teacher, **settings) -> dict:
     """Linear probe of a bundled teacher: 300 training images per class, the first 2,000 test images."""
-    from wecolora import data, features
-    from wecolora.evaluate import train_linear_probe
+    from wecolora.evaluation.probe import train_linear_probe
 
-    transform = data.eval_transform(teacher)
-    train = data.open_dataset("fashion-mnist", "train", transform=transform)
-    test = data.open_dataset("fashion-mnist", "test", transform=transform)
-    train_slice = torch.utils.data.Subset(train, data.few_shot_indices(train.targets, per_class=300, seed=0))
+    transform = eval_transform(teacher)
+    train = open_dataset("fashion-mnist", "train", transform=transform)
+    test = open_dataset("fashion-mnist", "test", transform=transform)
+    train_slice = torch.utils.data.Subset(train, few_shot_indices(train.targets, per_class=300, seed=0))
     test_slice = torch.utils.data.Subset(test, range(2000))  # a fixed 2,000-image test slice
-    train_x, train_y = features.extract_features(teacher, train_slice, batch_size=500)
-    test_x, test_y = features.extract_features(teacher, test_slice, batch_size=500)
+    train_x, train_y = extract_features(teacher, train_slice, batch_size=500)
+    test_x, test_y = extract_features(teacher, test_slice, batch_size=500)
     return train_linear_probe(train_x, train_y, test_x, test_y, num_classes=10, **settings)
 
 

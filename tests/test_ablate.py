@@ -4,18 +4,20 @@ import sys
 import pytest
 import yaml
 
+from wecolora.cache.teacher import TeacherCache
+from wecolora.errors import UserError
+from wecolora.grid.ablate import Ablation, ablate, load_ablation, presets
+from wecolora.teachers.load import load_model
+
 from conftest import probe_on_fixed_fashion_slice
 
-from wecolora import ablate, vit
-from wecolora.errors import UserError
 
-
-@pytest.mark.parametrize("preset", ablate.presets())
+@pytest.mark.parametrize("preset", presets())
 def test_every_preset_is_a_valid_grid(preset):
-    grid = ablate.load_ablation(preset)
+    grid = load_ablation(preset)
     assert grid.runs and grid.probe_data
     if preset == "demo":
-        quick = ablate.load_ablation(preset, quick=True)
+        quick = load_ablation(preset, quick=True)
         assert len(quick.runs) < len(grid.runs) and quick.distill["epochs"] < grid.distill["epochs"]
         assert {run["mode"] for run in grid.runs} == {"scratch-kd", "weco-kd", "lora-qv", "wecolora"}
         assert {run["ratio"] for run in grid.runs} == {0.01, 0.1}
@@ -29,7 +31,7 @@ def test_every_preset_is_a_valid_grid(preset):
 ])
 def test_bad_grids_are_refused_before_any_work(kwargs, fragment):
     with pytest.raises(UserError, match=fragment):
-        ablate.load_ablation(**kwargs)
+        load_ablation(**kwargs)
 
 
 def test_an_ablation_grid_runs_end_to_end_through_the_cli(teacher_dir, tmp_path):
@@ -61,7 +63,7 @@ def test_an_ablation_grid_runs_end_to_end_through_the_cli(teacher_dir, tmp_path)
 
 
 def test_the_bundled_teacher_loads_offline_and_probes_above_85_percent():
-    teacher = vit.load_model("bundled")
+    teacher = load_model("bundled")
     assert len(teacher.blocks) == 12 and teacher.embed_dim == 128
     # MAE's LARS moves the head slowly on 3,000 images: 200 epochs (about 1,000 updates) to converge.
     result = probe_on_fixed_fashion_slice(teacher, epochs=200)
@@ -80,26 +82,26 @@ def _sweep_grid(teacher: str) -> dict:
 
 
 def test_run_folders_are_named_by_every_setting_that_differs():
-    grid = ablate.Ablation(**_sweep_grid("bundled"))
+    grid = Ablation(**_sweep_grid("bundled"))
     names = [name for name, _ in grid.planned_runs()]
     assert names == ["wecolora-r2-a0.01-lr0.001-s0", "wecolora-r2-a0.01-lr0.001-s1",
                      "wecolora-r2-a0.01-lr0.004-s0", "wecolora-r2-a0.01-lr0.004-s1"]
     assert [(s["seed"], s["subset_seed"]) for _, s in grid.planned_runs()] == [(0, 0), (1, 1)] * 2
-    one_seed = ablate.Ablation(**{**_sweep_grid("bundled"), "seeds": None})
+    one_seed = Ablation(**{**_sweep_grid("bundled"), "seeds": None})
     assert [name for name, _ in one_seed.planned_runs()] == ["wecolora-r2-a0.01-lr0.001", "wecolora-r2-a0.01-lr0.004"]
     with pytest.raises(UserError, match="more than once"):
-        ablate.Ablation(**{**_sweep_grid("bundled"), "runs": [{"mode": "wecolora"}, {"mode": "wecolora"}]})
+        Ablation(**{**_sweep_grid("bundled"), "runs": [{"mode": "wecolora"}, {"mode": "wecolora"}]})
     with pytest.raises(UserError, match="distinct integers"):
-        ablate.Ablation(**{**_sweep_grid("bundled"), "seeds": [0, 0]})
+        Ablation(**{**_sweep_grid("bundled"), "seeds": [0, 0]})
     with pytest.raises(UserError, match="unknown setting"):
-        ablate.Ablation(**{**_sweep_grid("bundled"), "probe": {"epoch": 3}})
+        Ablation(**{**_sweep_grid("bundled"), "probe": {"epoch": 3}})
 
 
 def test_a_grid_with_two_lrs_and_two_seeds_runs_four_folders_and_reports_mean_and_std(teacher_dir, tmp_path,
                                                                                         monkeypatch):
     monkeypatch.setenv("WECOLORA_CACHE_DIR", str(tmp_path / "cache"))
-    grid = ablate.Ablation(**_sweep_grid(f"local-dir:{teacher_dir}"))
-    rows = ablate.ablate(grid, tmp_path / "out", device="cpu")
+    grid = Ablation(**_sweep_grid(f"local-dir:{teacher_dir}"))
+    rows = ablate(grid, tmp_path / "out", device="cpu")
     runs = sorted(p.name for p in (tmp_path / "out" / "runs").iterdir() if (p / "adapter" / "wecolora.json").is_file())
     assert runs == [name for name, _ in grid.planned_runs()]
     for name, settings in grid.planned_runs():  # each folder trained with its own lr and seed
@@ -119,9 +121,9 @@ def test_a_grid_with_two_lrs_and_two_seeds_runs_four_folders_and_reports_mean_an
 
 
 def test_a_shard_out_of_range_or_malformed_is_refused_before_any_run(tmp_path):
-    grid = ablate.Ablation(**_sweep_grid("bundled"))
+    grid = Ablation(**_sweep_grid("bundled"))
     with pytest.raises(UserError, match="--shard 3/2 is invalid"):
-        ablate.ablate(grid, tmp_path / "out", device="cpu", shard=(3, 2))
+        ablate(grid, tmp_path / "out", device="cpu", shard=(3, 2))
     assert not (tmp_path / "out" / "runs").exists()
     done = subprocess.run([sys.executable, "-m", "wecolora", "ablate", "--preset", "demo", "--quick", "--shard", "1of2",
                            "--output", str(tmp_path / "cli")], capture_output=True, text=True, timeout=300)
@@ -131,18 +133,17 @@ def test_a_shard_out_of_range_or_malformed_is_refused_before_any_run(tmp_path):
 def test_the_students_of_a_grid_share_one_teacher_cache_entry(teacher_dir, tmp_path, monkeypatch):
     """The grid turns the cache on (a lone distill leaves it off): the first student stores the teacher's
     tokens, the second reads them and never runs the teacher."""
-    import wecolora.evaluate
-    from wecolora import teacher_cache
+    import wecolora.evaluation.probe
 
     monkeypatch.setenv("WECOLORA_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(wecolora.evaluate, "probe", lambda *a, **k: {"top1": 0.5, "n_train": 1, "n_test": 1})
+    monkeypatch.setattr(wecolora.evaluation.probe, "probe", lambda *a, **k: {"top1": 0.5, "n_train": 1, "n_test": 1})
     writers = []
-    real_writer = teacher_cache.TeacherCache.writer
-    monkeypatch.setattr(teacher_cache.TeacherCache, "writer",
+    real_writer = TeacherCache.writer
+    monkeypatch.setattr(TeacherCache, "writer",
                         lambda self, view, size: writers.append(view) or real_writer(self, view, size))
     grid = {**_sweep_grid(f"local-dir:{teacher_dir}"), "seeds": None,
             "runs": [{"mode": "wecolora", "reduction": 2, "ratio": 0.02}, {"mode": "weco-kd", "reduction": 3, "ratio": 0.02}]}
-    ablate.ablate(ablate.Ablation(**grid), tmp_path / "out", device="cpu")
+    ablate(Ablation(**grid), tmp_path / "out", device="cpu")
     (entry,) = (tmp_path / "cache" / "teacher").iterdir()
     assert sorted(p.name for p in entry.glob("view*")) == ["view0000.tokens.npy"]
     assert writers == [0]  # one view written, by the first student only
@@ -152,5 +153,5 @@ def test_the_students_of_a_grid_share_one_teacher_cache_entry(teacher_dir, tmp_p
 
     # A grid that turns the cache off stores nothing.
     off = {**grid, "distill": {**grid["distill"], "teacher_cache": "off"}}
-    ablate.ablate(ablate.Ablation(**off), tmp_path / "off", device="cpu")
+    ablate(Ablation(**off), tmp_path / "off", device="cpu")
     assert len(list((tmp_path / "cache" / "teacher").iterdir())) == 1 and writers == [0]

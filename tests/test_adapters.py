@@ -1,14 +1,28 @@
-"""Tests for wecolora.adapters: split qkv, separate q/k/v adapters, merge and export of the merged model."""
+"""Tests for wecolora.method.adapters: split qkv, separate q/k/v adapters, merge and export of the merged model."""
 import pytest
 import timm
 import torch
 from torch import nn
 
 import wecolora
-from wecolora import adapters
-from wecolora import student as st
 from wecolora.errors import UserError
-from wecolora.vit import model_args
+from wecolora.method.adapters import (
+    TARGET_PATHS,
+    LeanLoRALinear,
+    SplitQKV,
+    adapter_grad_flops,
+    adapter_grads,
+    add_adapters,
+    fuse_qkv,
+    grad_route,
+    has_adapters,
+    lean_student,
+    split_qkv,
+    target_regex,
+)
+from wecolora.method.blocks import select_blocks
+from wecolora.method.student import build_student, count_parameters
+from wecolora.teachers.vit import model_args
 
 from conftest import tiny_vit
 
@@ -29,7 +43,7 @@ def _randomize_lora_b(model: nn.Module, seed: int = 0, scale: float = 0.1) -> No
 
 
 def _lora_layer(student: nn.Module, block: int, target: str) -> nn.Module:
-    return student.get_base_model().get_submodule(f"blocks.{block}.{adapters.TARGET_PATHS[target]}")
+    return student.get_base_model().get_submodule(f"blocks.{block}.{TARGET_PATHS[target]}")
 
 
 def _block0_outputs(student: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -59,7 +73,7 @@ def _block0_outputs(student: nn.Module, images: torch.Tensor) -> dict[str, torch
 def test_split_qkv_equals_fused_and_fuse_round_trips(bias):
     torch.manual_seed(0)
     fused = nn.Linear(WIDTH, 3 * WIDTH, bias=bias)
-    split = adapters.SplitQKV(fused)
+    split = SplitQKV(fused)
     x = torch.randn(2, 5, WIDTH)
     torch.testing.assert_close(split(x), fused(x), atol=1e-6, rtol=1e-5)
     assert torch.equal(torch.cat([split.q(x), split.k(x), split.v(x)], -1), split(x))
@@ -77,16 +91,16 @@ def test_split_qkv_equals_fused_and_fuse_round_trips(bias):
 def test_split_and_fuse_whole_model(teacher):
     images = _images()
     expected = teacher(images)
-    adapters.split_qkv(teacher)
-    assert all(isinstance(b.attn.qkv, adapters.SplitQKV) for b in teacher.blocks)
+    split_qkv(teacher)
+    assert all(isinstance(b.attn.qkv, SplitQKV) for b in teacher.blocks)
     torch.testing.assert_close(teacher(images), expected, atol=1e-6, rtol=1e-5)
-    adapters.fuse_qkv(teacher)
+    fuse_qkv(teacher)
     assert all(type(b.attn.qkv) is nn.Linear for b in teacher.blocks)
     assert torch.equal(teacher(images), expected)
 
 
 def test_fuse_refuses_unmerged_adapters(teacher):
-    student = st.build_student(teacher, 2, mode="wecolora", rank=4)
+    student = build_student(teacher, 2, mode="wecolora", rank=4)
     with pytest.raises(RuntimeError, match="merge the adapters"):
         student.get_base_model().blocks[0].attn.qkv.fuse()
 
@@ -103,18 +117,18 @@ ADAPTED_CASES = [
 
 @pytest.mark.parametrize("mode, targets", ADAPTED_CASES)
 def test_adapters_sit_only_on_block_linears(teacher, mode, targets):
-    student = st.build_student(teacher, 2, mode=mode, rank=4)
+    student = build_student(teacher, 2, mode=mode, rank=4)
     wrapped = {name.removeprefix("base_model.model.") for name, m in student.named_modules()
                if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
-    expected = {f"blocks.{i}.{adapters.TARGET_PATHS[t]}" for i in range(3) for t in targets}
+    expected = {f"blocks.{i}.{TARGET_PATHS[t]}" for i in range(3) for t in targets}
     assert wrapped == expected  # in particular patch_embed.proj and head are not wrapped
 
 
 def test_fresh_adapters_change_nothing(teacher):
     images = _images()
-    plain = st.build_student(teacher, 2, mode="weco-kd")
+    plain = build_student(teacher, 2, mode="weco-kd")
     for mode, _ in ADAPTED_CASES:
-        student = st.build_student(teacher, 2, mode=mode, rank=4)
+        student = build_student(teacher, 2, mode=mode, rank=4)
         assert all(torch.count_nonzero(p) == 0 for n, p in student.named_parameters() if "lora_B" in n)
         assert all(torch.count_nonzero(p) > 0 for n, p in student.named_parameters() if "lora_A" in n)
         torch.testing.assert_close(student(images), plain(images), atol=1e-6, rtol=1e-5)
@@ -133,7 +147,7 @@ EFFECT_CASES = [
 
 @pytest.mark.parametrize("target, changed", EFFECT_CASES)
 def test_each_adapter_changes_its_own_map(teacher, target, changed):
-    student = st.build_student(teacher, 2, mode="wecolora", rank=4)
+    student = build_student(teacher, 2, mode="wecolora", rank=4)
     images = _images()
     before = _block0_outputs(student, images)
     layer = _lora_layer(student, 0, target)
@@ -152,10 +166,10 @@ def test_each_adapter_changes_its_own_map(teacher, target, changed):
 def test_q_k_v_adapters_are_separate(targets, per_block):
     model = tiny_vit()
     rank = 4
-    peft_model = adapters.add_adapters(model, targets, rank=rank)
-    assert st.count_parameters(peft_model, trainable_only=True) == per_block * WIDTH * rank * 6
+    peft_model = add_adapters(model, targets, rank=rank)
+    assert count_parameters(peft_model, trainable_only=True) == per_block * WIDTH * rank * 6
     qkv = peft_model.get_base_model().blocks[0].attn.qkv
-    assert isinstance(qkv, adapters.SplitQKV)
+    assert isinstance(qkv, SplitQKV)
     params = []
     for t in ("q", "k", "v"):
         if t not in targets:
@@ -169,11 +183,11 @@ def test_q_k_v_adapters_are_separate(targets, per_block):
 
 
 def test_paper_scaling_and_no_dropout(teacher):
-    student = st.build_student(teacher, 2, mode="wecolora", rank=4)
+    student = build_student(teacher, 2, mode="wecolora", rank=4)
     layer = _lora_layer(student, 1, "fc1")
     assert layer.scaling["default"] == 1.0
     assert isinstance(layer.lora_dropout["default"], nn.Identity)
-    rs = st.build_student(teacher, 2, mode="wecolora", rank=4, use_rslora=True)
+    rs = build_student(teacher, 2, mode="wecolora", rank=4, use_rslora=True)
     assert _lora_layer(rs, 1, "fc1").scaling["default"] == pytest.approx(4 / 4 ** 0.5)
 
 
@@ -195,18 +209,18 @@ MERGE_CASES = {
 def test_merge_equals_adapter_student(teacher, case):
     kwargs = dict(MERGE_CASES[case])
     reduction = kwargs.pop("reduction", 2)
-    student = st.build_student(teacher, reduction, rank=4, **kwargs)
+    student = build_student(teacher, reduction, rank=4, **kwargs)
     _randomize_lora_b(student)
     images = _images()
     with torch.no_grad():
         expected = student(images)
-        expected_tokens = wecolora.vit.last_block_tokens(student, images)[0]
+        expected_tokens = wecolora.teachers.vit.last_block_tokens(student, images)[0]
     before = {k: v.clone() for k, v in student.state_dict().items()}
 
     merged = wecolora.merge(student)
 
     assert type(merged) is timm.models.VisionTransformer
-    assert len(merged.blocks) == len(st.select_blocks(6, reduction, kwargs.get("keep", "first")))
+    assert len(merged.blocks) == len(select_blocks(6, reduction, kwargs.get("keep", "first")))
     assert all(type(b.attn.qkv) is nn.Linear and b.attn.qkv.out_features == 3 * WIDTH for b in merged.blocks)
     assert not any(type(m).__module__.startswith("peft") for m in merged.modules())
     assert not any("lora" in k or "base_layer" in k for k in merged.state_dict())
@@ -215,14 +229,14 @@ def test_merge_equals_adapter_student(teacher, case):
     merged.eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(images), expected, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(wecolora.vit.last_block_tokens(merged, images)[0], expected_tokens,
+        torch.testing.assert_close(wecolora.teachers.vit.last_block_tokens(merged, images)[0], expected_tokens,
                                    atol=1e-4, rtol=1e-4)
-    assert abs(merged(images) - st.build_student(teacher, reduction, mode="weco-kd", keep=kwargs.get("keep", "first"))(
+    assert abs(merged(images) - build_student(teacher, reduction, mode="weco-kd", keep=kwargs.get("keep", "first"))(
         images)).max() > 1e-3  # the adapters did something that survived the merge
 
     # the student is untouched and still works as before
-    assert adapters.has_adapters(student)
-    assert isinstance(student.get_base_model().blocks[0].attn.qkv, adapters.SplitQKV)
+    assert has_adapters(student)
+    assert isinstance(student.get_base_model().blocks[0].attn.qkv, SplitQKV)
     after = student.state_dict()
     assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
     with torch.no_grad():
@@ -230,24 +244,24 @@ def test_merge_equals_adapter_student(teacher, case):
 
 
 def test_merge_of_plain_student_is_a_copy(teacher):
-    plain = st.build_student(teacher, 2, mode="weco-kd")
+    plain = build_student(teacher, 2, mode="weco-kd")
     merged = wecolora.merge(plain)
     assert merged is not plain and type(merged) is timm.models.VisionTransformer
     assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), plain.state_dict().values()))
 
 
 def test_merge_refuses_non_finite_weights(teacher):
-    student = st.build_student(teacher, 2, mode="wecolora", rank=4)
+    student = build_student(teacher, 2, mode="wecolora", rank=4)
     _randomize_lora_b(student)
     with torch.no_grad():
         _lora_layer(student, 1, "v").lora_B["default"].weight[0, 0] = float("nan")
     with pytest.raises(UserError, match="non-finite adapter weights"):
         wecolora.merge(student)
-    assert isinstance(student.get_base_model().blocks[1].attn.qkv, adapters.SplitQKV)  # student untouched
+    assert isinstance(student.get_base_model().blocks[1].attn.qkv, SplitQKV)  # student untouched
 
 
 def test_merged_model_round_trips_through_save_for_hf(teacher, tmp_path):
-    student = st.build_student(teacher, 2, mode="wecolora", rank=4)
+    student = build_student(teacher, 2, mode="wecolora", rank=4)
     _randomize_lora_b(student)
     merged = wecolora.merge(student).eval()
     folder = tmp_path / "m"
@@ -267,27 +281,27 @@ def test_merged_model_round_trips_through_save_for_hf(teacher, tmp_path):
 @pytest.mark.parametrize("rank", [0, -1, WIDTH + 1, 1000])
 def test_impossible_rank(teacher, rank):
     with pytest.raises(UserError, match=f"rank {rank}"):
-        st.build_student(teacher, 2, mode="wecolora", rank=rank)
+        build_student(teacher, 2, mode="wecolora", rank=rank)
 
 
 @pytest.mark.parametrize("rank", [1, WIDTH])
 def test_extreme_ranks_build(teacher, rank):
-    student = st.build_student(teacher, 2, mode="lora-qv", rank=rank)
-    assert st.count_parameters(student, trainable_only=True) == 4 * WIDTH * rank * 3
+    student = build_student(teacher, 2, mode="lora-qv", rank=rank)
+    assert count_parameters(student, trainable_only=True) == 4 * WIDTH * rank * 3
 
 
 @pytest.mark.parametrize("targets", [("qkv",), ("q", "mlp"), ("head",)])
 def test_unknown_target(targets):
     with pytest.raises(UserError, match="unknown adapter target"):
-        adapters.add_adapters(tiny_vit(), targets, rank=4)
+        add_adapters(tiny_vit(), targets, rank=4)
     with pytest.raises(UserError, match="choose from"):
-        adapters.target_regex(targets)
+        target_regex(targets)
 
 
 @pytest.mark.parametrize("dropout", [-0.1, 1.0])
 def test_impossible_dropout(dropout):
     with pytest.raises(UserError, match="dropout"):
-        adapters.add_adapters(tiny_vit(), ALL_TARGETS, rank=4, dropout=dropout)
+        add_adapters(tiny_vit(), ALL_TARGETS, rank=4, dropout=dropout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +320,7 @@ def _assert_relative_close(got: torch.Tensor, expected: torch.Tensor, tol: float
 def _tokens_and_grads(student: nn.Module, model: nn.Module, images: torch.Tensor, weights: torch.Tensor):
     """Last-block tokens of ``model`` and the gradients of ``student``'s parameters of their weighted sum."""
     student.zero_grad(set_to_none=True)
-    tokens = wecolora.vit.last_block_tokens(model, images)[0]
+    tokens = wecolora.teachers.vit.last_block_tokens(model, images)[0]
     (tokens * weights).sum().backward()
     return tokens.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
 
@@ -315,12 +329,12 @@ def _tokens_and_grads(student: nn.Module, model: nn.Module, images: torch.Tensor
 def test_lean_student_computes_the_same_tokens_and_gradients(teacher, case):
     kwargs = dict(MERGE_CASES[case])
     reduction = kwargs.pop("reduction", 2)
-    student = st.build_student(teacher, reduction, rank=4, **kwargs).train()
+    student = build_student(teacher, reduction, rank=4, **kwargs).train()
     _randomize_lora_b(student)
-    lean = adapters.lean_student(student)
+    lean = lean_student(student)
     assert lean is not student and type(lean) is timm.models.VisionTransformer
     assert {id(p) for p in lean.parameters()} <= {id(p) for p in student.parameters()}  # shared, never copied
-    assert all(isinstance(getattr(b.attn, "qkv"), adapters.LeanLoRALinear) for b in lean.blocks)
+    assert all(isinstance(getattr(b.attn, "qkv"), LeanLoRALinear) for b in lean.blocks)
     images = _images(3)
     weights = torch.randn(3, 17, WIDTH, generator=torch.Generator().manual_seed(2))  # every token's gradient differs
 
@@ -332,16 +346,16 @@ def test_lean_student_computes_the_same_tokens_and_gradients(teacher, case):
     for name in grads:
         _assert_relative_close(grads[name], expected_grads[name], 1e-5, name)
     # the peft student itself is untouched: still SplitQKV + peft layers, still fused attention as configured
-    assert isinstance(student.get_base_model().blocks[0].attn.qkv, adapters.SplitQKV)
+    assert isinstance(student.get_base_model().blocks[0].attn.qkv, SplitQKV)
 
 
 def test_lean_student_trains_base_weights_that_require_grad(teacher):
-    student = st.build_student(teacher, 2, rank=4).train()
+    student = build_student(teacher, 2, rank=4).train()
     _randomize_lora_b(student)
     base = student.get_base_model()
     base.blocks[0].mlp.fc1.base_layer.weight.requires_grad_(True)  # a single-slice layer
     base.blocks[1].attn.qkv.v.base_layer.bias.requires_grad_(True)  # one slice of q, k, v (k's bias has no effect)
-    lean = adapters.lean_student(student)
+    lean = lean_student(student)
     images = _images(3)
     weights = torch.randn(3, 17, WIDTH, generator=torch.Generator().manual_seed(2))
     _, expected_grads = _tokens_and_grads(student, student, images, weights)
@@ -354,9 +368,9 @@ def test_lean_student_trains_base_weights_that_require_grad(teacher):
 
 
 def test_lean_student_under_bf16_autocast_matches_the_peft_student(teacher):
-    student = st.build_student(teacher, 2, rank=4).train()
+    student = build_student(teacher, 2, rank=4).train()
     _randomize_lora_b(student)
-    lean = adapters.lean_student(student)
+    lean = lean_student(student)
     images = _images(3)
     weights = torch.randn(3, 17, WIDTH, generator=torch.Generator().manual_seed(2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -380,11 +394,11 @@ LEAN_LAYERS = [("attn.qkv", WIDTH, 3 * WIDTH), ("attn.proj", WIDTH, WIDTH), ("ml
 @pytest.mark.parametrize("rank", [1, 4, WIDTH // 4, WIDTH])  # 51 tokens: the thin route up to rank 8, full at 32
 @pytest.mark.parametrize("path, in_features, out_features", LEAN_LAYERS)
 def test_lean_linear_equals_the_peft_layers(path, in_features, out_features, rank, bias):
-    model = adapters.add_adapters(tiny_vit(depth=1, qkv_bias=bias, proj_bias=bias), ALL_TARGETS, rank=rank)
+    model = add_adapters(tiny_vit(depth=1, qkv_bias=bias, proj_bias=bias), ALL_TARGETS, rank=rank)
     _randomize_lora_b(model)
     peft_layer = model.get_base_model().get_submodule(f"blocks.0.{path}")
-    lean_layer = adapters.lean_student(model).get_submodule(f"blocks.0.{path}")
-    assert isinstance(lean_layer, adapters.LeanLoRALinear) and bool(lean_layer.biases) == bias
+    lean_layer = lean_student(model).get_submodule(f"blocks.0.{path}")
+    assert isinstance(lean_layer, LeanLoRALinear) and bool(lean_layer.biases) == bias
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(3, 17, in_features, generator=gen)
     grad_out = torch.randn(3, 17, out_features, generator=gen)
@@ -414,26 +428,26 @@ def test_adapter_grads_of_either_route_equal_autograd(route, in_features, out_fe
     a = torch.randn(rank, in_features, generator=gen, requires_grad=True)
     b = torch.randn(out_features, rank, generator=gen, requires_grad=True)
     (0.5 * x @ a.t() @ b.t()).backward(grad_out)
-    da, db = adapters.adapter_grads(route, x, grad_out, a.detach(), b.detach(), 0.5)
+    da, db = adapter_grads(route, x, grad_out, a.detach(), b.detach(), 0.5)
     torch.testing.assert_close(da, a.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(db, b.grad, rtol=1e-5, atol=1e-5)
-    assert adapters.adapter_grads(route, x, grad_out, a, b, 0.5, need_a=False)[0] is None
-    assert adapters.adapter_grads(route, x, grad_out, a, b, 0.5, need_b=False)[1] is None
+    assert adapter_grads(route, x, grad_out, a, b, 0.5, need_a=False)[0] is None
+    assert adapter_grads(route, x, grad_out, a, b, 0.5, need_b=False)[1] is None
 
 
 def test_grad_route_picks_the_cheaper_route():
-    assert adapters.adapter_grad_flops(10, 4, 8, 2) == {"thin": 4 * 10 * 2 * (4 + 8),
+    assert adapter_grad_flops(10, 4, 8, 2) == {"thin": 4 * 10 * 2 * (4 + 8),
                                                         "full": 2 * 10 * 8 * 4 + 4 * 8 * 4 * 2}
     vit_b_tokens = 128 * 197  # ViT-B/16 at 224 px, batch 128
-    assert adapters.grad_route(vit_b_tokens, 768, 3072, 128) == "thin"  # fc1 at the paper's rank
-    assert adapters.grad_route(vit_b_tokens, 3072, 768, 128) == "thin"  # fc2
-    assert adapters.grad_route(vit_b_tokens, 768, 768, 768) == "full"  # rank = width: the thin products cost 4x
-    assert adapters.grad_route(10, 768, 768, 768) == "thin"  # so few tokens that forming G costs more
+    assert grad_route(vit_b_tokens, 768, 3072, 128) == "thin"  # fc1 at the paper's rank
+    assert grad_route(vit_b_tokens, 3072, 768, 128) == "thin"  # fc2
+    assert grad_route(vit_b_tokens, 768, 768, 768) == "full"  # rank = width: the thin products cost 4x
+    assert grad_route(10, 768, 768, 768) == "thin"  # so few tokens that forming G costs more
 
 
 def test_lean_student_follows_training_updates(teacher):
-    student = st.build_student(teacher, 2, rank=4)
-    lean = adapters.lean_student(student)
+    student = build_student(teacher, 2, rank=4)
+    lean = lean_student(student)
     with torch.no_grad():
         for name, p in student.named_parameters():
             if "lora_B" in name:
@@ -445,13 +459,13 @@ def test_lean_student_follows_training_updates(teacher):
 @pytest.mark.parametrize("kwargs", [dict(mode="wecolora", use_dora=True), dict(mode="wecolora", dropout=0.1),
                                     dict(mode="weco-kd")])
 def test_lean_student_leaves_what_it_does_not_implement(teacher, kwargs):
-    student = st.build_student(teacher, 2, rank=4, **kwargs)
-    assert adapters.lean_student(student) is student
+    student = build_student(teacher, 2, rank=4, **kwargs)
+    assert lean_student(student) is student
 
 
 def test_lean_student_sees_base_weights_written_after_it_was_made(teacher):
-    student = st.build_student(teacher, 2, rank=4)
-    lean = adapters.lean_student(student)
+    student = build_student(teacher, 2, rank=4)
+    lean = lean_student(student)
     images = _images()
     lean(images)  # the fused frozen qkv weight is built here
     with torch.no_grad():  # e.g. a state dict loaded into the student afterwards
@@ -465,12 +479,12 @@ def test_torch_compile_traces_the_lean_backward(teacher):
     graph and give the eager gradients (aot_eager: the same capture, without a C++ compiler)."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from wecolora.training import TokenMatcher
+    from wecolora.train.setup import TokenMatcher
 
     torch._dynamo.reset()
-    student = st.build_student(teacher, 2, rank=4).train()
+    student = build_student(teacher, 2, rank=4).train()
     _randomize_lora_b(student)
-    matcher = TokenMatcher(adapters.lean_student(student), [len(student.get_base_model().blocks) - 1], norm=False)
+    matcher = TokenMatcher(lean_student(student), [len(student.get_base_model().blocks) - 1], norm=False)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(matcher, backend=counter, dynamic=False)
     images = _images(3)

@@ -4,18 +4,23 @@ import json
 import pytest
 import torch
 
-from wecolora import bench, bench_reference, bench_report, vit
-from wecolora import student as st
+import wecolora.bench.run as bench_run
+from wecolora.bench.reference import reference_student
+from wecolora.bench.report import format_table
+from wecolora.bench.run import GRID, BenchConfig, run_bench
+from wecolora.errors import UserError
+from wecolora.method.student import build_student, count_parameters
+from wecolora.teachers.vit import last_block_tokens
 
 from conftest import tiny_vit
 
 
 def test_the_reference_design_is_the_same_function_as_the_peft_student():
     teacher = tiny_vit(img_size=28, patch_size=7)
-    student = st.build_student(teacher, 2, mode="wecolora", rank=4)
-    reference = bench_reference.reference_student(teacher, 2, rank=4)
+    student = build_student(teacher, 2, mode="wecolora", rank=4)
+    reference = reference_student(teacher, 2, rank=4)
     images = torch.randn(2, 3, 28, 28)
-    torch.testing.assert_close(vit.last_block_tokens(reference, images)[0], vit.last_block_tokens(student, images)[0])
+    torch.testing.assert_close(last_block_tokens(reference, images)[0], last_block_tokens(student, images)[0])
     with torch.no_grad():  # copy the peft adapters into the reference layout: outputs must agree
         for ref_block, block in zip(reference.blocks, student.get_base_model().blocks):
             for i, name in enumerate("qkv"):
@@ -28,18 +33,18 @@ def test_the_reference_design_is_the_same_function_as_the_peft_student():
                 layer.lora_B["default"].weight.normal_(std=0.1)
                 ref.a.weight.copy_(layer.lora_A["default"].weight)
                 ref.b.weight.copy_(layer.lora_B["default"].weight)
-    torch.testing.assert_close(vit.last_block_tokens(reference, images)[0], vit.last_block_tokens(student, images)[0],
+    torch.testing.assert_close(last_block_tokens(reference, images)[0], last_block_tokens(student, images)[0],
                                atol=1e-5, rtol=1e-4)
     trainable = sum(p.numel() for p in reference.parameters() if p.requires_grad)
-    assert trainable == st.count_parameters(student, trainable_only=True)
+    assert trainable == count_parameters(student, trainable_only=True)
 
 
 def test_bench_runs_end_to_end_and_writes_its_json(teacher_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "GRID", bench.GRID[:2])  # two students keep the smoke test short
-    config = bench.BenchConfig(teacher=f"local-dir:{teacher_dir}", data="mnist-5k", device="cpu", precision="fp32",
+    monkeypatch.setattr(bench_run, "GRID", GRID[:2])  # two students keep the smoke test short
+    config = BenchConfig(teacher=f"local-dir:{teacher_dir}", data="mnist-5k", device="cpu", precision="fp32",
                                batch_size=16, images=32, rounds=1, quick=True, output_dir=str(tmp_path))
     messages = []
-    result = bench.run_bench(config, progress=messages.append)
+    result = run_bench(config, progress=messages.append)
     for key in ("distill_speedup_cold", "distill_speedup_warm", "infer_speedup_r2", "infer_speedup_r3",
                 "grid_cost_ratio"):
         assert result[key] > 0, key
@@ -61,13 +66,13 @@ def test_bench_runs_end_to_end_and_writes_its_json(teacher_dir, tmp_path, monkey
     assert result["machine"]["torch_threads"] >= 1 and messages
     (written,) = tmp_path.glob("bench-*-quick.json")
     assert json.loads(written.read_text())["grid_cost_ratio"] == result["grid_cost_ratio"]
-    table = bench_report.format_table(result)
+    table = format_table(result)
     assert "reference design" in table and "merged" in table and "grid_cost_ratio" in table
     assert "cold ceiling" in table and "step_flops_ratio" in table
 
 
 def test_bench_config_refuses_nonsense():
-    with pytest.raises(bench.UserError, match="--rounds 0"):
-        bench.BenchConfig(rounds=0)
-    with pytest.raises(bench.UserError, match="precision"):
-        bench.BenchConfig(precision="fp16")
+    with pytest.raises(UserError, match="--rounds 0"):
+        BenchConfig(rounds=0)
+    with pytest.raises(UserError, match="precision"):
+        BenchConfig(precision="fp16")

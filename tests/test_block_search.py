@@ -1,4 +1,4 @@
-"""Tests for wecolora.block_search (--keep auto|greedy|influence) and the single StudentPlan it feeds."""
+"""Tests for wecolora.method.block_search (--keep auto|greedy|influence) and the single StudentPlan it feeds."""
 import json
 import math
 import re
@@ -9,12 +9,23 @@ import torch
 import yaml
 
 import wecolora
-from wecolora import block_search as bs
-from wecolora import student as st
 from wecolora.config import DistillConfig, parse_keep
-from wecolora.distill import distill
 from wecolora.errors import UserError
-from wecolora.vit import last_block_tokens
+from wecolora.method.block_search import (
+    METHODS,
+    block_influence,
+    choose_blocks,
+    embed,
+    greedy_removal,
+    initial_l1,
+    most_influential,
+    split_images,
+    teacher_tokens,
+)
+from wecolora.method.plan import default_rank, plan_student
+from wecolora.method.student import build_student, describe
+from wecolora.teachers.vit import last_block_tokens
+from wecolora.train.distill import distill
 
 from conftest import interrupted_after_first_checkpoint, tiny_vit
 
@@ -47,15 +58,15 @@ def _make_identity(teacher: torch.nn.Module, block: int) -> None:
 # The searches
 
 
-@pytest.mark.parametrize("method", bs.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("depth, reduction", [(6, 2), (6, 3), (6, 4), (7, 2), (7, 3)])
 def test_a_search_keeps_ceil_depth_over_r_increasing_blocks_deterministically(method, depth, reduction):
     teacher = _teacher(depth)
-    choice = bs.choose_blocks(teacher, reduction, method, _images(), seed=3)
+    choice = choose_blocks(teacher, reduction, method, _images(), seed=3)
     kept = list(choice.kept)
     assert len(kept) == math.ceil(depth / reduction)
     assert kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < depth
-    again = bs.choose_blocks(teacher, reduction, method, _images(), seed=3)
+    again = choose_blocks(teacher, reduction, method, _images(), seed=3)
     assert again == choice
     assert all(len(c["kept"]) == len(kept) for c in choice.candidates.values())  # rivals of the same size only
 
@@ -65,18 +76,18 @@ def test_a_search_keeps_ceil_depth_over_r_increasing_blocks_deterministically(me
 def test_auto_is_never_worse_than_first_on_its_scoring_images(reduction, seed):
     teacher = _teacher(seed=seed + 5)
     images = _images(30, seed)
-    choice = bs.choose_blocks(teacher, reduction, "auto", images, seed=seed)
+    choice = choose_blocks(teacher, reduction, "auto", images, seed=seed)
     assert set(choice.candidates) == {"first", "last", "greedy", "influence"}
     assert choice.chosen in choice.candidates and list(choice.kept) == choice.candidates[choice.chosen]["kept"]
     assert choice.candidates[choice.chosen]["l1"] == min(c["l1"] for c in choice.candidates.values())
     # Measured again through the students themselves: copy vs teacher, last block before the final norm.
-    _, scoring = bs.split_images(len(images), seed)
+    _, scoring = split_images(len(images), seed)
     held_out = images[scoring]
     assert choice.score_images == len(scoring) and choice.search_images == len(images) - len(scoring)
     (target,) = last_block_tokens(teacher, held_out)
 
     def l1(keep):
-        student = st.build_student(teacher, reduction, keep, mode="weco-kd")
+        student = build_student(teacher, reduction, keep, mode="weco-kd")
         with torch.no_grad():
             (tokens,) = last_block_tokens(student, held_out)
         return (tokens - target).abs().mean().item()
@@ -94,9 +105,9 @@ def test_a_block_made_an_identity_is_dropped(method, identity):
     _make_identity(teacher, identity)
     images = _images()
     with torch.no_grad():  # the block really passes its input through
-        x = bs.embed(teacher, images)
+        x = embed(teacher, images)
         torch.testing.assert_close(teacher.blocks[identity](x), x)
-    choice = bs.choose_blocks(teacher, 2, method, images)
+    choice = choose_blocks(teacher, 2, method, images)
     searched = ["greedy", "influence"] if method == "auto" else [method]
     for name in searched:
         assert identity not in choice.candidates[name]["kept"], (name, choice)
@@ -106,7 +117,7 @@ def _naive_greedy(teacher, count, tokens):
     """Greedy removal recomputing every candidate copy from the embedded tokens (no reuse of block inputs)."""
     kept = list(range(len(teacher.blocks)))
     while len(kept) > count:
-        scores = [(bs.initial_l1(teacher, kept[:i] + kept[i + 1:], tokens), i) for i in range(len(kept))]
+        scores = [(initial_l1(teacher, kept[:i] + kept[i + 1:], tokens), i) for i in range(len(kept))]
         kept.pop(min(scores)[1])
     return kept
 
@@ -114,48 +125,48 @@ def _naive_greedy(teacher, count, tokens):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_greedy_reusing_block_inputs_equals_recomputing_every_copy(seed):
     teacher = _teacher(seed=seed)
-    tokens = bs.teacher_tokens(teacher, _images(16, seed), batch_size=5)  # several chunks
+    tokens = teacher_tokens(teacher, _images(16, seed), batch_size=5)  # several chunks
     for count in (2, 4):
-        assert bs.greedy_removal(teacher, count, tokens) == _naive_greedy(teacher, count, tokens)
+        assert greedy_removal(teacher, count, tokens) == _naive_greedy(teacher, count, tokens)
 
 
 def test_block_influence_is_one_minus_cosine_of_input_and_output():
     teacher = _teacher()
-    tokens = bs.teacher_tokens(teacher, _images(8), batch_size=3)
-    influence = bs.block_influence(teacher, tokens)
+    tokens = teacher_tokens(teacher, _images(8), batch_size=3)
+    influence = block_influence(teacher, tokens)
     x = torch.cat(tokens.embedded)
     with torch.no_grad():
         for b, block in enumerate(teacher.blocks):
             y = block(x)
             assert influence[b] == pytest.approx((1 - torch.cosine_similarity(x, y, dim=-1)).mean().item(), rel=1e-5)
             x = y
-    assert bs.most_influential([0.5, 0.1, 0.9, 0.3], 2) == [0, 2]
-    assert bs.most_influential([0.2, 0.2, 0.2], 2) == [0, 1]
+    assert most_influential([0.5, 0.1, 0.9, 0.3], 2) == [0, 2]
+    assert most_influential([0.2, 0.2, 0.2], 2) == [0, 1]
 
 
 def test_the_split_is_seeded_and_disjoint():
-    search, score = bs.split_images(30, 4)
-    assert (search, score) == bs.split_images(30, 4) != bs.split_images(30, 5)
+    search, score = split_images(30, 4)
+    assert (search, score) == split_images(30, 4) != split_images(30, 5)
     assert sorted(search + score) == list(range(30)) and len(score) == 10
     with pytest.raises(UserError, match="at least 2 images"):
-        bs.split_images(1, 0)
+        split_images(1, 0)
 
 
 def test_searches_need_images_and_a_known_method(teacher):
     with pytest.raises(UserError, match="pass images="):
-        st.build_student(teacher, 2, "auto")
+        build_student(teacher, 2, "auto")
     with pytest.raises(UserError, match="auto, greedy, influence"):
-        bs.choose_blocks(teacher, 2, "best", _images())
+        choose_blocks(teacher, 2, "best", _images())
     with pytest.raises(UserError, match="reduction 6"):
-        bs.choose_blocks(teacher, 6, "auto", _images())
+        choose_blocks(teacher, 6, "auto", _images())
 
 
 def test_the_api_builds_an_auto_student_and_a_list_reproduces_it():
     teacher = _teacher()
-    plan = st.plan_student(teacher, 2, "auto", images=_images(), seed=0)
+    plan = plan_student(teacher, 2, "auto", images=_images(), seed=0)
     assert plan.keep == "auto" and plan.search["chosen"] in plan.search["candidates"]
     student = wecolora.build_student(teacher, 2, "auto", mode="wecolora", images=_images(), seed=0)
-    again = st.plan_student(teacher, 2, ",".join(map(str, plan.kept)))
+    again = plan_student(teacher, 2, ",".join(map(str, plan.kept)))
     assert len(student.blocks) == len(plan.kept) and again.kept == plan.kept
     assert again.segment_ends == plan.segment_ends  # same segments, so per-block matching is reproduced too
 
@@ -176,32 +187,36 @@ def test_parse_keep_refuses(text):
 # One place for the plan
 
 
-FORBIDDEN = [  # what only student.py may compute: a default rank, a kept list, segment ends
+FORBIDDEN = [  # what only the method's plan (method/plan.py, method/blocks.py) may compute: a default rank, a kept list, segment ends
     r"default_rank\(", r"select_blocks\(", r"segment_ends\(", r"group_ends", r"wecolora_kept_blocks",
     r"min\(128", r"range\(0, depth", r"keep_blocks\(", r"range\(reduction - 1",
 ]
 
 
-@pytest.mark.parametrize("path", sorted(p for p in SRC.glob("*.py") if p.name not in ("student.py", "__init__.py")),
-                         ids=lambda p: p.name)
+PLAN_MODULES = ("method/plan.py", "method/blocks.py", "api.py")  # api.py re-exports select_blocks
+
+
+@pytest.mark.parametrize("path", sorted(p for p in SRC.rglob("*.py") if p.name != "__init__.py"
+                                        and p.relative_to(SRC).as_posix() not in PLAN_MODULES),
+                         ids=lambda p: p.relative_to(SRC).as_posix())
 def test_only_the_plan_resolves_kept_blocks_and_rank(path):
     text = path.read_text()
     text = re.sub(r"plan\.segment_ends|\.select_blocks\b|import .*select_blocks.*", "", text)
-    if path.name == "block_search.py":  # the searches' fixed rivals come from student.select_blocks
+    if path.name == "block_search.py":  # the searches' fixed rivals come from blocks.select_blocks
         text = text.replace("select_blocks(depth, reduction", "")
     found = [pattern for pattern in FORBIDDEN if re.search(pattern, text)]
-    assert not found, f"{path.name} resolves the student itself ({found}); read student.plan_student's plan"
+    assert not found, f"{path.name} resolves the student itself ({found}); read method.plan.plan_student's plan"
 
 
 def test_consumers_read_the_plan(teacher):
-    from wecolora.bench import make_trainer
+    from wecolora.bench.run import make_trainer
 
-    plan = st.plan_student(teacher, 3, "first", "wecolora")
+    plan = plan_student(teacher, 3, "first", "wecolora")
     trainer = make_trainer(teacher, mode="wecolora", reduction=3, rank=plan.rank, precision="fp32",
                            device=torch.device("cpu"), updates_per_epoch=1)
     assert trainer.training.teacher_blocks == [plan.segment_ends[-1]] == [5]
-    info = st.describe(teacher, 3, "0,4", "wecolora")
-    assert (info["kept_blocks"], info["segment_ends"], info["rank"]) == ([0, 4], [3, 5], st.default_rank(32))
+    info = describe(teacher, 3, "0,4", "wecolora")
+    assert (info["kept_blocks"], info["segment_ends"], info["rank"]) == ([0, 4], [3, 5], default_rank(32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +263,7 @@ def test_per_block_matching_follows_the_segments_of_any_list(teacher_dir, tmp_pa
 
 
 def test_a_resumed_search_run_reuses_its_recorded_choice(teacher_dir, tmp_path, monkeypatch):
-    import wecolora.distill as distill_module
+    import wecolora.train.distill as distill_module
 
     with interrupted_after_first_checkpoint(monkeypatch, distill_module):
         distill(_config(teacher_dir, tmp_path / "run", keep="influence", epochs=2, warmup_epochs=1))
@@ -257,7 +272,7 @@ def test_a_resumed_search_run_reuses_its_recorded_choice(teacher_dir, tmp_path, 
     def no_search(*args, **kwargs):
         raise AssertionError("a resumed run must not search again")
 
-    monkeypatch.setattr(bs, "choose_blocks", no_search)
+    monkeypatch.setattr(distill_module, "choose_blocks", no_search)
     result = distill(_config(teacher_dir, tmp_path / "run", keep="influence", epochs=2, warmup_epochs=1, resume="auto"))
     assert [row["epoch"] for row in result["epochs"]] == [1, 2]
     assert result["kept_blocks"] == chosen and result["block_search"]["method"] == "influence"

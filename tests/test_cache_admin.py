@@ -1,4 +1,4 @@
-"""Tests for wecolora.cache_admin and ``wecolora cache list|clear``: entries, sizes, ages, liveness, clearing."""
+"""Tests for wecolora.cache.admin and ``wecolora cache list|clear``: entries, sizes, ages, liveness, clearing."""
 import json
 import os
 import subprocess
@@ -7,7 +7,18 @@ import time
 
 import pytest
 
-from wecolora import cache_admin
+from wecolora.cache.admin import (
+    capped_folders,
+    clear_entries,
+    evict,
+    format_bytes,
+    list_entries,
+    make_room,
+    mark_in_use,
+    owner,
+    release_in_use,
+    remove_stale,
+)
 from wecolora.cli import main
 from wecolora.errors import UserError
 
@@ -64,7 +75,7 @@ def root(tmp_path):
 
 
 def test_entries_are_listed_by_kind_with_size_views_age_and_key(root):
-    entries = {e.name: e for e in cache_admin.list_entries(root)}
+    entries = {e.name: e for e in list_entries(root)}
     old, new = entries["0123456789abcdef01234567"], entries["fedcba9876543210fedcba98"]
     assert (old.kind, old.views, new.views) == ("teacher", 2, 1)
     assert old.bytes == 4000 + (root / "teacher" / old.name / "meta.json").stat().st_size
@@ -75,7 +86,7 @@ def test_entries_are_listed_by_kind_with_size_views_age_and_key(root):
                                                             "pooling": "cls"}
     assert entries["store1"].kind == "images" and entries["store1"].bytes == 300 and entries["store1"].views is None
     # One cache's own folder (distill --teacher-cache DIR) works too.
-    assert {e.name for e in cache_admin.list_entries(root / "teacher")} == {old.name, new.name}
+    assert {e.name for e in list_entries(root / "teacher")} == {old.name, new.name}
 
 
 def test_cache_list_prints_every_entry_with_its_size(root, capsys):
@@ -98,17 +109,17 @@ def test_cache_list_prints_every_entry_with_its_size(root, capsys):
 
 
 def test_cache_clear_older_than_deletes_only_the_old_entries_and_says_what_it_freed(root, capsys):
-    old_size = next(e.bytes for e in cache_admin.list_entries(root) if e.name.startswith("0123"))
+    old_size = next(e.bytes for e in list_entries(root) if e.name.startswith("0123"))
     assert main(["cache", "clear", "--older-than", "30", "--cache-dir", str(root)]) == 0
     out = capsys.readouterr().out
     assert "removed teacher/0123456789abcdef01234567" in out
-    assert f"freed {cache_admin.format_bytes(old_size)} (1 entry)" in out
+    assert f"freed {format_bytes(old_size)} (1 entry)" in out
     assert not (root / "teacher" / "0123456789abcdef01234567").exists()
     assert (root / "teacher" / "fedcba9876543210fedcba98").is_dir() and (root / "features" / "features1.safetensors").is_file()
     assert not [p for p in (root / "teacher").iterdir() if p.name.startswith(".")]  # nothing parked left
 
     assert main(["cache", "clear", "--all", "--cache-dir", str(root)]) == 0
-    assert "(3 entries)" in capsys.readouterr().out and cache_admin.list_entries(root) == []
+    assert "(3 entries)" in capsys.readouterr().out and list_entries(root) == []
 
 
 def test_cache_clear_keeps_an_entry_a_running_process_uses(root, capsys):
@@ -117,7 +128,7 @@ def test_cache_clear_keeps_an_entry_a_running_process_uses(root, capsys):
                              text=True)
     try:
         assert other.stdout.readline() == "locked\n"
-        assert [e.busy for e in cache_admin.list_entries(root) if e.name == busy.name] == [True]
+        assert [e.busy for e in list_entries(root) if e.name == busy.name] == [True]
         assert main(["cache", "clear", "--all", "--cache-dir", str(root)]) == 0
         out = capsys.readouterr().out
         assert busy.is_dir() and "kept teacher/0123456789abcdef01234567" in out and "(3 entries)" in out
@@ -160,15 +171,15 @@ def test_cache_list_needs_no_torch(tmp_path):
 def test_a_live_writer_keeps_its_entry_and_a_dead_one_does_not(root):
     entry = root / "teacher" / "0123456789abcdef01234567"
     other = subprocess.Popen(["sleep", "60"])
-    temp = entry / f".view0002.tokens.{cache_admin.owner().rpartition('-')[0]}-{other.pid}.x1.tmp"
+    temp = entry / f".view0002.tokens.{owner().rpartition('-')[0]}-{other.pid}.x1.tmp"
     temp.write_bytes(b"x")
     try:
-        assert not cache_admin.evict(entry) and entry.is_dir()
+        assert not evict(entry) and entry.is_dir()
     finally:
         other.kill()
         other.wait()
-    cache_admin.remove_stale(entry)
-    assert not temp.exists() and cache_admin.evict(entry) and not entry.exists()
+    remove_stale(entry)
+    assert not temp.exists() and evict(entry) and not entry.exists()
 
 
 def test_an_empty_default_root_lists_nothing(tmp_path, monkeypatch, capsys):
@@ -176,23 +187,23 @@ def test_an_empty_default_root_lists_nothing(tmp_path, monkeypatch, capsys):
     assert main(["cache", "list"]) == 0
     assert capsys.readouterr().out.startswith("0 entries, 0 B in")
     with pytest.raises(UserError, match="give --all"):
-        cache_admin.clear_entries()
+        clear_entries()
 
 
 def test_make_room_evicts_the_least_recently_used_teacher_entry_or_image_store_not_in_use(tmp_path):
     in_use = fake_teacher_entry(tmp_path, "in-use", views=1, days_ago=5)
     store = fake_image_store(tmp_path, "store", days_ago=3)
     recent = fake_teacher_entry(tmp_path, "recent", views=1, days_ago=1)
-    capped = cache_admin.capped_folders(tmp_path / "teacher", tmp_path / "images")
-    total = sum(e.bytes for e in cache_admin.list_entries(tmp_path))
-    cache_admin.mark_in_use(in_use)  # this process trains with it
+    capped = capped_folders(tmp_path / "teacher", tmp_path / "images")
+    total = sum(e.bytes for e in list_entries(tmp_path))
+    mark_in_use(in_use)  # this process trains with it
     try:
-        assert not cache_admin.make_room(capped, total + 1, total)  # over the cap by itself: nothing evicted
+        assert not make_room(capped, total + 1, total)  # over the cap by itself: nothing evicted
         assert store.is_dir() and recent.is_dir()
-        assert cache_admin.make_room(capped, 1, total)
+        assert make_room(capped, 1, total)
         assert not store.exists() and in_use.is_dir() and recent.is_dir()
-        total = sum(e.bytes for e in cache_admin.list_entries(tmp_path))
-        assert not cache_admin.make_room(capped, 1, total, keep=recent)  # the rest is in use or kept
+        total = sum(e.bytes for e in list_entries(tmp_path))
+        assert not make_room(capped, 1, total, keep=recent)  # the rest is in use or kept
         assert in_use.is_dir() and recent.is_dir()
     finally:
-        cache_admin.release_in_use()
+        release_in_use()

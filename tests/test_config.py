@@ -5,7 +5,7 @@ import pytest
 
 from wecolora.config import DistillConfig, resolve_warmup
 from wecolora.errors import UserError
-from wecolora.pretrain import PretrainConfig
+from wecolora.train.pretrain import PretrainConfig
 
 
 @pytest.mark.parametrize("epochs, warmup", [(1, 0), (2, 1), (3, 2), (10, 2)])

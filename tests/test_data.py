@@ -5,17 +5,14 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_vit
 from PIL import Image
 
-from wecolora.data import (
-    eval_transform,
-    few_shot_indices,
-    open_dataset,
-    train_transform,
-    write_subset,
-)
+from wecolora.data.datasets import open_dataset
+from wecolora.data.subset import few_shot_indices, write_subset
+from wecolora.data.transforms import eval_transform, train_transform
 from wecolora.errors import UserError
+
+from conftest import tiny_vit
 
 
 def save_png(path, mode="RGB"):

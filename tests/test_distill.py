@@ -3,16 +3,18 @@ import math
 import pytest
 import timm
 import torch
-from conftest import interrupted_after_first_checkpoint
 from safetensors.torch import load_file
 
-import wecolora.distill as distill_module
-from wecolora import adapters, vit
+import wecolora.train.distill as distill_module
 from wecolora.config import DistillConfig
-from wecolora.distill import distill
-from wecolora.engine import make_scheduler
 from wecolora.errors import UserError
-from wecolora.student import build_student
+from wecolora.method.adapters import split_qkv
+from wecolora.method.student import build_student
+from wecolora.runtime import make_scheduler
+from wecolora.teachers.load import load_model
+from wecolora.train.distill import distill
+
+from conftest import interrupted_after_first_checkpoint
 
 
 def config(teacher_dir, output, **overrides):
@@ -59,9 +61,9 @@ def test_exported_student_loads_in_timm_and_matches_the_adapter_files(teacher_di
     # Rebuild the adapter student from the teacher and the saved peft adapter.
     from peft import PeftModel
 
-    teacher = vit.load_model(f"local-dir:{teacher_dir}")
+    teacher = load_model(f"local-dir:{teacher_dir}")
     base = build_student(teacher, 2, mode="weco-kd")
-    adapters.split_qkv(base)
+    split_qkv(base)
     student = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
     images = torch.randn(4, 3, 28, 28)
     with torch.no_grad():

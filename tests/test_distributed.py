@@ -19,15 +19,16 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import interrupted_after_first_checkpoint
 from safetensors.torch import load_file
 
-import wecolora.distill as distill_module
-import wecolora.training as training_module
-from wecolora.checkpoint import trainable_state
+import wecolora.train.distill as distill_module
+import wecolora.train.setup as training_module
 from wecolora.config import DistillConfig
-from wecolora.evaluate import probe
-from wecolora.pretrain import PretrainConfig, pretrain
+from wecolora.evaluation.probe import probe
+from wecolora.train.checkpoint import trainable_state
+from wecolora.train.pretrain import PretrainConfig, pretrain
+
+from conftest import interrupted_after_first_checkpoint
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -243,7 +244,7 @@ def test_pretrain_on_two_processes_completes_its_schedule(tmp_path):
 
 
 def mae_pretrain_in_process(output: Path) -> dict:
-    import wecolora.pretrain as pretrain_module
+    import wecolora.train.pretrain as pretrain_module
 
     # The monitor reports a checksum of this process's encoder instead: equal on both processes only
     # if their gradients were averaged (each process trains on its own share of every batch).
@@ -283,9 +284,8 @@ def distill_with_a_search_that_differs_by_rank(config: DistillConfig) -> list[in
     """Distil with a searched keep whose result differs on ranks other than 0; return the kept blocks used."""
     import dataclasses
 
-    from wecolora import block_search
 
-    real_choose = block_search.choose_blocks
+    real_choose = distill_module.choose_blocks
 
     def choose(*args, **kwargs):
         choice = real_choose(*args, **kwargs)
@@ -294,7 +294,7 @@ def distill_with_a_search_that_differs_by_rank(config: DistillConfig) -> list[in
             choice = dataclasses.replace(choice, kept=other)
         return choice
 
-    block_search.choose_blocks = choose  # a forked process: the patch dies with it
+    distill_module.choose_blocks = choose  # a forked process: the patch dies with it
     return distill_module.distill(config)["kept_blocks"]
 
 

@@ -7,7 +7,14 @@ import torch
 from sklearn.metrics import roc_auc_score
 from timm.models.vision_transformer import VisionTransformer
 
-from wecolora import UserError, evaluate, features, reports, vit
+from wecolora import UserError
+from wecolora.evaluation.features import extract_features, pool_tokens
+from wecolora.evaluation.knn import knn, knn_classify
+from wecolora.evaluation.metrics import classification_metrics, multilabel_auc
+from wecolora.evaluation.probe import linear_head, probe, probe_optimizer, split_validation, train_linear_probe
+from wecolora.evaluation.reports import report, write_report
+from wecolora.evaluation.splits import write_results
+from wecolora.teachers.vit import model_args
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +24,7 @@ def tiny_model_dir(tmp_path_factory):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7,
                               embed_dim=64, depth=2, num_heads=4, num_classes=0)  # fmt: skip
     folder = tmp_path_factory.mktemp("tiny_vit")
-    timm.models.save_for_hf(model, folder, safe_serialization=True, model_args=vit.model_args(model))
+    timm.models.save_for_hf(model, folder, safe_serialization=True, model_args=model_args(model))
     return f"local-dir:{folder}"
 
 
@@ -37,7 +44,7 @@ def test_linear_probe_separable_features_reach_100(settings):
     x, y = _clusters(70)
     is_test = torch.arange(len(y)) % 7 < 2  # 20 test images per class
     train_x, train_y, test_x, test_y = x[~is_test], y[~is_test], x[is_test], y[is_test]
-    result = evaluate.train_linear_probe(train_x, train_y, test_x, test_y, batch_size=32, val_fraction=0.2, **settings)
+    result = train_linear_probe(train_x, train_y, test_x, test_y, batch_size=32, val_fraction=0.2, **settings)
     assert result["top1"] == 1.0 and result["val_top1"] == 1.0 and result["optimizer"] == settings["optimizer"]
     assert (result["n_train"], result["n_val"], result["n_test"]) == (120, 30, 60)
 
@@ -45,36 +52,36 @@ def test_linear_probe_separable_features_reach_100(settings):
 def test_one_lars_step_scales_the_weight_update_by_the_trust_ratio_and_not_the_bias():
     """MAE's LARS at weight decay 0: w -= lr * 0.001 * |w| / |g| * g for the weight, b -= lr * g for the bias."""
     torch.manual_seed(0)
-    head = evaluate.linear_head(8, 3)
+    head = linear_head(8, 3)
     x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
     torch.nn.functional.cross_entropy(head(x), y).backward()
     weight, bias = head[1].weight, head[1].bias
     w0, gw, b0, gb = weight.detach().clone(), weight.grad.clone(), bias.detach().clone(), bias.grad.clone()
     lr = 0.5
-    evaluate.probe_optimizer(head, "lars", lr).step()
+    probe_optimizer(head, "lars", lr).step()
     assert torch.allclose(weight, w0 - lr * 0.001 * w0.norm() / gw.norm() * gw, atol=1e-7, rtol=0)
     assert torch.allclose(bias, b0 - lr * gb, atol=1e-7, rtol=0)
     head[1].weight.data, head[1].bias.data = w0.clone(), b0.clone()  # sgd: the plain step for both
-    evaluate.probe_optimizer(head, "sgd", lr).step()
+    probe_optimizer(head, "sgd", lr).step()
     assert torch.allclose(weight, w0 - lr * gw, atol=1e-7, rtol=0)
     with pytest.raises(UserError, match="lars or sgd"):
-        evaluate.probe_optimizer(head, "adam", lr)
+        probe_optimizer(head, "adam", lr)
 
 
 def test_linear_probe_multilabel_reports_auc():
     x, y = _clusters(40, classes=4)
     multi_hot = torch.nn.functional.one_hot(y, 4).float()
     multi_hot[y == 0, 3] = 1  # a second label on every class-0 image
-    result = evaluate.train_linear_probe(x, multi_hot, x, multi_hot, epochs=100, batch_size=32, lr=2.0)
+    result = train_linear_probe(x, multi_hot, x, multi_hot, epochs=100, batch_size=32, lr=2.0)
     assert result["auc"] > 0.99 and result["top1"] == 1.0
 
 
 def test_knn_on_identical_features_is_100():
     x = torch.randn(200, 64, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 5, (200,), generator=torch.Generator().manual_seed(1))
-    scores = evaluate.knn_classify(x, y, x, k=20, temperature=0.07, chunk_size=64)
+    scores = knn_classify(x, y, x, k=20, temperature=0.07, chunk_size=64)
     assert scores.shape == (200, 5)
-    assert evaluate.classification_metrics(scores, y)["top1"] == 1.0
+    assert classification_metrics(scores, y)["top1"] == 1.0
 
 
 @pytest.mark.parametrize("ties", [False, True])
@@ -83,13 +90,13 @@ def test_multilabel_auc_matches_sklearn(ties):
     scores = rng.normal(size=(300, 6))
     scores = np.round(scores, 1) if ties else scores
     targets = (rng.random((300, 6)) < 0.3).astype(np.float32)
-    ours = evaluate.multilabel_auc(torch.tensor(scores), torch.tensor(targets))
+    ours = multilabel_auc(torch.tensor(scores), torch.tensor(targets))
     assert ours == pytest.approx(roc_auc_score(targets, scores, average="macro"), abs=1e-12)
 
 
 def test_split_validation_is_stratified_and_disjoint():
     y = torch.tensor([0] * 10 + [1] * 20)
-    train, val = evaluate.split_validation(y, 0.2, seed=0)
+    train, val = split_validation(y, 0.2, seed=0)
     assert len(val) == 6 and (y[val] == 0).sum() == 2
     assert sorted(train.tolist() + val.tolist()) == list(range(30))
 
@@ -100,16 +107,16 @@ def test_cls_pooling_without_class_token_uses_model_pooling():
                               global_pool="avg").eval()  # fmt: skip
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        pooled = features.pool_tokens(model, images, "cls")
+        pooled = pool_tokens(model, images, "cls")
         assert torch.allclose(pooled, model(images))
-        assert torch.allclose(features.pool_tokens(model, images, "mean"), model.forward_features(images).mean(1))
+        assert torch.allclose(pool_tokens(model, images, "mean"), model.forward_features(images).mean(1))
 
 
 def test_probe_protocols_agree_on_mnist_5k(tiny_model_dir, tmp_path):
     # MAE's LARS moves the weights by about 0.1% x lr per step: a 3-epoch probe needs a large lr.
     common = dict(epochs=3, batch_size=256, lr=10.0, val_fraction=0.1, device="cpu", cache_dir=tmp_path / "cache")
-    cached = evaluate.probe(tiny_model_dir, "mnist-5k", str(tmp_path / "cached"), protocol="cached", **common)
-    mae = evaluate.probe(tiny_model_dir, "mnist-5k", str(tmp_path / "mae"), protocol="mae", **common)
+    cached = probe(tiny_model_dir, "mnist-5k", str(tmp_path / "cached"), protocol="cached", **common)
+    mae = probe(tiny_model_dir, "mnist-5k", str(tmp_path / "mae"), protocol="mae", **common)
     assert abs(cached["top1"] - mae["top1"]) <= 0.02
     assert cached["top1"] > 0.25  # random-weight CLS features of digits: about 0.4, chance is 0.1
     written = json.loads((tmp_path / "cached" / "results.json").read_text())
@@ -122,12 +129,12 @@ def test_probe_protocols_agree_on_mnist_5k(tiny_model_dir, tmp_path):
 
 def test_probe_on_few_images_per_class_extracts_and_caches_only_those(tiny_model_dir, tmp_path):
     common = dict(epochs=3, batch_size=64, train_per_class=10, device="cpu", cache_dir=tmp_path / "cache")
-    first = evaluate.probe(tiny_model_dir, "mnist-5k", str(tmp_path / "first"), **common)
-    cached = evaluate.probe(tiny_model_dir, "mnist-5k", str(tmp_path / "cached"), **common)
-    mae = evaluate.probe(tiny_model_dir, "mnist-5k", str(tmp_path / "mae"), protocol="mae", **common)
+    first = probe(tiny_model_dir, "mnist-5k", str(tmp_path / "first"), **common)
+    cached = probe(tiny_model_dir, "mnist-5k", str(tmp_path / "cached"), **common)
+    mae = probe(tiny_model_dir, "mnist-5k", str(tmp_path / "mae"), protocol="mae", **common)
     assert not first["features_cached"] and cached["features_cached"]
     assert first["top1"] == cached["top1"] and cached["n_train"] == mae["n_train"] == 100
-    other = evaluate.probe(tiny_model_dir, "mnist-5k", str(tmp_path / "other"), **{**common, "train_per_class": 20})
+    other = probe(tiny_model_dir, "mnist-5k", str(tmp_path / "other"), **{**common, "train_per_class": 20})
     assert not other["features_cached"] and other["n_train"] == 200  # another choice is another cache entry
     assert cached["top1"] == pytest.approx(mae["top1"], abs=0.02)
 
@@ -138,10 +145,10 @@ def test_feature_cache_is_reused(tiny_model_dir, tmp_path, monkeypatch):
     counting = lambda self, x: calls.append(len(x)) or original(self, x)  # noqa: E731
     monkeypatch.setattr(VisionTransformer, "forward_features", counting)
     options = dict(device="cpu", cache_dir=tmp_path / "cache", extract_batch_size=1000)
-    first = evaluate.knn(tiny_model_dir, "mnist-5k", str(tmp_path / "a"), k=10, **options)
+    first = knn(tiny_model_dir, "mnist-5k", str(tmp_path / "a"), k=10, **options)
     assert sum(calls) == 5000 and not first["features_cached"]
     calls.clear()
-    second = evaluate.knn(tiny_model_dir, "mnist-5k", str(tmp_path / "b"), k=10, **options)
+    second = knn(tiny_model_dir, "mnist-5k", str(tmp_path / "b"), k=10, **options)
     assert calls == [] and second["features_cached"]
     assert second["top1"] == first["top1"] and second["protocol"] == "knn" and second["n_train"] == 4000
 
@@ -149,10 +156,10 @@ def test_feature_cache_is_reused(tiny_model_dir, tmp_path, monkeypatch):
 def test_report_over_two_runs(tmp_path):
     runs = []
     for name, top1 in (("student", 0.8125), ("teacher", 0.9)):
-        evaluate.write_results(tmp_path / name, {"top1": top1, "top5": 0.99, "n_train": 40, "n_test": 10,
+        write_results(tmp_path / name, {"top1": top1, "top5": 0.99, "n_train": 40, "n_test": 10,
                                                  "protocol": "cached", "model": name, "data": "mnist-5k"})  # fmt: skip
         runs.append(str(tmp_path / name))
-    markdown = reports.write_report(runs, str(tmp_path / "report"))
+    markdown = write_report(runs, str(tmp_path / "report"))
     lines = markdown.splitlines()
     assert lines[0] == "| run | model | data | protocol | top1 % | top5 % | n_train | n_test |"
     assert lines[2].endswith("| student | mnist-5k | cached | 81.25 | 99.00 | 40 | 10 |") and len(lines) == 4
@@ -180,14 +187,14 @@ def test_probe_rejects_bad_input(tiny_model_dir, tmp_path, overrides, message):
     args = {"model_spec": tiny_model_dir, "data": "mnist-5k", "output": str(tmp_path / "out"), "device": "cpu"}
     args.update(overrides)
     with pytest.raises(UserError, match=message):
-        evaluate.probe(**args)
+        probe(**args)
     assert not (tmp_path / "out").exists()
 
 
 def test_knn_and_extraction_reject_bad_input(tmp_path):
     with pytest.raises(UserError, match="k"):
-        evaluate.knn_classify(torch.randn(4, 2), torch.zeros(4), torch.randn(1, 2), k=0)
+        knn_classify(torch.randn(4, 2), torch.zeros(4), torch.randn(1, 2), k=0)
     with pytest.raises(UserError, match="no images"):
-        features.extract_features(torch.nn.Identity(), torch.utils.data.TensorDataset(torch.empty(0, 3)))
+        extract_features(torch.nn.Identity(), torch.utils.data.TensorDataset(torch.empty(0, 3)))
     with pytest.raises(UserError, match="results.json"):
-        reports.report([str(tmp_path)])
+        report([str(tmp_path)])

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import wecolora
-from wecolora import cli, export
-from wecolora import student as st
+from wecolora.cli import main
 from wecolora.errors import UserError
+from wecolora.export import export_onnx, save_student
+from wecolora.method.student import build_student
 
 from conftest import tiny_vit
 
@@ -20,22 +21,22 @@ pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
 def run(tmp_path_factory):
     """A run folder holding a merged student whose adapters did something (B != 0)."""
     teacher = tiny_vit(img_size=28, patch_size=7)
-    student = st.build_student(teacher, 2, mode="wecolora", rank=4)
+    student = build_student(teacher, 2, mode="wecolora", rank=4)
     with torch.no_grad():
         for name, p in student.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.05, generator=torch.Generator().manual_seed(0))
     folder = tmp_path_factory.mktemp("run")
-    export.save_student(wecolora.merge(student).eval(), folder / "student")
+    save_student(wecolora.merge(student).eval(), folder / "student")
     return folder
 
 
 def test_onnx_output_matches_torch_within_1e_4(run):
-    result = export.export_onnx(run)
+    result = export_onnx(run)
     path = run / "student.onnx"
     assert result["path"] == str(path) and path.is_file() and result["max_abs_diff"] <= 1e-4
     assert not list(run.glob(".student.onnx*"))  # no temporary left behind
-    model = wecolora.vit.load_model(str(run)).eval()
+    model = wecolora.teachers.load.load_model(str(run)).eval()
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (1, 5):  # the batch axis is dynamic
         images = torch.randn(batch, 3, 28, 28, generator=torch.Generator().manual_seed(batch))
@@ -48,11 +49,11 @@ def test_onnx_output_matches_torch_within_1e_4(run):
 
 def test_cli_export_and_its_errors(run, tmp_path, capsys):
     out = tmp_path / "m.onnx"
-    assert cli.main(["export", str(run), "--onnx", "--output", str(out)]) == 0
+    assert main(["export", str(run), "--onnx", "--output", str(out)]) == 0
     assert out.is_file() and "onnxruntime matches torch" in capsys.readouterr().out
-    assert cli.main(["export", str(run), "--onnx", "--output", str(tmp_path / "m.txt")]) == 2
+    assert main(["export", str(run), "--onnx", "--output", str(tmp_path / "m.txt")]) == 2
     assert "must end with .onnx" in capsys.readouterr().err
-    assert cli.main(["export", str(tmp_path / "missing"), "--onnx"]) == 2
+    assert main(["export", str(tmp_path / "missing"), "--onnx"]) == 2
     assert "wecolora: error:" in capsys.readouterr().err
 
 
@@ -66,4 +67,4 @@ def test_a_missing_extra_names_it(run, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
     with pytest.raises(UserError, match=r"wecolora\[onnx\]"):
-        export.export_onnx(run)
+        export_onnx(run)

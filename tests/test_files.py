@@ -8,8 +8,7 @@ import textwrap
 
 import pytest
 
-from wecolora import files
-from wecolora.files import atomic_dir, atomic_write_text, disk_error, recover
+from wecolora.files import _umask, atomic_dir, atomic_write_text, disk_error, recover, recover_folder
 
 # A child process writes a new version over an old one and SIGKILLs itself at the named point.
 KILL_CHILD = textwrap.dedent("""
@@ -98,10 +97,10 @@ def test_recover_folder_restores_parked_folders_first_and_cleans_temporaries_onl
     (tmp_path / ".checkpoint.abcd1234.tmp").mkdir()
     (tmp_path / ".summary.csv.abcd1234.tmp").write_text("half")
     (tmp_path / ".keep.me").write_text("not ours")
-    files.recover_folder(tmp_path, clean=False)
+    recover_folder(tmp_path, clean=False)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [".checkpoint.abcd1234.tmp", ".keep.me", ".summary.csv.abcd1234.tmp", "checkpoint"]
-    files.recover_folder(tmp_path)
+    recover_folder(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".keep.me", "checkpoint"]
 
 
@@ -119,14 +118,14 @@ def test_a_failing_writer_leaves_the_previous_folder_and_no_temporaries(tmp_path
 def test_written_files_and_folders_get_the_usual_permissions(tmp_path):
     old = os.umask(0o022)
     try:
-        files._umask.cache_clear()
+        _umask.cache_clear()
         atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
         with atomic_dir(tmp_path / "student") as tmp:
             (tmp / "config.json").write_text("{}")
             os.chmod(tmp / "config.json", 0o600)  # as safetensors writes its files
     finally:
         os.umask(old)
-        files._umask.cache_clear()
+        _umask.cache_clear()
     assert stat.S_IMODE((tmp_path / "config.yaml").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "student").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "student" / "config.json").stat().st_mode) == 0o644

@@ -8,9 +8,11 @@ import pytest
 import timm
 import torch
 
-from wecolora import hf_transformers, vit
-from wecolora.checks import check_model_spec
 from wecolora.errors import UserError
+from wecolora.teachers.hf_transformers import transformers_folder
+from wecolora.teachers.load import load_model, model_shape
+from wecolora.teachers.specs import check_model_spec
+from wecolora.teachers.vit import last_block_tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -70,29 +72,29 @@ def reference_tokens(model, images):
 def test_converted_teacher_computes_what_transformers_computes(tmp_path, model_type, config_class, model_class, extra,
                                                                preprocessor):
     reference = save_transformers_model(tmp_path, config_class, model_class, extra, preprocessor)
-    assert hf_transformers.transformers_folder(str(tmp_path)) == tmp_path
-    teacher = vit.load_model(str(tmp_path))
+    assert transformers_folder(str(tmp_path)) == tmp_path
+    teacher = load_model(str(tmp_path))
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         tokens, cls = reference_tokens(reference, images)
-        converted = vit.last_block_tokens(teacher, images)[0]
+        converted = last_block_tokens(teacher, images)[0]
         converted_cls = teacher.forward_features(images)[:, 0]
     assert converted.shape == tokens.shape  # same prefix tokens (class, distillation, registers) and patches
     torch.testing.assert_close(converted, tokens, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(converted_cls, cls, rtol=1e-5, atol=1e-5)
     # the student path rebuilds the architecture from the name and arguments alone
-    meta = vit.model_shape(str(tmp_path))
+    meta = model_shape(str(tmp_path))
     assert [p.shape for p in meta.parameters()] == [p.shape for p in teacher.parameters()]
     assert teacher.num_classes == 0
 
 
 def test_preprocessing_comes_from_the_folder_or_the_model_type_defaults(tmp_path):
     save_transformers_model(tmp_path / "dino", "Dinov2Config", "Dinov2Model", {"image_size": 48}, DINO_PREPROCESSING)
-    data = timm.data.resolve_model_data_config(vit.load_model(f"hf-transformers:{tmp_path / 'dino'}"))
+    data = timm.data.resolve_model_data_config(load_model(f"hf-transformers:{tmp_path / 'dino'}"))
     assert data["input_size"] == (3, 32, 32) and data["crop_pct"] == pytest.approx(32 / 40)
     assert data["mean"] == (0.1, 0.2, 0.3) and data["std"] == (0.4, 0.5, 0.6) and data["interpolation"] == "bicubic"
     save_transformers_model(tmp_path / "deit", "DeiTConfig", "DeiTModel", {})
-    data = timm.data.resolve_model_data_config(vit.load_model(str(tmp_path / "deit")))
+    data = timm.data.resolve_model_data_config(load_model(str(tmp_path / "deit")))
     assert data["input_size"] == (3, 32, 32) and data["mean"] == (0.485, 0.456, 0.406)
 
 
@@ -102,7 +104,7 @@ def test_unmappable_folders_are_refused_in_one_line(tmp_path):
         check_model_spec(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "swin"}))
     with pytest.raises(UserError, match="model_type 'swin' is not supported"):
-        vit.load_model(f"hf-transformers:{tmp_path}")
+        load_model(f"hf-transformers:{tmp_path}")
 
 
 def cli(*args):

@@ -1,4 +1,4 @@
-"""Tests for wecolora.image_store: the decoded store, the seeded view parameters, and views cut on the device."""
+"""Tests for wecolora.cache.images: the decoded store, the seeded view parameters, and views cut on the device."""
 import json
 import logging
 import multiprocessing
@@ -11,11 +11,13 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-import wecolora.image_store as image_store
-from conftest import tiny_vit
-from wecolora import data
+import wecolora.cache.images as image_store
+from wecolora.cache.admin import evict, list_entries, locked, mark_in_use, release_in_use
+from wecolora.data.datasets import ImageFolderSplit, load_rgb, open_dataset
+from wecolora.data.views import view_seed
 from wecolora.errors import UserError
-from wecolora.teacher_cache import view_seed
+
+from conftest import tiny_vit
 
 SIZES = [(28, 28), (258, 344), (344, 258), (10, 200), (200, 10), (33, 31)]  # the last four hit the fallback too
 
@@ -23,7 +25,7 @@ SIZES = [(28, 28), (258, 344), (344, 258), (10, 200), (200, 10), (33, 31)]  # th
 @pytest.fixture(scope="module")
 def fashion():
     try:
-        return data.open_dataset("fashion-mnist", "train")
+        return open_dataset("fashion-mnist", "train")
     except UserError as err:
         pytest.skip(str(err))
 
@@ -37,12 +39,12 @@ def smooth_rgb(height: int, width: int, seed: int) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def image_folder(root, files: dict) -> data.ImageFolderSplit:
+def image_folder(root, files: dict) -> ImageFolderSplit:
     """A one-class image folder holding ``files`` (name -> PIL image, saved by its extension)."""
     (root / "a").mkdir(parents=True)
     for name, image in files.items():
         image.save(root / "a" / name, **({"quality": 95} if name.endswith(".jpg") else {}))
-    return data.open_dataset(str(root))
+    return open_dataset(str(root))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +147,7 @@ def test_device_views_of_a_downscaled_jpeg_match_pil_on_the_original(tmp_path):
     boxes, flips = recipe.params(0, 0, np.arange(4), store.sizes)
     views = recipe.apply(torch.from_numpy(store.rows(np.arange(4))), boxes, flips) * 255
     for p in range(4):
-        original = data.load_rgb(dataset.samples[p][0])
+        original = load_rgb(dataset.samples[p][0])
         top, left, height, width = boxes[p].tolist()
         sy, sx = 300 / 258, 400 / 344  # the box on the original image: the same region
         expected = original.resize((224, 224), Image.BICUBIC, box=(left * sx, top * sy, (left + width) * sx,
@@ -177,7 +179,7 @@ class Counting:
         import torchvision.io
 
         self.calls = {"decode_jpeg": 0, "load_rgb": 0}
-        for module, name in ((torchvision.io, "decode_jpeg"), (data, "load_rgb")):
+        for module, name in ((torchvision.io, "decode_jpeg"), (image_store, "load_rgb")):
             real = getattr(module, name)
             monkeypatch.setattr(module, name, self._counted(name, real))
 
@@ -211,7 +213,7 @@ def test_the_bound_shrinks_large_images_antialiased_and_a_second_open_decodes_no
     assert by_name == {"wide.jpg": [100, 133], "tall.png": [200, 80], "small.png": [50, 60]}
     assert store.canvas == (200, 133)
     wide = [p for p, (path, _) in enumerate(dataset.samples) if path.endswith("wide.jpg")][0]
-    expected = np.array(data.load_rgb(dataset.samples[wide][0]).resize((133, 100), Image.BICUBIC)).transpose(2, 0, 1)
+    expected = np.array(load_rgb(dataset.samples[wide][0]).resize((133, 100), Image.BICUBIC)).transpose(2, 0, 1)
     assert np.abs(store.image(wide).astype(int) - expected).mean() < 1  # PIL's antialiased shrink
     meta = json.loads((store.folder / "meta.json").read_text())
     assert meta["bytes"] == 3 * (100 * 133 + 200 * 80 + 50 * 60) and store.record()["canvas"] == [200, 133]
@@ -234,7 +236,7 @@ def test_a_mixed_orientation_subset_is_stored_at_its_sizes_and_read_on_the_forma
     on_disk = np.load(store.folder / "pixels.npy", mmap_mode="r")
     assert on_disk.nbytes == real == store.meta["bytes"] < n * 3 * height * width
     # Format 1's rows: each image at the top left of the canvas, the rest repeating its last row and column.
-    images = [np.array(data.load_rgb(path)).transpose(2, 0, 1) for path, _ in dataset.samples]
+    images = [np.array(load_rgb(path)).transpose(2, 0, 1) for path, _ in dataset.samples]
     expected = np.stack([np.pad(im, ((0, 0), (0, height - im.shape[1]), (0, width - im.shape[2])), mode="edge")
                          for im in images])
     order = [3, 0, 4, 1, 1]
@@ -242,8 +244,8 @@ def test_a_mixed_orientation_subset_is_stored_at_its_sizes_and_read_on_the_forma
 
 
 def test_a_format_1_store_is_built_again_in_the_current_format(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="wecolora.image_store")
-    digits = data.open_dataset("mnist-5k", "train")
+    caplog.set_level(logging.INFO, logger="wecolora.cache.images")
+    digits = open_dataset("mnist-5k", "train")
     store = image_store.open_store(digits, [1, 2], bound=33, cache_dir=tmp_path)
     folder = store.folder
     del store
@@ -257,7 +259,7 @@ def test_a_format_1_store_is_built_again_in_the_current_format(tmp_path, caplog)
 
 
 def test_in_memory_images_are_stored_as_they_are(tmp_path):
-    digits = data.open_dataset("mnist-5k", "train")
+    digits = open_dataset("mnist-5k", "train")
     indices = [3, 50, 700]
     store = image_store.open_store(digits, indices, bound=33, num_workers=0, cache_dir=tmp_path)
     assert store.pixels.shape == (3 * 3 * 28 * 28,) and store.sizes.tolist() == [[28, 28]] * 3
@@ -293,12 +295,12 @@ def test_half_built_stores_of_dead_builders_are_removed(tmp_path):
     elsewhere = tmp_path / f".abc-33px.other.host-{child.pid}.x_3.tmp"
     for folder in (dead, alive, elsewhere):
         folder.mkdir()
-    image_store.open_store(data.open_dataset("mnist-5k", "train"), [0, 1], bound=33, cache_dir=tmp_path)
+    image_store.open_store(open_dataset("mnist-5k", "train"), [0, 1], bound=33, cache_dir=tmp_path)
     assert not dead.exists() and alive.exists() and elsewhere.exists()
 
 
 def test_store_batches_carry_the_rows_and_their_view():
-    digits = data.open_dataset("mnist-5k", "train")
+    digits = open_dataset("mnist-5k", "train")
     indices = [3, 50, 700, 9]
     store = image_store.open_store(digits, indices, bound=33)
     recipe = image_store.ViewRecipe((28, 28), (0.5,) * 3, (0.5,) * 3, bound=33)
@@ -316,7 +318,7 @@ def test_store_batches_carry_the_rows_and_their_view():
 
 
 def test_a_store_damaged_after_it_was_built_is_built_again(tmp_path, caplog):
-    digits = data.open_dataset("mnist-5k", "train")
+    digits = open_dataset("mnist-5k", "train")
     store = image_store.open_store(digits, [1, 2, 3], bound=33, cache_dir=tmp_path)
     pixels = store.folder / "pixels.npy"
     pixels.write_bytes(pixels.read_bytes()[:-100])  # truncated behind our back
@@ -329,7 +331,7 @@ def test_a_full_disk_or_unwritable_folder_is_one_line_naming_the_size_and_the_fi
     import errno
     import os
 
-    digits = data.open_dataset("mnist-5k", "train")
+    digits = open_dataset("mnist-5k", "train")
 
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -347,30 +349,28 @@ def test_a_full_disk_or_unwritable_folder_is_one_line_naming_the_size_and_the_fi
 def test_a_store_in_use_is_not_cleared_by_wecolora_cache(tmp_path):
     import gc
 
-    from wecolora import cache_admin
 
-    store = image_store.open_store(data.open_dataset("mnist-5k", "train"), [1, 2], bound=33, cache_dir=tmp_path)
+    store = image_store.open_store(open_dataset("mnist-5k", "train"), [1, 2], bound=33, cache_dir=tmp_path)
     folder = store.folder
-    assert cache_admin.locked(folder) and not cache_admin.evict(folder) and folder.is_dir()
+    assert locked(folder) and not evict(folder) and folder.is_dir()
     del store
     gc.collect()
-    assert not cache_admin.locked(folder) and cache_admin.evict(folder) and not folder.exists()
+    assert not locked(folder) and evict(folder) and not folder.exists()
 
 
 def test_a_new_store_evicts_the_least_recently_used_entry_not_in_use_or_is_built_over_the_cap(tmp_path, monkeypatch,
                                                                                               caplog):
     from test_cache_admin import fake_teacher_entry
 
-    from wecolora import cache_admin
 
     monkeypatch.setenv("WECOLORA_CACHE_DIR", str(tmp_path))
-    digits = data.open_dataset("mnist-5k", "train")
+    digits = open_dataset("mnist-5k", "train")
     in_use = fake_teacher_entry(tmp_path, "in-use", views=1, days_ago=5)
     old = fake_teacher_entry(tmp_path, "old", views=1, days_ago=3)
     recent = fake_teacher_entry(tmp_path, "recent", views=1, days_ago=1)
     store_bytes = 2 * 3 * 28 * 28  # two [3, 28, 28] uint8 images
-    cap_gb = (sum(e.bytes for e in cache_admin.list_entries(tmp_path)) + store_bytes - 10) / 1e9  # one must go
-    cache_admin.mark_in_use(in_use)  # this process trains with it
+    cap_gb = (sum(e.bytes for e in list_entries(tmp_path)) + store_bytes - 10) / 1e9  # one must go
+    mark_in_use(in_use)  # this process trains with it
     try:
         store = image_store.open_store(digits, [1, 2], bound=33, max_gb=cap_gb)
         assert store.meta["bytes"] == store_bytes and store.folder.parent == tmp_path / "images"
@@ -381,4 +381,4 @@ def test_a_new_store_evicts_the_least_recently_used_entry_not_in_use_or_is_built
         assert len(big) == 3 and store.folder.is_dir() and recent.is_dir()
         assert "over its" in caplog.text and "--cache-max-gb or $WECOLORA_CACHE_MAX_GB" in caplog.text
     finally:
-        cache_admin.release_in_use()
+        release_in_use()

@@ -3,13 +3,27 @@ import math
 
 import pytest
 import torch
-from conftest import interrupted_after_first_checkpoint, probe_on_fixed_fashion_slice, tiny_vit
 from safetensors.torch import load_file
 
-from wecolora import augment, checks, cli, mae, vit
-from wecolora import pretrain as pretrain_module
+import wecolora.train.pretrain as pretrain_module
+from wecolora.cli import main
+from wecolora.data.augment import DeviceCropLoader, crop_resize, resize_normalize, sample_crop_boxes, stream_seed
+from wecolora.data.transforms import eval_transform
 from wecolora.errors import UserError
-from wecolora.pretrain import PretrainConfig, pretrain
+from wecolora.teachers import specs
+from wecolora.teachers.load import load_model
+from wecolora.train import run_folder
+from wecolora.train.mae import (
+    MaskedAutoencoder,
+    encode,
+    patchify,
+    random_masking,
+    reconstruction_loss,
+    sincos_pos_embed,
+)
+from wecolora.train.pretrain import PretrainConfig, pretrain
+
+from conftest import interrupted_after_first_checkpoint, probe_on_fixed_fashion_slice, tiny_vit
 
 # ---------------------------------------------------------------- masking
 
@@ -23,7 +37,7 @@ MASKING_CASES = [  # (num_patches, mask_ratio, kept per image)
 
 @pytest.mark.parametrize("num_patches, ratio, kept", MASKING_CASES)
 def test_masking_keeps_exactly_the_unmasked_share_of_every_image(num_patches, ratio, kept):
-    keep, mask = mae.random_masking(64, num_patches, ratio, torch.Generator().manual_seed(0))
+    keep, mask = random_masking(64, num_patches, ratio, torch.Generator().manual_seed(0))
     assert keep.shape == (64, kept)
     assert (mask.sum(dim=1) == num_patches - kept).all()
     assert not mask.gather(1, keep).any()  # the kept patches are exactly the unmasked ones
@@ -31,9 +45,9 @@ def test_masking_keeps_exactly_the_unmasked_share_of_every_image(num_patches, ra
 
 
 def test_masking_is_seeded_and_differs_between_images_and_seeds():
-    first = mae.random_masking(32, 16, 0.75, torch.Generator().manual_seed(3))
-    again = mae.random_masking(32, 16, 0.75, torch.Generator().manual_seed(3))
-    other = mae.random_masking(32, 16, 0.75, torch.Generator().manual_seed(4))
+    first = random_masking(32, 16, 0.75, torch.Generator().manual_seed(3))
+    again = random_masking(32, 16, 0.75, torch.Generator().manual_seed(3))
+    other = random_masking(32, 16, 0.75, torch.Generator().manual_seed(4))
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert not torch.equal(first[1], other[1])
     assert len({tuple(row.tolist()) for row in first[1]}) > 20  # each image draws its own mask
@@ -42,7 +56,7 @@ def test_masking_is_seeded_and_differs_between_images_and_seeds():
 @pytest.mark.parametrize("ratio", [0.99, 0.01])
 def test_a_ratio_leaving_nothing_to_see_or_to_predict_is_refused(ratio):
     with pytest.raises(UserError, match="--mask-ratio"):
-        mae.random_masking(2, 16, ratio)
+        random_masking(2, 16, ratio)
 
 
 # ---------------------------------------------------------------- encoder
@@ -61,10 +75,10 @@ def test_the_encoder_on_every_patch_in_order_is_timms_forward_features(overrides
     images = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         expected = model.forward_features(images)
-        torch.testing.assert_close(mae.encode(model, images), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(encode(model, images), expected, atol=1e-5, rtol=0)
         # All patches in a shuffled order: attention does not care, so each token comes out permuted alike.
         order = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(i)) for i in range(3)])
-        shuffled = mae.encode(model, images, keep=order)
+        shuffled = encode(model, images, keep=order)
     prefix = model.num_prefix_tokens
     torch.testing.assert_close(shuffled[:, :prefix], expected[:, :prefix], atol=1e-5, rtol=0)
     permuted = expected[:, prefix:].gather(1, order[..., None].expand(-1, -1, 32))
@@ -78,12 +92,12 @@ def test_the_encoder_on_every_patch_in_order_is_timms_forward_features(overrides
 ])
 def test_layouts_the_encoder_cannot_mask_are_refused(overrides, message):
     with pytest.raises(UserError, match=message):
-        mae.MaskedAutoencoder(tiny_vit(depth=1, num_classes=0, **overrides), decoder_dim=32, decoder_depth=1)
+        MaskedAutoencoder(tiny_vit(depth=1, num_classes=0, **overrides), decoder_dim=32, decoder_depth=1)
 
 
 def test_patchify_puts_each_patch_row_by_row_with_channels_last():
     images = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
-    patches = mae.patchify(images, 2)  # [2, 4, 12]
+    patches = patchify(images, 2)  # [2, 4, 12]
     assert patches.shape == (2, 4, 12)
     # patch 1 is the top-right 2x2 block; its first pixel (row 0, column 2) in channels 0, 1, 2
     assert patches[0, 1, :3].tolist() == [images[0, c, 0, 2].item() for c in range(3)]
@@ -97,26 +111,26 @@ def test_patchify_puts_each_patch_row_by_row_with_channels_last():
 def test_the_loss_counts_only_the_masked_patches(norm_pix):
     generator = torch.Generator().manual_seed(0)
     prediction, target = torch.randn(2, 16, 12, generator=generator), torch.randn(2, 16, 12, generator=generator)
-    _, mask = mae.random_masking(2, 16, 0.75, generator)
-    loss = mae.reconstruction_loss(prediction, target, mask, norm_pix=norm_pix)
+    _, mask = random_masking(2, 16, 0.75, generator)
+    loss = reconstruction_loss(prediction, target, mask, norm_pix=norm_pix)
     visible, hidden = (~mask[0]).nonzero()[0, 0], mask[0].nonzero()[0, 0]
     changed = target.clone()
     changed[0, visible] += torch.randn(12, generator=generator) * 5
-    assert mae.reconstruction_loss(prediction, changed, mask, norm_pix=norm_pix) == loss
+    assert reconstruction_loss(prediction, changed, mask, norm_pix=norm_pix) == loss
     changed[0, hidden] += torch.randn(12, generator=generator) * 5
-    assert mae.reconstruction_loss(prediction, changed, mask, norm_pix=norm_pix) != loss
+    assert reconstruction_loss(prediction, changed, mask, norm_pix=norm_pix) != loss
 
 
 def test_norm_pix_loss_ignores_each_patchs_brightness_and_contrast():
     target = torch.randn(1, 4, 12)
     mask = torch.tensor([[True, True, False, True]])
     normalised = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-    assert mae.reconstruction_loss(normalised, target * 3 + 7, mask).item() == pytest.approx(0.0, abs=1e-5)
-    assert mae.reconstruction_loss(normalised, target * 3 + 7, mask, norm_pix=False) > 1
+    assert reconstruction_loss(normalised, target * 3 + 7, mask).item() == pytest.approx(0.0, abs=1e-5)
+    assert reconstruction_loss(normalised, target * 3 + 7, mask, norm_pix=False) > 1
 
 
 def test_the_decoder_learns_from_the_masked_patches_through_the_mask_token():
-    model = mae.MaskedAutoencoder(tiny_vit(depth=1, num_classes=0), decoder_dim=32, decoder_depth=1)
+    model = MaskedAutoencoder(tiny_vit(depth=1, num_classes=0), decoder_dim=32, decoder_depth=1)
     model(torch.randn(4, 3, 16, 16), torch.Generator().manual_seed(0))["loss"].backward()
     for name in ("decoder.mask_token", "decoder.embed.weight", "encoder.cls_token", "encoder.pos_embed",
                  "encoder.blocks.0.attn.qkv.weight"):
@@ -127,7 +141,7 @@ def test_the_decoder_learns_from_the_masked_patches_through_the_mask_token():
 def test_tokens_and_position_embeddings_get_no_weight_decay():
     from timm.optim import create_optimizer_v2
 
-    model = mae.MaskedAutoencoder(tiny_vit(depth=1, num_classes=0), decoder_dim=32, decoder_depth=1)
+    model = MaskedAutoencoder(tiny_vit(depth=1, num_classes=0), decoder_dim=32, decoder_depth=1)
     optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     undecayed = {names[id(p)] for group in optimizer.param_groups if group["weight_decay"] == 0
@@ -137,7 +151,7 @@ def test_tokens_and_position_embeddings_get_no_weight_decay():
 
 
 def test_sincos_positions_are_distinct_and_bounded():
-    pos = mae.sincos_pos_embed((4, 4), 32)
+    pos = sincos_pos_embed((4, 4), 32)
     assert pos.shape == (16, 32) and pos.abs().max() <= 1
     assert torch.cdist(pos, pos).add(torch.eye(16)).min() > 0.1  # no two positions alike
 
@@ -148,8 +162,8 @@ def test_sincos_positions_are_distinct_and_bounded():
 def test_a_full_image_box_returns_the_image_and_a_flip_mirrors_it():
     images = torch.rand(2, 1, 28, 28)
     full = torch.tensor([[0.0, 0.0, 28.0, 28.0]] * 2)
-    torch.testing.assert_close(augment.crop_resize(images, full, 28), images, atol=1e-5, rtol=0)
-    flipped = augment.crop_resize(images, full, 28, flip=torch.tensor([True, False]))
+    torch.testing.assert_close(crop_resize(images, full, 28), images, atol=1e-5, rtol=0)
+    flipped = crop_resize(images, full, 28, flip=torch.tensor([True, False]))
     torch.testing.assert_close(flipped[0], images[0].flip(-1), atol=1e-5, rtol=0)
     torch.testing.assert_close(flipped[1], images[1], atol=1e-5, rtol=0)
 
@@ -157,15 +171,15 @@ def test_a_full_image_box_returns_the_image_and_a_flip_mirrors_it():
 def test_a_box_is_cut_from_where_it_says_and_scaled_to_the_output():
     images = torch.rand(1, 3, 28, 28)
     box = torch.tensor([[7.0, 14.0, 14.0, 10.0]])  # top 7, left 14, 14 high, 10 wide
-    out = augment.crop_resize(images, box, (14, 10), mode="nearest")
+    out = crop_resize(images, box, (14, 10), mode="nearest")
     torch.testing.assert_close(out, images[:, :, 7:21, 14:24], atol=1e-6, rtol=0)
-    doubled = augment.crop_resize(images, box, (28, 20), mode="nearest")  # each source pixel twice
+    doubled = crop_resize(images, box, (28, 20), mode="nearest")  # each source pixel twice
     torch.testing.assert_close(doubled[:, :, ::2, ::2], images[:, :, 7:21, 14:24], atol=1e-6, rtol=0)
 
 
 def test_crop_boxes_are_seeded_inside_the_image_and_within_the_area_range():
-    boxes = augment.sample_crop_boxes(5000, 28, 20, generator=torch.Generator().manual_seed(0))
-    again = augment.sample_crop_boxes(5000, 28, 20, generator=torch.Generator().manual_seed(0))
+    boxes = sample_crop_boxes(5000, 28, 20, generator=torch.Generator().manual_seed(0))
+    again = sample_crop_boxes(5000, 28, 20, generator=torch.Generator().manual_seed(0))
     assert torch.equal(boxes, again)
     top, left, h, w = boxes.unbind(1)
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 28).all() and (left + w <= 20).all()
@@ -179,7 +193,7 @@ def test_crop_boxes_are_seeded_inside_the_image_and_within_the_area_range():
 def test_the_device_loader_serves_each_image_at_most_once_per_epoch_normalised():
     # Image i is flat grey i: any crop or flip of it stays flat, so each batch row says which image it is.
     images = torch.arange(200, dtype=torch.uint8)[:, None, None].expand(200, 8, 8).contiguous()
-    loader = augment.DeviceCropLoader(images, batch_size=16, size=8, mean=(0.5,) * 3, std=(0.25,) * 3)
+    loader = DeviceCropLoader(images, batch_size=16, size=8, mean=(0.5,) * 3, std=(0.25,) * 3)
     loader.set_seed(0)
     batches = list(loader)
     assert len(batches) == len(loader) == 12 and batches[0].shape == (16, 3, 8, 8)
@@ -187,7 +201,7 @@ def test_the_device_loader_serves_each_image_at_most_once_per_epoch_normalised()
     assert seen.unique().numel() == 12 * 16
     loader.set_seed(0)
     assert all(torch.equal(a, b) for a, b in zip(batches, loader))  # seeded
-    shards = [augment.DeviceCropLoader(images, batch_size=8, size=8, mean=(0.5,) * 3, std=(0.25,) * 3,
+    shards = [DeviceCropLoader(images, batch_size=8, size=8, mean=(0.5,) * 3, std=(0.25,) * 3,
                                        num_processes=2, process_index=i) for i in range(2)]
     for shard in shards:
         shard.set_seed(0)
@@ -196,7 +210,7 @@ def test_the_device_loader_serves_each_image_at_most_once_per_epoch_normalised()
 
 
 def test_stream_seeds_differ_for_every_key():
-    seeds = {augment.stream_seed(seed, epoch, stream) for seed in range(3) for epoch in range(3) for stream in range(2)}
+    seeds = {stream_seed(seed, epoch, stream) for seed in range(3) for epoch in range(3) for stream in range(2)}
     assert len(seeds) == 18 and all(0 <= s < 2 ** 63 for s in seeds)
 
 
@@ -217,15 +231,15 @@ def test_mae_pretraining_writes_a_headless_encoder_and_resumes_exactly(tmp_path,
     assert [row["epoch"] for row in whole["epochs"]] == [1, 2] and 0.2 < whole["knn_top1"] <= 1
     assert (tmp_path / "whole" / "summary.csv").read_text().splitlines()[0] == \
         "epoch,loss,lr,knn_top1,images_per_s,seconds"
-    model = vit.load_model(f"local-dir:{tmp_path / 'whole' / 'model'}")
+    model = load_model(f"local-dir:{tmp_path / 'whole' / 'model'}")
     assert model.num_classes == 0 and len(model.blocks) == 1 and not (tmp_path / "whole" / "checkpoint").exists()
-    assert vit.load_model(str(tmp_path / "whole")).pretrained_cfg["mean"] == model.pretrained_cfg["mean"]
+    assert load_model(str(tmp_path / "whole")).pretrained_cfg["mean"] == model.pretrained_cfg["mean"]
     mean = model.pretrained_cfg["mean"][0]
     assert 0.1 < mean < 0.15  # measured on mnist-5k's train images, not a constant
 
     with interrupted_after_first_checkpoint(monkeypatch, pretrain_module):
         pretrain(mae_config(tmp_path / "cut"))
-    saved = load_file(str(tmp_path / "cut" / "checkpoint" / checks.CHECKPOINT_FILES[0]))
+    saved = load_file(str(tmp_path / "cut" / "checkpoint" / run_folder.CHECKPOINT_FILES[0]))
     assert any(k.startswith("decoder.") for k in saved) and any(k.startswith("encoder.") for k in saved)
     resumed = pretrain(mae_config(tmp_path / "cut", resume="auto"))
     assert [row["loss"] for row in resumed["epochs"]] == [row["loss"] for row in whole["epochs"]]
@@ -250,7 +264,7 @@ def test_mae_pretraining_reads_class_folders_through_the_pil_loader(tmp_path, mo
     result = pretrain(mae_config(tmp_path / "run", data=str(tmp_path / "data"), batch_size=4, epochs=1,
                                  warmup_epochs=0, eval_every=1))
     assert len(result["epochs"]) == 1 and 0 <= result["knn_top1"] <= 1 and math.isfinite(result["epochs"][0]["loss"])
-    assert vit.load_model(str(tmp_path / "run")).num_classes == 0
+    assert load_model(str(tmp_path / "run")).num_classes == 0
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -268,7 +282,7 @@ def test_mae_settings_are_checked_once_naming_the_flag(overrides, message, tmp_p
 def test_the_cli_runs_pretrain_objective_mae_and_prints_the_knn_monitor(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pretrain_module, "KNN_TRAIN", 500)
     monkeypatch.setattr(pretrain_module, "KNN_TEST", 200)
-    code = cli.main(["pretrain", "--objective", "mae", "--data", "mnist-5k", "--output", str(tmp_path / "run"),
+    code = main(["pretrain", "--objective", "mae", "--data", "mnist-5k", "--output", str(tmp_path / "run"),
                      "--depth", "1", "--embed-dim", "32", "--num-heads", "2", "--decoder-dim", "32",
                      "--decoder-depth", "1", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "512",
                      "--num-workers", "0", "--device", "cpu", "--mask-ratio", "0.5", "--no-norm-pix-loss"])
@@ -281,26 +295,26 @@ def test_the_cli_runs_pretrain_objective_mae_and_prints_the_knn_monitor(tmp_path
 
 
 def test_a_missing_bundled_mae_teacher_is_one_clear_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(checks.BUNDLED_TEACHERS, "bundled-mae", tmp_path / "teacher-mae")
+    monkeypatch.setitem(specs.BUNDLED_TEACHERS, "bundled-mae", tmp_path / "teacher-mae")
     with pytest.raises(UserError, match="bundled-mae teacher is not in this install.*--objective mae"):
-        vit.load_model("bundled-mae")
-    assert cli.main(["inspect", "--teacher", "bundled-mae"]) == 2
+        load_model("bundled-mae")
+    assert main(["inspect", "--teacher", "bundled-mae"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("wecolora: error: the bundled-mae teacher") and err.count("\n") == 1
 
 
 def test_bundled_mae_resolves_to_its_asset_folder(teacher_dir, monkeypatch):
-    monkeypatch.setitem(checks.BUNDLED_TEACHERS, "bundled-mae", teacher_dir)
-    checks.check_model_spec("bundled-mae")
-    model, same = vit.load_model("bundled-mae"), vit.load_model(f"local-dir:{teacher_dir}")
+    monkeypatch.setitem(specs.BUNDLED_TEACHERS, "bundled-mae", teacher_dir)
+    specs.check_model_spec("bundled-mae")
+    model, same = load_model("bundled-mae"), load_model(f"local-dir:{teacher_dir}")
     assert len(model.blocks) == 6 and torch.equal(model.pos_embed, same.pos_embed)
 
 
 def test_the_bundled_mae_teacher_loads_by_name_and_probes_above_its_recipe_threshold(capsys):
     """The threshold (75%) is the one written in assets/teacher-mae/RECIPE.md."""
-    assert cli.main(["inspect", "--teacher", "bundled-mae", "--json"]) == 0
+    assert main(["inspect", "--teacher", "bundled-mae", "--json"]) == 0
     assert '"teacher_blocks": 12' in capsys.readouterr().out
-    teacher = vit.load_model("bundled-mae")
+    teacher = load_model("bundled-mae")
     assert len(teacher.blocks) == 12 and teacher.embed_dim == 128 and teacher.num_classes == 0
     result = probe_on_fixed_fashion_slice(teacher, epochs=100, lr=4.0)
     assert result["top1"] >= 0.75, result
@@ -309,10 +323,9 @@ def test_the_bundled_mae_teacher_loads_by_name_and_probes_above_its_recipe_thres
 def test_device_eval_inputs_equal_the_models_eval_transform():
     from PIL import Image
 
-    from wecolora import data
 
     model = tiny_vit(depth=1, img_size=28, patch_size=7)
     model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.2,) * 3, "std": (0.4,) * 3, "crop_pct": 1.0}
     grey = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
-    expected = torch.stack([data.eval_transform(model)(Image.fromarray(g.numpy()).convert("RGB")) for g in grey])
-    torch.testing.assert_close(augment.resize_normalize(grey, 28, (0.2,) * 3, (0.4,) * 3), expected, atol=1e-5, rtol=0)
+    expected = torch.stack([eval_transform(model)(Image.fromarray(g.numpy()).convert("RGB")) for g in grey])
+    torch.testing.assert_close(resize_normalize(grey, 28, (0.2,) * 3, (0.4,) * 3), expected, atol=1e-5, rtol=0)

@@ -27,7 +27,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from wecolora.cli import one_line
+from wecolora.data.datasets import BUILTIN_DATASETS, open_dataset
+from wecolora.data.layout import IMAGE_EXTENSIONS
+from wecolora.data.subset import _decodes, drop_unreadable
 from wecolora.errors import UserError
+from wecolora.evaluation.knn import knn
+from wecolora.evaluation.probe import probe
+from wecolora.export import RUN_INFO
+from wecolora.teachers.load import load_model
+from wecolora.train.checkpoint import OPTIMIZER, STATE, WEIGHTS
 
 # One thread per process: these tiny models gain nothing from more, and a busy 2-core machine makes
 # oversubscribed OpenMP threads spin (2-3x slower). Every run, interrupted or not, uses the same setting.
@@ -523,9 +532,9 @@ def config(teacher_dir, output, **overrides):
 
 def test_a_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(teacher_dir, tmp_path, monkeypatch,
                                                                             one_thread):
-    import wecolora.distill as distill_module
+    import wecolora.train.distill as distill_module
 
-    real_loss, real_save = distill_module.losses.feature_loss, distill_module.save_checkpoint
+    real_loss, real_save = distill_module.feature_loss, distill_module.save_checkpoint
     calls, saved = [], {}
 
     def loss_turning_nan(*args, **kwargs):
@@ -539,7 +548,7 @@ def test_a_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tea
         real_save(path, *args, **kwargs)
         saved.update(snapshot(path))
 
-    monkeypatch.setattr(distill_module.losses, "feature_loss", loss_turning_nan)
+    monkeypatch.setattr(distill_module, "feature_loss", loss_turning_nan)
     monkeypatch.setattr(distill_module, "save_checkpoint", save_and_remember)
     with pytest.raises(UserError) as err:
         distill_module.distill(config(teacher_dir, tmp_path / "run"))
@@ -551,7 +560,7 @@ def test_a_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tea
 
 
 def test_damaged_images_are_skipped_with_a_warning_and_counted(teacher_dir, tmp_path, caplog, one_thread):
-    from wecolora.distill import distill
+    from wecolora.train.distill import distill
 
     data = tmp_path / "data"
     for c in ("a", "b"):
@@ -569,19 +578,18 @@ def test_damaged_images_are_skipped_with_a_warning_and_counted(teacher_dir, tmp_
 
 
 def test_unreadable_images_that_empty_a_class_stop_the_run(tmp_path):
-    from wecolora import data
 
     for i in range(20):
         save_png(tmp_path / "a" / f"{i}.png", digit(i))
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "0.png").write_bytes(b"broken")
-    dataset = data.open_dataset(str(tmp_path))
+    dataset = open_dataset(str(tmp_path))
     with pytest.raises(UserError, match="class\\(es\\) b keep fewer than 1 image"):
-        data.drop_unreadable(dataset, list(range(len(dataset))), min_per_class=1)
+        drop_unreadable(dataset, list(range(len(dataset))), min_per_class=1)
 
 
 def test_grey_alpha_palette_cmyk_and_16_bit_images_load_as_8_bit_rgb(tmp_path):
-    from wecolora.data import load_rgb
+    from wecolora.data.datasets import load_rgb
 
     odd_images(tmp_path)
     grey = digit(99).astype(np.int64)
@@ -595,7 +603,6 @@ def test_grey_alpha_palette_cmyk_and_16_bit_images_load_as_8_bit_rgb(tmp_path):
 
 @pytest.mark.parametrize("kind", ["torch-save", "raw-pickle", "model-folder"])
 def test_a_malicious_pth_is_refused_and_never_runs(teacher_dir, tmp_path, kind):
-    from wecolora import vit
 
     marker = tmp_path / "PWNED"
     payload = {"model": {"w": torch.zeros(1)}, "x": WouldRun(marker)}
@@ -619,34 +626,33 @@ def test_a_malicious_pth_is_refused_and_never_runs(teacher_dir, tmp_path, kind):
         (folder / "pytorch_model.bin").write_bytes(buffer.getvalue())
         spec, weights = f"local-dir:{folder}", None
     with pytest.raises(UserError, match="refusing to load"):
-        vit.load_model(spec, weights=weights)
+        load_model(spec, weights=weights)
     assert not marker.exists()  # ...but loading it through wecolora never ran it
 
 
 def test_plain_pth_and_safetensors_weights_load(teacher_dir, tmp_path):
-    from wecolora import vit
 
     state = load_file(str(Path(teacher_dir) / "model.safetensors"))
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "nested.pth")
     save_file(state, str(tmp_path / "plain.safetensors"))
     for file in ("nested.pth", "plain.safetensors"):
-        model = vit.load_model(f"local-dir:{teacher_dir}", weights=str(tmp_path / file))
+        model = load_model(f"local-dir:{teacher_dir}", weights=str(tmp_path / file))
         for key, value in model.state_dict().items():
             torch.testing.assert_close(value, state[key], msg=key)
         assert model.pretrained_cfg["file"].endswith(file) and "state_dict" not in model.pretrained_cfg
 
 
 def test_the_torch_free_checks_agree_with_the_modules_they_stand_in_for():
-    from wecolora import checkpoint, checks, data, export
+    from wecolora.data import layout
+    from wecolora.train import run_folder
 
-    assert checks.BUILTIN_DATASET_NAMES == tuple(data.BUILTIN_DATASETS)
-    assert checks.IMAGE_EXTENSIONS == data.IMAGE_EXTENSIONS
-    assert checks.CHECKPOINT_FILES == (checkpoint.WEIGHTS, checkpoint.OPTIMIZER, checkpoint.STATE)
-    assert export.RUN_INFO == "wecolora.json"  # check_distill's marker of a finished run: adapter/wecolora.json
+    assert layout.BUILTIN_DATASET_NAMES == tuple(BUILTIN_DATASETS)
+    assert layout.IMAGE_EXTENSIONS == IMAGE_EXTENSIONS
+    assert run_folder.CHECKPOINT_FILES == (WEIGHTS, OPTIMIZER, STATE)
+    assert RUN_INFO == "wecolora.json"  # check_distill's marker of a finished run: adapter/wecolora.json
 
 
 def test_probe_and_knn_skip_and_count_damaged_images_up_to_a_threshold(teacher_dir, tmp_path, caplog, one_thread):
-    from wecolora import evaluate
 
     data = tmp_path / "data"
     for split in ("train", "test"):
@@ -655,12 +661,12 @@ def test_probe_and_knn_skip_and_count_damaged_images_up_to_a_threshold(teacher_d
                 save_png(data / split / c / f"{i}.png", digit(i + 10 * (c == "b")))
     (data / "train" / "a" / "truncated.png").write_bytes((data / "train" / "a" / "0.png").read_bytes()[:100])
     common = dict(device="cpu", cache_dir=str(tmp_path / "cache"))
-    result = evaluate.probe(f"local-dir:{teacher_dir}", str(data), str(tmp_path / "probe"), epochs=2, **common)
+    result = probe(f"local-dir:{teacher_dir}", str(data), str(tmp_path / "probe"), epochs=2, **common)
     assert (result["n_train"], result["unreadable_train"], result["unreadable_test"]) == (20, 1, 0)
     written = json.loads((tmp_path / "probe" / "results.json").read_text())
     assert written["unreadable_images"] == ["train/a/truncated.png"] and written["unreadable_train"] == 1
     assert "skipping 1 unreadable image(s) of 21: train/a/truncated.png" in caplog.text
-    neighbours = evaluate.knn(f"local-dir:{teacher_dir}", str(data), str(tmp_path / "knn"), k=3, **common)
+    neighbours = knn(f"local-dir:{teacher_dir}", str(data), str(tmp_path / "knn"), k=3, **common)
     assert neighbours["n_train"] == 20 and neighbours["unreadable_train"] == 1
     # Beyond the threshold (a setting, not a constant): one line, exit 2, no results.json.
     proc = cli("probe", "--model", f"local-dir:{teacher_dir}", "--data", str(data), "--output",
@@ -671,35 +677,35 @@ def test_probe_and_knn_skip_and_count_damaged_images_up_to_a_threshold(teacher_d
 
 def test_an_image_damaged_during_a_run_stops_with_one_line(tmp_path):
     """A file that breaks after the start-up check: the loader worker's error reaches the user as one line."""
-    from wecolora import cli as cli_module, data
 
     for i in range(4):
         save_png(tmp_path / "a" / f"{i}.png", digit(i))
-    dataset = data.open_dataset(str(tmp_path))
+    dataset = open_dataset(str(tmp_path))
     (tmp_path / "a" / "2.png").write_bytes(b"broken")  # damaged after the dataset was listed
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1)
     with pytest.raises(UserError) as err:
         next(iter(loader))
-    line = cli_module.one_line(err.value)
+    line = one_line(err.value)
     assert "\n" not in line and line.startswith(f"image {tmp_path / 'a' / '2.png'} cannot be read any more")
     assert "--resume auto" in line
 
 
 def test_the_readability_check_is_remembered_per_file_listing(tmp_path, monkeypatch):
-    from wecolora import data
 
     monkeypatch.setenv("WECOLORA_CACHE_DIR", str(tmp_path / "cache"))
     for i in range(20):
         save_png(tmp_path / "d" / "a" / f"{i}.png", digit(i))
     (tmp_path / "d" / "a" / "bad.png").write_bytes(b"broken")
-    dataset = data.open_dataset(str(tmp_path / "d"))
+    dataset = open_dataset(str(tmp_path / "d"))
     everything = list(range(len(dataset)))
-    first = data.drop_unreadable(dataset, everything)
+    first = drop_unreadable(dataset, everything)
     decoded = []
-    real_decodes = data._decodes
-    monkeypatch.setattr(data, "_decodes", lambda path: decoded.append(path) or real_decodes(path))
-    assert data.drop_unreadable(dataset, everything) == first and first[1] == ["a/bad.png"]
+    real_decodes = _decodes
+    import wecolora.data.subset as subset_module
+
+    monkeypatch.setattr(subset_module, "_decodes", lambda path: decoded.append(path) or real_decodes(path))
+    assert drop_unreadable(dataset, everything) == first and first[1] == ["a/bad.png"]
     assert decoded == []  # the unchanged listing's verdict was read back: nothing decoded
     save_png(tmp_path / "d" / "a" / "bad.png", digit(0))  # repaired: the listing changed, so it is decoded again
-    assert data.drop_unreadable(dataset, everything) == (everything, [])
+    assert drop_unreadable(dataset, everything) == (everything, [])
     assert len(decoded) == len(everything)

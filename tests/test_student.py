@@ -1,18 +1,20 @@
-"""Tests for wecolora.student: block selection, key remap, student construction and parameter counts."""
+"""Tests for wecolora.method.student: block selection, key remap, student construction and parameter counts."""
 import pytest
 import timm
 import torch
 
 import wecolora
-from wecolora import student as st
 from wecolora.errors import UserError
-from wecolora.vit import last_block_tokens
+from wecolora.method.blocks import segment_ends, select_blocks
+from wecolora.method.plan import MODES, default_rank, plan_student
+from wecolora.method.student import build_student, count_parameters, describe, remap_block_keys
+from wecolora.teachers.vit import last_block_tokens
 
 from conftest import tiny_vit
 
-COPY_MODES = [name for name, mode in st.MODES.items() if mode.copy_weights]
-ADAPTER_MODES = [name for name, mode in st.MODES.items() if mode.adapter_targets is not None]
-FULL_MODES = [name for name, mode in st.MODES.items() if mode.adapter_targets is None]
+COPY_MODES = [name for name, mode in MODES.items() if mode.copy_weights]
+ADAPTER_MODES = [name for name, mode in MODES.items() if mode.adapter_targets is not None]
+FULL_MODES = [name for name, mode in MODES.items() if mode.adapter_targets is None]
 
 
 def _randomize(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
@@ -77,7 +79,7 @@ SELECT_CASES = [
 
 @pytest.mark.parametrize("depth, reduction, keep, expected", SELECT_CASES)
 def test_select_blocks(depth, reduction, keep, expected):
-    assert st.select_blocks(depth, reduction, keep) == expected
+    assert select_blocks(depth, reduction, keep) == expected
 
 
 def test_select_blocks_default_is_first():
@@ -101,7 +103,7 @@ SELECT_ERRORS = [
 @pytest.mark.parametrize("depth, reduction, keep, message", SELECT_ERRORS)
 def test_select_blocks_refuses(depth, reduction, keep, message):
     with pytest.raises(UserError, match=message):
-        st.select_blocks(depth, reduction, keep)
+        select_blocks(depth, reduction, keep)
 
 
 GROUP_END_CASES = [
@@ -120,7 +122,7 @@ GROUP_END_CASES = [
 
 @pytest.mark.parametrize("depth, reduction, keep, expected", GROUP_END_CASES)
 def test_segment_ends(depth, reduction, keep, expected):
-    plan = st.plan_student(tiny_vit(depth), reduction, keep, mode="weco-kd")
+    plan = plan_student(tiny_vit(depth), reduction, keep, mode="weco-kd")
     assert list(plan.segment_ends) == expected
     assert plan.segment_ends[-1] == depth - 1
     if depth % reduction == 0:  # student block i matches teacher block r*i + r - 1
@@ -139,23 +141,23 @@ SEGMENT_CASES = [
 
 @pytest.mark.parametrize("depth, kept, expected", SEGMENT_CASES)
 def test_segment_ends_of_any_list(depth, kept, expected):
-    plan = st.plan_student(tiny_vit(depth), 2, kept, mode="weco-kd")
+    plan = plan_student(tiny_vit(depth), 2, kept, mode="weco-kd")
     assert plan.keep == "list"
-    assert list(plan.segment_ends) == expected == st.segment_ends(kept, depth)
+    assert list(plan.segment_ends) == expected == segment_ends(kept, depth)
     # every teacher block belongs to exactly one segment, which holds its kept block
     starts = [0] + [end + 1 for end in expected[:-1]]
     assert all(start <= k <= end for start, k, end in zip(starts, kept, expected))
 
 
 def test_plan_resolves_rank_alpha_and_keep_once(teacher):
-    plan = st.plan_student(teacher, 2, "0,3", "wecolora")
-    assert (plan.kept, plan.rank, plan.alpha, plan.keep) == ((0, 3), st.default_rank(32), 8.0, "list")
-    assert st.plan_student(teacher, 2, mode="weco-kd").rank is None
-    assert st.plan_student(teacher, 2, rank=4, alpha=2.0).alpha == 2.0
+    plan = plan_student(teacher, 2, "0,3", "wecolora")
+    assert (plan.kept, plan.rank, plan.alpha, plan.keep) == ((0, 3), default_rank(32), 8.0, "list")
+    assert plan_student(teacher, 2, mode="weco-kd").rank is None
+    assert plan_student(teacher, 2, rank=4, alpha=2.0).alpha == 2.0
     with pytest.raises(UserError, match=r"rank 33 .* 1 <= --rank <= 32"):
-        st.plan_student(teacher, 2, rank=33)
+        plan_student(teacher, 2, rank=33)
     with pytest.raises(UserError, match="pass images="):
-        st.plan_student(teacher, 2, "auto")
+        plan_student(teacher, 2, "auto")
 
 
 REMAP_CASES = [
@@ -175,7 +177,7 @@ REMAP_CASES = [
 @pytest.mark.parametrize("keys, kept, expected", REMAP_CASES)
 def test_remap_block_keys(keys, kept, expected):
     state = {key: torch.tensor(float(i)) for i, key in enumerate(keys)}
-    remapped = st.remap_block_keys(state, kept)
+    remapped = remap_block_keys(state, kept)
     assert set(remapped) == set(expected)
     for new, old in expected.items():
         assert remapped[new] is state[old]
@@ -183,8 +185,8 @@ def test_remap_block_keys(keys, kept, expected):
 
 def test_remap_block_keys_teacher_state_dict(teacher):
     kept = [0, 3, 5]
-    remapped = st.remap_block_keys(teacher.state_dict(), kept)
-    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, **dict(wecolora.vit.model_args(teacher), depth=3))
+    remapped = remap_block_keys(teacher.state_dict(), kept)
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, **dict(wecolora.teachers.vit.model_args(teacher), depth=3))
     assert set(remapped) == set(plain.state_dict())
     assert torch.equal(remapped["blocks.2.mlp.fc2.weight"], teacher.blocks[5].mlp.fc2.weight)
 
@@ -192,14 +194,14 @@ def test_remap_block_keys_teacher_state_dict(teacher):
 # ---------------------------------------------------------------------------------------------
 # Students: shape and equality with the copied-block path before training
 
-BUILD_CASES = [(mode, keep, r) for mode in st.MODES for keep in ("first", "last") for r in (2, 3)]
+BUILD_CASES = [(mode, keep, r) for mode in MODES for keep in ("first", "last") for r in (2, 3)]
 
 
 @pytest.mark.parametrize("mode, keep, reduction", BUILD_CASES)
 def test_student_keeps_the_selected_blocks(mode, keep, reduction):
     teacher = _randomize(tiny_vit())
-    student = st.build_student(teacher, reduction, keep, mode, rank=4)
-    kept = st.select_blocks(6, reduction, keep)
+    student = build_student(teacher, reduction, keep, mode, rank=4)
+    kept = select_blocks(6, reduction, keep)
     assert len(student.blocks) == len(kept)
     assert not hasattr(student, "wecolora_kept_blocks")  # the plan, not the model, carries the kept list
     assert student.pretrained_cfg == teacher.pretrained_cfg
@@ -210,7 +212,7 @@ def test_student_keeps_the_selected_blocks(mode, keep, reduction):
 
 def test_build_student_leaves_teacher_untouched(teacher):
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    student = st.build_student(teacher, 2, "first", "wecolora", rank=4)
+    student = build_student(teacher, 2, "first", "wecolora", rank=4)
     with torch.no_grad():
         for name, p in student.named_parameters():
             if "lora_B" in name:
@@ -224,20 +226,20 @@ def test_build_student_leaves_teacher_untouched(teacher):
 
 def test_explicit_list_student_matches_those_blocks():
     teacher = _randomize(tiny_vit())
-    student = st.build_student(teacher, keep=[1, 2, 5], mode="wecolora", rank=4)
+    student = build_student(teacher, keep=[1, 2, 5], mode="wecolora", rank=4)
     assert len(student.blocks) == 3
     _assert_copy_path(teacher, student, [1, 2, 5], _images(teacher))
 
 
 def test_unknown_mode_lists_choices(teacher):
     with pytest.raises(UserError, match="wecolora, lora-qv, weco-kd, scratch-kd"):
-        st.build_student(teacher, 2, mode="kd")
+        build_student(teacher, 2, mode="kd")
 
 
 @pytest.mark.parametrize("reduction", [0, 6, 7])
 def test_build_student_refuses_impossible_reduction(teacher, reduction):
     with pytest.raises(UserError, match=f"reduction {reduction}"):
-        st.build_student(teacher, reduction)
+        build_student(teacher, reduction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,14 +247,14 @@ def test_build_student_refuses_impossible_reduction(teacher, reduction):
 
 @pytest.mark.parametrize("mode", ADAPTER_MODES)
 def test_adapter_modes_train_only_adapters(teacher, mode):
-    student = st.build_student(teacher, 2, "first", mode, rank=4)
+    student = build_student(teacher, 2, "first", mode, rank=4)
     trainable = [n for n, p in student.named_parameters() if p.requires_grad]
     frozen = [n for n, p in student.named_parameters() if not p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert all("lora_" not in n for n in frozen)
     # every copied tensor is frozen, by name
-    targets = st.MODES[mode].adapter_targets
-    linears = [wecolora.adapters.TARGET_PATHS[t] + (".base_layer" if t in targets else "") + suffix
+    targets = MODES[mode].adapter_targets
+    linears = [wecolora.method.adapters.TARGET_PATHS[t] + (".base_layer" if t in targets else "") + suffix
                for t in ("q", "k", "v", "proj", "fc1", "fc2") for suffix in (".weight", ".bias")]
     if "k" not in targets:  # q, k and v are split whenever any of them has an adapter
         assert not any(n.endswith("attn.qkv.weight") for n in frozen)
@@ -262,23 +264,23 @@ def test_adapter_modes_train_only_adapters(teacher, mode):
         hits = [n for n in frozen if n.endswith(part)]
         assert hits, f"no frozen parameter named *{part}"
     # and the number of frozen values is the whole copied student
-    plain = st.build_student(teacher, 2, "first", "weco-kd")
-    assert sum(p.numel() for p in student.parameters() if not p.requires_grad) == st.count_parameters(plain)
+    plain = build_student(teacher, 2, "first", "weco-kd")
+    assert sum(p.numel() for p in student.parameters() if not p.requires_grad) == count_parameters(plain)
 
 
 @pytest.mark.parametrize("mode", FULL_MODES)
 def test_full_modes_train_everything(teacher, mode):
-    student = st.build_student(teacher, 2, "first", mode)
-    assert not wecolora.adapters.has_adapters(student)
+    student = build_student(teacher, 2, "first", mode)
+    assert not wecolora.method.adapters.has_adapters(student)
     assert all(p.requires_grad for p in student.parameters())
     assert not any("lora_" in n for n, _ in student.named_parameters())
-    assert st.count_parameters(student, trainable_only=True) == st.count_parameters(student)
+    assert count_parameters(student, trainable_only=True) == count_parameters(student)
 
 
 def test_scratch_student_is_not_a_copy():
     teacher = _randomize(tiny_vit())
-    student = st.build_student(teacher, 2, "first", "scratch-kd")
-    copied = st.remap_block_keys(teacher.state_dict(), st.select_blocks(6, 2, "first"))
+    student = build_student(teacher, 2, "first", "scratch-kd")
+    copied = remap_block_keys(teacher.state_dict(), select_blocks(6, 2, "first"))
     state = student.state_dict()
     assert set(state) == set(copied)
     same = [k for k in state if torch.equal(state[k], copied[k])]
@@ -304,28 +306,28 @@ COUNT_CASES = [
 @pytest.mark.parametrize("mode, width, heads, rank, reduction, factor", COUNT_CASES)
 def test_trainable_count(mode, width, heads, rank, reduction, factor):
     teacher = tiny_vit(embed_dim=width, num_heads=heads)
-    student = st.build_student(teacher, reduction, "first", mode, rank=rank)
-    kept = len(st.select_blocks(6, reduction, "first"))
-    assert st.count_parameters(student, trainable_only=True) == factor * width * rank * kept
-    plain = st.build_student(teacher, reduction, "first", "weco-kd")
-    assert st.count_parameters(student) == st.count_parameters(plain) + factor * width * rank * kept
+    student = build_student(teacher, reduction, "first", mode, rank=rank)
+    kept = len(select_blocks(6, reduction, "first"))
+    assert count_parameters(student, trainable_only=True) == factor * width * rank * kept
+    plain = build_student(teacher, reduction, "first", "weco-kd")
+    assert count_parameters(student) == count_parameters(plain) + factor * width * rank * kept
 
 
 def test_default_rank():
-    assert st.default_rank(768) == 128
-    assert st.default_rank(384) == 96
-    assert st.default_rank(32) == 8
-    assert st.default_rank(2) == 1
+    assert default_rank(768) == 128
+    assert default_rank(384) == 96
+    assert default_rank(32) == 8
+    assert default_rank(2) == 1
 
 
 def test_describe_tiny(teacher):
-    info = st.describe(teacher, 3, "last", "wecolora", rank=4)
+    info = describe(teacher, 3, "last", "wecolora", rank=4)
     assert info["kept_blocks"] == [2, 5]
     assert info["teacher"] == "vit_tiny_patch16_224"
     assert info["trainable_params"] == 18 * 32 * 4 * 2
-    assert info["merged_params"] == st.count_parameters(st.build_student(teacher, 3, "last", "weco-kd"))
+    assert info["merged_params"] == count_parameters(build_student(teacher, 3, "last", "weco-kd"))
     assert info["student_params"] == info["merged_params"] + info["trainable_params"]
-    assert st.describe(teacher, 2, mode="weco-kd")["rank"] is None
+    assert describe(teacher, 2, mode="weco-kd")["rank"] is None
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +338,7 @@ def vit_base():
 
 @pytest.mark.parametrize("reduction, trainable, merged", [(2, 10_616_832, 44_040_424), (3, 7_077_888, None)])
 def test_describe_vit_base_matches_the_paper(vit_base, reduction, trainable, merged):
-    info = st.describe(vit_base, reduction, rank=128)
+    info = describe(vit_base, reduction, rank=128)
     assert info["trainable_params"] == trainable == 13_824 * 128 * (12 // reduction)
     assert info["teacher_params"] == 86_567_656
     if merged is not None:
@@ -372,7 +374,7 @@ def test_supported_families(family, mode):
         assert isinstance(teacher.norm_pre, torch.nn.LayerNorm)
     if family == "no-cls-avg-pool":
         assert teacher.cls_token is None and teacher.global_pool == "avg"
-    student = st.build_student(teacher, 2, "last", mode, rank=4)
+    student = build_student(teacher, 2, "last", mode, rank=4)
     assert len(student.blocks) == 3
     _assert_copy_path(teacher, student, [1, 3, 5], _images(teacher))
 
@@ -387,4 +389,4 @@ REFUSED_CASES = {
 def test_refused_families(family):
     model = REFUSED_CASES[family]()
     with pytest.raises(UserError, match="supported: timm VisionTransformer"):
-        st.build_student(model, 2)
+        build_student(model, 2)

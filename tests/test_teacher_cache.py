@@ -1,4 +1,4 @@
-"""Tests for wecolora.teacher_cache: cache keys, atomic views, and distillation with the cache."""
+"""Tests for wecolora.cache.teacher: cache keys, atomic views, and distillation with the cache."""
 import dataclasses
 import os
 import threading
@@ -9,11 +9,19 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-import wecolora.distill as distill_module
-from wecolora import cache_admin, data, image_store, losses, teacher_cache, vit
+
+import wecolora.cache.teacher as teacher_cache
+import wecolora.train.distill as distill_module
+from wecolora.cache.admin import evict, locked, read_entry
+from wecolora.cache.images import StoreBatches, open_store, store_loader
+from wecolora.cache.teacher import TeacherCache, ViewWriter, _to_numpy, default_cache_dir, open_for_run
 from wecolora.config import DistillConfig
-from wecolora.distill import distill
-from wecolora.student import build_student
+from wecolora.data.datasets import open_dataset
+from wecolora.data.views import ViewRecipe
+from wecolora.method.losses import feature_loss
+from wecolora.method.student import build_student
+from wecolora.teachers.vit import last_block_tokens
+from wecolora.train.distill import distill
 
 from conftest import tiny_vit
 
@@ -25,7 +33,7 @@ def teacher28():
 
 @pytest.fixture(scope="module")
 def digits():
-    return data.open_dataset("mnist-5k", "train")
+    return open_dataset("mnist-5k", "train")
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +46,7 @@ def own_cache_root(tmp_path_factory, monkeypatch):
 
 def _key_args(teacher, dataset, **overrides):
     args = dict(teacher=teacher, dataset=dataset, indices=list(range(0, 400, 10)),
-                transform=image_store.ViewRecipe.for_model(teacher),
+                transform=ViewRecipe.for_model(teacher),
                 seed=0, teacher_blocks=[5], norm=False, precision="fp32")
     args.update(overrides)
     return args
@@ -50,8 +58,8 @@ def _key_args(teacher, dataset, **overrides):
 
 KEY_CHANGES = {
     # what changes: overrides of _key_args
-    "views": lambda t: dict(transform=dataclasses.replace(image_store.ViewRecipe.for_model(t), hflip=0.2)),
-    "image store bound": lambda t: dict(transform=dataclasses.replace(image_store.ViewRecipe.for_model(t), bound=40)),
+    "views": lambda t: dict(transform=dataclasses.replace(ViewRecipe.for_model(t), hflip=0.2)),
+    "image store bound": lambda t: dict(transform=dataclasses.replace(ViewRecipe.for_model(t), bound=40)),
     "subset": lambda t: dict(indices=list(range(1, 400, 10))),
     "seed": lambda t: dict(seed=1),
     "blocks": lambda t: dict(teacher_blocks=[2, 5]),
@@ -62,28 +70,28 @@ KEY_CHANGES = {
 
 @pytest.mark.parametrize("change", KEY_CHANGES)
 def test_a_changed_input_is_another_cache_entry(tmp_path, teacher28, digits, change):
-    same = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits))
-    again = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits))
-    changed = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, **KEY_CHANGES[change](teacher28)))
+    same = TeacherCache.open(tmp_path, **_key_args(teacher28, digits))
+    again = TeacherCache.open(tmp_path, **_key_args(teacher28, digits))
+    changed = TeacherCache.open(tmp_path, **_key_args(teacher28, digits, **KEY_CHANGES[change](teacher28)))
     assert same.folder == again.folder
     assert changed.folder != same.folder
     assert (same.folder / "meta.json").is_file()
 
 
 def test_changed_teacher_weights_are_another_entry(tmp_path, teacher28, digits):
-    base = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits))
+    base = TeacherCache.open(tmp_path, **_key_args(teacher28, digits))
     other = tiny_vit(img_size=28, patch_size=7)
     with torch.no_grad():
         other.blocks[5].mlp.fc2.bias.add_(1e-3)
-    assert teacher_cache.TeacherCache.open(tmp_path, **_key_args(other, digits)).folder != base.folder
+    assert TeacherCache.open(tmp_path, **_key_args(other, digits)).folder != base.folder
 
 
 def test_default_cache_dir_shares_the_root(monkeypatch, tmp_path):
     monkeypatch.setenv("WECOLORA_CACHE_DIR", str(tmp_path))
-    assert teacher_cache.default_cache_dir() == tmp_path / "teacher"
-    assert teacher_cache.default_cache_dir(tmp_path / "x") == tmp_path / "x"
+    assert default_cache_dir() == tmp_path / "teacher"
+    assert default_cache_dir(tmp_path / "x") == tmp_path / "x"
     monkeypatch.delenv("WECOLORA_CACHE_DIR")
-    assert str(teacher_cache.default_cache_dir()).endswith(".cache/wecolora/teacher")
+    assert str(default_cache_dir()).endswith(".cache/wecolora/teacher")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +104,7 @@ def _tokens(batch, blocks=2, seed=0):
 
 
 def test_a_view_is_complete_only_once_every_row_is_written(tmp_path, teacher28, digits):
-    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, teacher_blocks=[2, 5],
+    cache = TeacherCache.open(tmp_path, **_key_args(teacher28, digits, teacher_blocks=[2, 5],
                                                                   indices=list(range(6))))
     writer = cache.writer(0, 6)
     written = {}
@@ -128,7 +136,7 @@ def test_a_view_is_complete_only_once_every_row_is_written(tmp_path, teacher28, 
 
 
 def test_bf16_views_round_trip(tmp_path, teacher28, digits):
-    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, precision="bf16", indices=[7, 9]))
+    cache = TeacherCache.open(tmp_path, **_key_args(teacher28, digits, precision="bf16", indices=[7, 9]))
     writer = cache.writer(0, 2)
     stored = writer.write(torch.tensor([1, 0]), _tokens(2, blocks=1))
     assert writer.commit() and cache.has_view(0)
@@ -137,7 +145,7 @@ def test_bf16_views_round_trip(tmp_path, teacher28, digits):
 
 
 def test_tokens_beyond_fp16_are_not_cached(tmp_path, teacher28, digits, caplog):
-    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits))
+    cache = TeacherCache.open(tmp_path, **_key_args(teacher28, digits))
     writer = cache.writer(0, 1)
     huge = [torch.full((1, 5, 8), 1e6)]
     assert torch.equal(writer.write(torch.tensor([0]), huge)[0], huge[0])  # trained on the exact values
@@ -147,10 +155,10 @@ def test_tokens_beyond_fp16_are_not_cached(tmp_path, teacher28, digits, caplog):
 
 def test_open_for_run_policy(tmp_path, teacher28, digits, monkeypatch, caplog):
     args = {k: v for k, v in _key_args(teacher28, digits).items()}
-    assert teacher_cache.open_for_run(False, str(tmp_path), views=2, **args) is None
-    assert teacher_cache.open_for_run(True, str(tmp_path), views=2, **args) is not None
+    assert open_for_run(False, str(tmp_path), views=2, **args) is None
+    assert open_for_run(True, str(tmp_path), views=2, **args) is not None
     monkeypatch.setattr(teacher_cache.shutil, "disk_usage", lambda path: type("U", (), {"free": 10_000})())
-    assert teacher_cache.open_for_run(True, str(tmp_path), views=2, **args) is None
+    assert open_for_run(True, str(tmp_path), views=2, **args) is None
     assert "training without it" in caplog.text
 
 
@@ -176,14 +184,14 @@ def test_a_warm_run_never_calls_the_teacher_and_ends_where_the_cold_run_did(teac
     assert len(entries) == 1 and sorted(p.name for p in entries[0].glob("view*")) == [
         "view0000.tokens.npy", "view0001.tokens.npy"]  # tokens only: views are cut again from the image store
 
-    real = vit.last_block_tokens
+    real = last_block_tokens
     calls = []
 
     def counting(model, images, *args, **kwargs):
         calls.append(len(model.blocks))
         return real(model, images, *args, **kwargs)
 
-    monkeypatch.setattr(distill_module.vit, "last_block_tokens", counting)
+    monkeypatch.setattr(distill_module, "last_block_tokens", counting)
     warm = distill(_config(teacher_dir, tmp_path / "warm", tmp_path / "cache"))
     assert 6 not in calls and calls  # the 6-block teacher never ran; the 3-block student did
     assert [r["loss"] for r in warm["epochs"]] == [r["loss"] for r in cold["epochs"]]
@@ -191,7 +199,7 @@ def test_a_warm_run_never_calls_the_teacher_and_ends_where_the_cold_run_did(teac
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     # A grid's other students share the entry; --no-teacher-cache computes the same thing, unrounded.
-    monkeypatch.setattr(distill_module.vit, "last_block_tokens", real)
+    monkeypatch.setattr(distill_module, "last_block_tokens", real)
     plain = distill(_config(teacher_dir, tmp_path / "plain", tmp_path / "cache", teacher_cache=False))
     for r_plain, r_cold in zip(plain["epochs"], cold["epochs"]):
         assert r_plain["loss"] == pytest.approx(r_cold["loss"], rel=2e-3)
@@ -199,30 +207,30 @@ def test_a_warm_run_never_calls_the_teacher_and_ends_where_the_cold_run_did(teac
 
 
 def test_the_cached_loss_equals_the_recomputed_teacher_loss_on_the_same_views(teacher28, digits, tmp_path):
-    recipe = image_store.ViewRecipe.for_model(teacher28)
+    recipe = ViewRecipe.for_model(teacher28)
     indices = list(range(0, 4000, 250))
-    store = image_store.open_store(digits, indices, bound=recipe.bound)
-    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=indices))
+    store = open_store(digits, indices, bound=recipe.bound)
+    cache = TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=indices))
     student = build_student(teacher28, 2, mode="wecolora", rank=4)
-    batches = image_store.StoreBatches(store, indices, recipe, seed=0, view=1)
+    batches = StoreBatches(store, indices, recipe, seed=0, view=1)
     writer = cache.writer(1, len(indices))
     fresh = []
-    for batch in image_store.store_loader(batches, 5, torch.Generator().manual_seed(0)):
+    for batch in store_loader(batches, 5, torch.Generator().manual_seed(0)):
         images, positions = recipe.apply(batch["pixels"], batch["boxes"], batch["flips"]), batch["positions"]
         with torch.no_grad():
-            targets = vit.last_block_tokens(teacher28, images, [5])
+            targets = last_block_tokens(teacher28, images, [5])
             writer.write(positions, targets)
-            fresh.append((images, positions, losses.feature_loss(vit.last_block_tokens(student, images), targets)["loss"]))
+            fresh.append((images, positions, feature_loss(last_block_tokens(student, images), targets)["loss"]))
     assert writer.commit()
     for images, positions, expected in fresh:
         with torch.no_grad():
             cached = [t.float() for t in cache.tokens(1, positions)]
-            loss = losses.feature_loss(vit.last_block_tokens(student, images), cached)["loss"]
+            loss = feature_loss(last_block_tokens(student, images), cached)["loss"]
         assert loss.item() == pytest.approx(expected.item(), rel=1e-3)
 
 
 def test_an_interrupted_epoch_leaves_no_view_behind(teacher_dir, tmp_path, monkeypatch):
-    real = distill_module.losses.feature_loss
+    real = distill_module.feature_loss
     steps = []
 
     def fail_on_third(*args, **kwargs):
@@ -231,7 +239,7 @@ def test_an_interrupted_epoch_leaves_no_view_behind(teacher_dir, tmp_path, monke
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(distill_module.losses, "feature_loss", fail_on_third)
+    monkeypatch.setattr(distill_module, "feature_loss", fail_on_third)
     with pytest.raises(KeyboardInterrupt):
         distill(_config(teacher_dir, tmp_path / "run", tmp_path / "cache"))
     (entry,) = (tmp_path / "cache").iterdir()
@@ -242,7 +250,7 @@ def test_a_full_disk_or_damaged_view_costs_speed_not_the_run(tmp_path, teacher28
     import errno
     import os
 
-    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=[0, 1]))
+    cache = TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=[0, 1]))
     real = os.posix_fallocate
 
     def full(fd, offset, length):
@@ -265,12 +273,12 @@ def test_a_full_disk_or_damaged_view_costs_speed_not_the_run(tmp_path, teacher28
     assert not cache.has_view(0)
 
     monkeypatch.setattr(teacher_cache, "atomic_write_text", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
-    assert teacher_cache.open_for_run(True, str(tmp_path / "elsewhere"), views=1,
+    assert open_for_run(True, str(tmp_path / "elsewhere"), views=1,
                                       **_key_args(teacher28, digits)) is None
 
 
 def test_fewer_views_than_epochs_reuse_them_within_one_run(teacher_dir, tmp_path, monkeypatch):
-    real = vit.last_block_tokens
+    real = last_block_tokens
     teacher_steps = []
 
     def counting(model, images, *args, **kwargs):
@@ -278,7 +286,7 @@ def test_fewer_views_than_epochs_reuse_them_within_one_run(teacher_dir, tmp_path
             teacher_steps.append(images.shape[0])
         return real(model, images, *args, **kwargs)
 
-    monkeypatch.setattr(distill_module.vit, "last_block_tokens", counting)
+    monkeypatch.setattr(distill_module, "last_block_tokens", counting)
     result = distill(_config(teacher_dir, tmp_path / "run", tmp_path / "cache", epochs=3, cache_views=1))
     assert sum(teacher_steps) == 80  # one pass over the 80 images: epochs 2 and 3 read view 0
     assert len(result["epochs"]) == 3
@@ -291,7 +299,7 @@ def test_temporary_files_of_dead_writers_are_removed(tmp_path, teacher28, digits
     import socket
     import subprocess
 
-    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits))
+    cache = TeacherCache.open(tmp_path, **_key_args(teacher28, digits))
     child = subprocess.Popen(["true"])  # its pid is free once it has exited
     child.wait()
     host = socket.gethostname()
@@ -301,7 +309,7 @@ def test_temporary_files_of_dead_writers_are_removed(tmp_path, teacher28, digits
     alive = cache.folder / f".view0000.tokens.{host}-{os.getppid()}.abc.tmp"
     for path in (orphan, dotted, other_host, alive):
         path.write_bytes(b"x")
-    teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits))
+    TeacherCache.open(tmp_path, **_key_args(teacher28, digits))
     assert not orphan.exists() and not dotted.exists() and other_host.exists() and alive.exists()
 
 
@@ -323,7 +331,7 @@ def test_the_cache_policy(teacher_cache, cache_dir, uses):
 
 
 def test_a_bad_policy_or_cap_is_refused(monkeypatch):
-    from wecolora.cache_admin import cache_cap_bytes
+    from wecolora.cache.admin import cache_cap_bytes
     from wecolora.errors import UserError
 
     with pytest.raises(UserError, match="--cache-teacher 'maybe' is invalid: expected one of auto, on, off"):
@@ -363,8 +371,8 @@ def _batch(n, offset=0):
 
 
 def test_views_are_written_on_the_writer_thread(tmp_path, teacher28, digits, monkeypatch):
-    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=list(range(8))))
-    real, threads = teacher_cache._to_numpy, []
+    cache = TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=list(range(8))))
+    real, threads = _to_numpy, []
 
     def recording(tokens):
         threads.append(threading.current_thread().name)
@@ -380,13 +388,13 @@ def test_views_are_written_on_the_writer_thread(tmp_path, teacher28, digits, mon
 
 
 def test_the_queue_of_batches_in_flight_is_bounded(tmp_path, teacher28, digits, monkeypatch):
-    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=list(range(16))))
-    release, real = threading.Event(), teacher_cache._to_numpy
+    cache = TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=list(range(16))))
+    release, real = threading.Event(), _to_numpy
     monkeypatch.setattr(teacher_cache, "_to_numpy", lambda tokens: (release.wait(10), real(tokens))[1])
     writer = cache.writer(0, 16)
     writer.write(*_batch(1, 0))  # taken by the thread, which then waits on a slow disk
     time.sleep(0.1)
-    for offset in range(1, 1 + teacher_cache.ViewWriter.QUEUE_BATCHES):  # fill the queue
+    for offset in range(1, 1 + ViewWriter.QUEUE_BATCHES):  # fill the queue
         writer.write(*_batch(1, offset))
     blocked = threading.Thread(target=writer.write, args=_batch(1, 15))
     blocked.start()
@@ -412,7 +420,7 @@ def test_a_disk_error_in_the_writer_thread_costs_the_view_not_the_run(tmp_path, 
                                                                       caplog):
     import errno
 
-    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=list(range(40))))
+    cache = TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=list(range(40))))
     _failing_memmap(monkeypatch, OSError(errno.EIO, "Input/output error"))
     writer = cache.writer(0, 40)
     for offset in range(0, 40, 4):  # more batches than the queue holds: a failed thread never blocks training
@@ -427,7 +435,7 @@ def test_a_disk_error_in_the_writer_thread_costs_the_view_not_the_run(tmp_path, 
 
 def test_any_other_error_in_the_writer_thread_is_raised_at_the_next_write_or_commit(tmp_path, teacher28, digits,
                                                                                     monkeypatch):
-    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=list(range(8))))
+    cache = TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=list(range(8))))
     _failing_memmap(monkeypatch, ValueError("a bug in the writer"))
     writer = cache.writer(0, 8)
     writer.write(*_batch(4, 0))
@@ -439,7 +447,7 @@ def test_any_other_error_in_the_writer_thread_is_raised_at_the_next_write_or_com
 
 
 def test_abort_stops_the_thread_and_leaves_no_temporary_file(tmp_path, teacher28, digits):
-    cache = teacher_cache.TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=list(range(12))))
+    cache = TeacherCache.open(tmp_path, **_key_args(teacher28, digits, indices=list(range(12))))
     writer = cache.writer(0, 12)
     for offset in (0, 4):
         writer.write(*_batch(4, offset))
@@ -456,7 +464,7 @@ VIEW_BYTES = 40 * 17 * 32 * 2  # 40 images: tokens [1, 17, 32] fp16
 
 
 def _open(root, teacher, dataset, seed, *, views=1, max_gb=1.0):
-    return teacher_cache.open_for_run(True, str(root), views=views, max_gb=max_gb,
+    return open_for_run(True, str(root), views=views, max_gb=max_gb,
                                       **_key_args(teacher, dataset, seed=seed))
 
 
@@ -478,7 +486,7 @@ def test_a_new_entry_evicts_the_least_recently_used_not_the_one_in_use(tmp_path,
     old, recent = _fill(_open(tmp_path, teacher28, digits, 1)), _fill(_open(tmp_path, teacher28, digits, 2))
     _last_used(old, 3)
     _last_used(recent, 1)
-    size = cache_admin.read_entry(old.folder, "teacher").bytes
+    size = read_entry(old.folder, "teacher").bytes
     assert VIEW_BYTES < size < VIEW_BYTES + 2000  # the estimate open_for_run makes room with
     cap_gb = (2 * size + 1000) / 1e9  # two entries of one view fit, three do not
 
@@ -525,10 +533,10 @@ def test_an_entry_a_live_process_writes_or_uses_is_never_evicted(tmp_path, teach
                                  stdout=subprocess.PIPE, text=True)
         assert other.stdout.readline() == "locked\n"
     try:
-        size = cache_admin.read_entry(busy.folder, "teacher").bytes
+        size = read_entry(busy.folder, "teacher").bytes
         assert _open(tmp_path, teacher28, digits, 2, max_gb=(size + VIEW_BYTES) / 1e9 * 0.99) is None
         assert "entries in use by other runs" in caplog.text and busy.folder.is_dir()
-        assert not cache_admin.evict(busy.folder) and busy.folder.is_dir()
+        assert not evict(busy.folder) and busy.folder.is_dir()
     finally:
         other.kill()
         other.wait()
@@ -539,8 +547,8 @@ def test_an_entry_a_live_process_writes_or_uses_is_never_evicted(tmp_path, teach
 
 def test_a_run_holds_its_entry_until_the_next_run_of_the_process(tmp_path, teacher28, digits):
     first = _open(tmp_path, teacher28, digits, 1)
-    assert cache_admin.locked(first.folder) and not cache_admin.evict(first.folder)
+    assert locked(first.folder) and not evict(first.folder)
     second = _open(tmp_path, teacher28, digits, 2)
-    assert not cache_admin.locked(first.folder) and cache_admin.locked(second.folder)
-    assert teacher_cache.open_for_run(False, str(tmp_path), views=1, **_key_args(teacher28, digits)) is None
-    assert not cache_admin.locked(second.folder)  # a run without the cache holds none
+    assert not locked(first.folder) and locked(second.folder)
+    assert open_for_run(False, str(tmp_path), views=1, **_key_args(teacher28, digits)) is None
+    assert not locked(second.folder)  # a run without the cache holds none

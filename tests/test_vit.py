@@ -1,12 +1,13 @@
-"""Tests for wecolora.vit: architecture round trips, loading teachers from names, folders and local weights."""
+"""Tests for wecolora.teachers.vit: architecture round trips, loading teachers from names, folders and local weights."""
 import pytest
 import safetensors.torch
 import timm
 import torch
 from torch import nn
 
-from wecolora import vit
 from wecolora.errors import UserError
+from wecolora.teachers.load import _resolve_spec, load_model
+from wecolora.teachers.vit import _args_from_modules, architecture, last_block_tokens, model_args, require_supported_vit
 
 from conftest import tiny_vit
 
@@ -21,7 +22,7 @@ def _same_state(a: nn.Module, b: nn.Module) -> bool:
 
 
 def _save(model: nn.Module, folder) -> None:
-    timm.models.save_for_hf(model, folder, safe_serialization=True, model_args=vit.model_args(model))
+    timm.models.save_for_hf(model, folder, safe_serialization=True, model_args=model_args(model))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,11 +45,11 @@ def test_model_args_rebuild_the_architecture(case):
     name, overrides = ARCH_CASES[case]
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **overrides).eval()
-    assert vit.architecture(model) == name
-    args = vit.model_args(model)
+    assert architecture(model) == name
+    args = model_args(model)
     assert args["depth"] == len(model.blocks)
     assert not isinstance(args["img_size"], tuple)  # lists survive yaml/json round trips unchanged
-    rebuilt = timm.create_model(vit.architecture(model), pretrained=False, **args).eval()
+    rebuilt = timm.create_model(architecture(model), pretrained=False, **args).eval()
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     rebuilt.load_state_dict(model.state_dict(), strict=True)
     images = torch.randn(2, 3, *model.patch_embed.img_size)
@@ -63,9 +64,9 @@ def test_architecture_needs_a_timm_model():
     model = tiny_vit(depth=1)
     model.pretrained_cfg = {}
     with pytest.raises(UserError, match="architecture"):
-        vit.architecture(model)
+        architecture(model)
     with pytest.raises(UserError, match="timm.create_model"):
-        vit.architecture(nn.Linear(2, 2))
+        architecture(nn.Linear(2, 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +76,7 @@ def test_load_model_local_dir(tmp_path):
     model = tiny_vit(depth=2)
     _save(model, tmp_path / "m")
     for spec in (f"local-dir:{tmp_path / 'm'}", str(tmp_path / "m")):
-        loaded = vit.load_model(spec)
+        loaded = load_model(spec)
         assert type(loaded) is timm.models.VisionTransformer and not loaded.training
         assert _same_state(loaded, model)
         with torch.no_grad():
@@ -87,14 +88,14 @@ def test_load_model_run_folder_resolves_to_student(tmp_path):
     student = tiny_vit(depth=3)
     _save(student, run / "student")
     (run / "config.yaml").write_text("mode: wecolora\n")
-    assert vit._resolve_spec(str(run)) == f"local-dir:{run / 'student'}"
-    loaded = vit.load_model(str(run))
+    assert _resolve_spec(str(run)) == f"local-dir:{run / 'student'}"
+    loaded = load_model(str(run))
     assert len(loaded.blocks) == 3 and _same_state(loaded, student)
 
 
 def test_load_model_overrides_from_folder(tmp_path):
     _save(tiny_vit(depth=1), tmp_path / "m")
-    loaded = vit.load_model(f"local-dir:{tmp_path / 'm'}", img_size=32, num_classes=0)
+    loaded = load_model(f"local-dir:{tmp_path / 'm'}", img_size=32, num_classes=0)
     assert loaded.patch_embed.img_size == (32, 32)
     assert loaded.pos_embed.shape[1] == 1 + (32 // 4) ** 2  # resized by timm
     assert isinstance(loaded.head, nn.Identity)
@@ -114,12 +115,12 @@ LOAD_ERRORS = [
 @pytest.mark.parametrize("make_spec, message", LOAD_ERRORS)
 def test_load_model_refuses(tmp_path, make_spec, message):
     with pytest.raises(UserError, match=message):
-        vit.load_model(make_spec(tmp_path))
+        load_model(make_spec(tmp_path))
 
 
 def test_load_model_missing_weights_file(tmp_path):
     with pytest.raises(UserError, match="--teacher-weights .* does not exist"):
-        vit.load_model("vit_tiny_patch16_224", weights=str(tmp_path / "nope.safetensors"))
+        load_model("vit_tiny_patch16_224", weights=str(tmp_path / "nope.safetensors"))
 
 
 def test_load_model_refuses_unsupported_layout(tmp_path):
@@ -127,7 +128,7 @@ def test_load_model_refuses_unsupported_layout(tmp_path):
     eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, **args)
     timm.models.save_for_hf(eva, tmp_path / "eva", safe_serialization=True, model_args=args)
     with pytest.raises(UserError, match="not a timm VisionTransformer; supported"):
-        vit.load_model(str(tmp_path / "eva"))
+        load_model(str(tmp_path / "eva"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,13 +148,13 @@ def vit_tiny_file(tmp_path_factory):
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_load_model_local_weights(vit_tiny_file, suffix):
     model, path = vit_tiny_file
-    loaded = vit.load_model("vit_tiny_patch16_224", weights=str(path.with_suffix(suffix)))
+    loaded = load_model("vit_tiny_patch16_224", weights=str(path.with_suffix(suffix)))
     assert _same_state(loaded, model) and not loaded.training
 
 
 def test_load_model_local_weights_with_overrides(vit_tiny_file):
     model, path = vit_tiny_file
-    loaded = vit.load_model("vit_tiny_patch16_224", weights=str(path), img_size=32, num_classes=0)
+    loaded = load_model("vit_tiny_patch16_224", weights=str(path), img_size=32, num_classes=0)
     assert loaded.pos_embed.shape == (1, 1 + 4, 192)  # 14x14 grid resampled to 2x2
     assert isinstance(loaded.head, nn.Identity)
     assert torch.equal(loaded.cls_token, model.cls_token)
@@ -167,7 +168,7 @@ def test_load_model_wrong_shaped_weights(tmp_path):
     tiny = tiny_vit(depth=2)
     safetensors.torch.save_file(tiny.state_dict(), tmp_path / "tiny.safetensors")
     with pytest.raises(UserError, match="cannot load .*tiny.safetensors into vit_tiny_patch16_224"):
-        vit.load_model("vit_tiny_patch16_224", weights=str(tmp_path / "tiny.safetensors"), img_size=16)
+        load_model("vit_tiny_patch16_224", weights=str(tmp_path / "tiny.safetensors"), img_size=16)
 
 
 @pytest.mark.parametrize("num_classes, head_loaded", [(1000, True), (10, False)])
@@ -197,10 +198,10 @@ def test_timm_file_overlay_loads_into_overridden_architecture(tmp_path, num_clas
 
 def test_require_supported_vit_refuses_non_standard_blocks():
     model = tiny_vit(depth=2)
-    vit.require_supported_vit(model)
+    require_supported_vit(model)
     model.blocks[1].mlp = nn.Sequential(nn.Linear(32, 32))
     with pytest.raises(UserError, match="block 1"):
-        vit.require_supported_vit(model)
+        require_supported_vit(model)
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(class_token=False, global_pool="avg"), dict(reg_tokens=2)])
@@ -213,9 +214,9 @@ def test_last_block_tokens(overrides):
         for block in model.blocks:
             x = block(x)
             outs.append(x)
-        (last,) = vit.last_block_tokens(model, images)
-        first, second = vit.last_block_tokens(model, images, [0, 1])
-        (normed,) = vit.last_block_tokens(model, images, norm=True)
+        (last,) = last_block_tokens(model, images)
+        first, second = last_block_tokens(model, images, [0, 1])
+        (normed,) = last_block_tokens(model, images, norm=True)
     assert last.shape == (2, model.num_prefix_tokens + 16, 32)
     torch.testing.assert_close(last, outs[-1])
     torch.testing.assert_close(first, outs[0])
@@ -228,8 +229,8 @@ def test_last_block_tokens(overrides):
 def test_args_rebuilt_from_modules_rebuild_the_model(overrides):
     """timm < 1.0.31 has no get_model_args: the arguments read back from the modules rebuild the same ViT."""
     model = tiny_vit(depth=2, **overrides)
-    args = dict(vit._args_from_modules(model), depth=2)
-    rebuilt = timm.create_model(vit.architecture(model), pretrained=False, **args).eval()
+    args = dict(_args_from_modules(model), depth=2)
+    rebuilt = timm.create_model(architecture(model), pretrained=False, **args).eval()
     rebuilt.load_state_dict(model.state_dict(), strict=True)
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():

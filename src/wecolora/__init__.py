@@ -1,17 +1,45 @@
-"""wecolora: few-shot distillation of Vision Transformers by weight copy and low-rank adaptation."""
-from .errors import UserError
+"""wecolora: few-shot distillation of Vision Transformers by weight copy and low-rank adaptation.
 
-# The API is imported on first use so that ``wecolora --help`` and early input errors do not pay
-# for importing torch.
-_LAZY = {"merge": "adapters", "MODES": "student", "build_student": "student", "select_blocks": "student"}
+The API (:mod:`wecolora.api`) is importable without torch: each function imports its layer when called.
+
+Example:
+    >>> import wecolora
+    >>> wecolora.select_blocks(12, 3, "first")
+    [0, 3, 6, 9]
+"""
+from wecolora.api import (
+    ablate,
+    bench,
+    build_student,
+    cache_entries,
+    clear_cache,
+    distill,
+    export,
+    inspect,
+    knn,
+    load_ablation,
+    load_model,
+    merge,
+    plan_student,
+    pretrain,
+    probe,
+    report,
+    select_blocks,
+)
+from wecolora.config import DistillConfig, KnnConfig, PretrainConfig, ProbeConfig
+from wecolora.errors import UserError
+
+__version__ = "0.3.0"
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    if name == "MODES":  # the mode registry lives with the students (it imports torch)
+        from wecolora.method.plan import MODES
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return MODES
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["build_student", "merge", "select_blocks", "MODES", "UserError"]
-__version__ = "0.3.0"
+
+__all__ = ["ablate", "bench", "build_student", "cache_entries", "clear_cache", "distill", "export", "inspect", "knn",
+           "load_ablation", "load_model", "merge", "plan_student", "pretrain", "probe", "report", "select_blocks",
+           "DistillConfig", "KnnConfig", "PretrainConfig", "ProbeConfig", "UserError", "MODES"]

@@ -12,12 +12,27 @@ import logging
 import os
 import sys
 
-from .config import (CACHE_POLICIES, DEVICES, LOSS_NAMES, MATCH_NAMES, MODE_NAMES, POOLINGS, PRECISIONS,
-                     PROBE_OPTIMIZERS, PROBE_PROTOCOLS, DistillConfig, ProbeConfig, build_config, parse_keep)
-from .checks import check_ablation, check_distill, check_evaluation, check_model_spec, check_pretrain
-from . import __version__
-from .errors import UserError
-from .files import disk_error
+from wecolora import __version__, api
+from wecolora.config import (
+    CACHE_POLICIES,
+    DEVICES,
+    LOSS_NAMES,
+    MATCH_NAMES,
+    MODE_NAMES,
+    MONITORS,
+    POOLINGS,
+    PRECISIONS,
+    PROBE_OPTIMIZERS,
+    PROBE_PROTOCOLS,
+    DistillConfig,
+    KnnConfig,
+    PretrainConfig,
+    ProbeConfig,
+    build_config,
+    parse_keep,
+)
+from wecolora.errors import UserError
+from wecolora.files import disk_error
 
 DISTILL_EXAMPLES = """examples:
   # the paper's recipe (r=2, rank 128, 1% of the classes' images, 10 epochs) on a class-folder set
@@ -129,10 +144,7 @@ def add_distill_parser(sub) -> None:
 def run_distill(args) -> int:
     flags = {k: v for k, v in vars(args).items() if k not in ("handler", "config_file", "command")}
     config = build_config(DistillConfig, args.config_file, **flags)
-    check_distill(config)  # paths and run state, before torch is imported
-    from .distill import distill
-
-    result = distill(config)
+    result = api.distill(config)
     last = result["epochs"][-1] if result["epochs"] else {}
     unreadable = len(result.get("unreadable_images", ()))
     skipped = f", {unreadable} unreadable images skipped" if unreadable else ""
@@ -162,16 +174,11 @@ def add_inspect_parser(sub) -> None:
 
 
 def run_inspect(args) -> int:
-    check_model_spec(args.teacher)
-    from .student import describe
-    from .vit import load_model
-
     keep = parse_keep(args.keep)
     if isinstance(keep, str) and keep not in ("first", "last"):
         raise UserError(f"--keep {keep} chooses blocks from the few-shot images, which inspect does not read: run "
                         f"distill --keep {keep} (its config.yaml records the kept blocks), then inspect --keep LIST")
-    teacher = load_model(args.teacher, img_size=args.img_size, pretrained=False)
-    info = describe(teacher, args.reduction, args.keep, args.mode, args.rank)
+    info = api.inspect(args.teacher, args.reduction, args.keep, args.mode, args.rank, img_size=args.img_size)
     if args.json:
         print(json.dumps(info))
         return 0
@@ -240,12 +247,9 @@ def add_pretrain_parser(sub) -> None:
 
 
 def run_pretrain(args) -> int:
-    from .pretrain import MONITORS, PretrainConfig, pretrain
-
     flags = {k: v for k, v in vars(args).items() if k not in ("handler", "config_file", "command")}
     config = build_config(PretrainConfig, args.config_file, **flags)
-    check_pretrain(config)
-    result = pretrain(config)
+    result = api.pretrain(config)
     monitor = MONITORS[config.objective]
     print(f"done: {result['output']}/model ({monitor.replace('_', ' ')} {result[monitor]:.4f})")
     return 0
@@ -303,24 +307,16 @@ def add_eval_parsers(sub) -> None:
 
 def run_eval(args) -> int:
     options = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "model", "data", "output", "device")}
-    if args.command == "probe":
-        config = build_config(ProbeConfig, None, **options)  # validated before any work
-    check_evaluation(args.model, args.data, args.output)  # before torch is imported
-    from . import evaluate
-
-    if args.command == "probe":
-        results = evaluate.probe(args.model, args.data, args.output, config, device=args.device)
-    else:
-        results = evaluate.knn(args.model, args.data, args.output, device=args.device, **options)
+    evaluate = api.probe if args.command == "probe" else api.knn
+    config = build_config(ProbeConfig if args.command == "probe" else KnnConfig, None, **options)
+    results = evaluate(args.model, args.data, args.output, config, device=args.device)
     print(f"{args.command} {args.model} on {args.data}: top-1 {100 * results['top1']:.2f}% "
           f"(n_train {results['n_train']}, n_test {results['n_test']}) -> {args.output}/results.json")
     return 0
 
 
 def run_report(args) -> int:
-    from .reports import write_report
-
-    print(write_report(args.runs, args.output))
+    print(api.report(args.runs, args.output))
     return 0
 
 
@@ -371,16 +367,15 @@ def add_ablate_parsers(sub) -> None:
 
 
 def run_ablate(args) -> int:
-    from .ablate import ablate, load_ablation, markdown_table
-
-    grid = load_ablation(args.preset, args.config_file, quick=args.quick, teacher=args.teacher,
+    grid = api.load_ablation(args.preset, args.config_file, quick=args.quick, teacher=args.teacher,
                          distill_data=args.distill_data, probe_data=args.probe_data)
     shard = _parse_shard(args.shard)
-    check_ablation(grid, args.output)  # every path of the grid, before its first run
-    rows = ablate(grid, args.output, device=args.device, shard=shard)
+    rows = api.ablate(grid, args.output, device=args.device, shard=shard)
     if shard != (0, 1):
         print(f"done: shard {args.shard} of the grid in {args.output} (run once more without --shard for the report)")
         return 0
+    from wecolora.grid.ablate import markdown_table
+
     print(f"\n{markdown_table(rows, grid.probe_data)}\n\nreport: {args.output}/report.md, results.csv, chart.png")
     return 0
 
@@ -428,12 +423,11 @@ def add_bench_parser(sub) -> None:
 
 
 def run_bench(args) -> int:
-    from .bench import BenchConfig, run_bench as bench
-    from .bench_report import format_table
+    from wecolora.bench.report import format_table
 
     options = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "json")}
     progress = (lambda message: print(message, file=sys.stderr)) if not args.json else (lambda message: None)
-    result = bench(BenchConfig(**options), progress=progress)
+    result = api.bench(progress=progress, **options)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 
@@ -455,9 +449,7 @@ def add_export_parser(sub) -> None:
 
 
 def run_export(args) -> int:
-    from .export import export_onnx
-
-    result = export_onnx(args.run, args.output, opset=args.opset)
+    result = api.export(args.run, args.output, opset=args.opset)
     print(f"wrote {result['path']} (opset {result['opset']}; onnxruntime matches torch within "
           f"{result['max_abs_diff']:.2g} at batch sizes {', '.join(map(str, result['batches']))})")
     return 0
@@ -497,7 +489,7 @@ def add_cache_parser(sub) -> None:
 def run_cache(args) -> int:
     import time
 
-    from .cache_admin import cache_root, clear_entries, format_age, format_bytes, list_entries
+    from wecolora.cache.admin import cache_root, format_age, format_bytes
 
     def plural(n: int, word: str) -> str:
         return f"{n} {word if n == 1 else word[:-1] + 'ies' if word.endswith('y') else word + 's'}"
@@ -510,7 +502,7 @@ def run_cache(args) -> int:
 
     root = cache_root(args.cache_dir)
     if args.action == "list":
-        entries = list_entries(args.cache_dir)
+        entries = api.cache_entries(args.cache_dir)
         total = sum(e.bytes for e in entries)
         if args.json:
             print(json.dumps({"root": str(root), "entries": [e.to_dict() for e in entries], "total_bytes": total}))
@@ -518,7 +510,7 @@ def run_cache(args) -> int:
             print("\n".join([line(e) for e in entries] +
                             [f"{plural(len(entries), 'entry')}, {format_bytes(total)} in {root}"]))
         return 0
-    removed, busy = clear_entries(args.cache_dir, older_than_days=args.older_than, everything=args.everything)
+    removed, busy = api.clear_cache(args.cache_dir, older_than_days=args.older_than, everything=args.everything)
     for e in removed:
         print(f"removed {line(e)}")
     for e in busy:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from wecolora.errors import UserError
 
 _logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def parse_keep(keep) -> str | list[int]:
     return blocks
 
 
-def _check(ok: bool, name: str, value, expected: str) -> None:
+def check_setting(ok: bool, name: str, value, expected: str) -> None:
     if not ok:
         raise UserError(f"--{name.replace('_', '-')} {value!r} is invalid: expected {expected}")
 
@@ -68,7 +68,7 @@ def resolve_warmup(warmup_epochs: int | None, epochs: int, default: int) -> int:
         if resolved < default:  # said only when it differs from the recipe (config.yaml records it always)
             _logger.info("warmup shortened to %s to fit %s", _epochs(resolved), _epochs(epochs))
         return resolved
-    _check(isinstance(warmup_epochs, int) and warmup_epochs >= 0, "warmup_epochs", warmup_epochs, "an integer >= 0")
+    check_setting(isinstance(warmup_epochs, int) and warmup_epochs >= 0, "warmup_epochs", warmup_epochs, "an integer >= 0")
     if warmup_epochs >= epochs:
         raise UserError(f"--warmup-epochs {warmup_epochs} does not fit --epochs {epochs}: the warmup must end before "
                         f"the last epoch; give --warmup-epochs {epochs - 1} or less, more --epochs, or leave "
@@ -128,36 +128,36 @@ class DistillConfig:
     overwrite: bool = False
 
     def __post_init__(self):
-        _check(self.mode in MODE_NAMES, "mode", self.mode, f"one of {', '.join(MODE_NAMES)}")
-        _check(self.loss in LOSS_NAMES, "loss", self.loss, f"one of {', '.join(LOSS_NAMES)}")
-        _check(self.match in MATCH_NAMES, "match", self.match, f"one of {', '.join(MATCH_NAMES)}")
-        _check(self.precision in (None, *PRECISIONS), "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
-        _check(self.device in DEVICES, "device", self.device, f"one of {', '.join(DEVICES)}")
-        _check(isinstance(self.reduction, int) and self.reduction >= 1, "reduction", self.reduction, "an integer >= 1")
+        check_setting(self.mode in MODE_NAMES, "mode", self.mode, f"one of {', '.join(MODE_NAMES)}")
+        check_setting(self.loss in LOSS_NAMES, "loss", self.loss, f"one of {', '.join(LOSS_NAMES)}")
+        check_setting(self.match in MATCH_NAMES, "match", self.match, f"one of {', '.join(MATCH_NAMES)}")
+        check_setting(self.precision in (None, *PRECISIONS), "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        check_setting(self.device in DEVICES, "device", self.device, f"one of {', '.join(DEVICES)}")
+        check_setting(isinstance(self.reduction, int) and self.reduction >= 1, "reduction", self.reduction, "an integer >= 1")
         parse_keep(self.keep)  # validates the keep spec; student.plan_student resolves it
-        _check(self.keep_images >= 2, "keep_images", self.keep_images, "an integer >= 2 (search and scoring images)")
-        _check(self.rank is None or self.rank >= 1, "rank", self.rank, "an integer >= 1")
-        _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a value in [0, 1)")
+        check_setting(self.keep_images >= 2, "keep_images", self.keep_images, "an integer >= 2 (search and scoring images)")
+        check_setting(self.rank is None or self.rank >= 1, "rank", self.rank, "an integer >= 1")
+        check_setting(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a value in [0, 1)")
         if self.per_class is None:
-            _check(self.ratio is not None and 0.0 < self.ratio <= 1.0, "ratio", self.ratio, "a fraction in (0, 1]")
+            check_setting(self.ratio is not None and 0.0 < self.ratio <= 1.0, "ratio", self.ratio, "a fraction in (0, 1]")
         else:
-            _check(self.per_class >= 1, "per_class", self.per_class, "an integer >= 1")
-        _check(self.min_per_class >= 0, "min_per_class", self.min_per_class, "an integer >= 0")
-        _check(0 <= self.max_unreadable < 1, "max_unreadable", self.max_unreadable, "a fraction in [0, 1)")
-        _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+            check_setting(self.per_class >= 1, "per_class", self.per_class, "an integer >= 1")
+        check_setting(self.min_per_class >= 0, "min_per_class", self.min_per_class, "an integer >= 0")
+        check_setting(0 <= self.max_unreadable < 1, "max_unreadable", self.max_unreadable, "a fraction in [0, 1)")
+        check_setting(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
         self.warmup_epochs = resolve_warmup(self.warmup_epochs, self.epochs, PAPER_WARMUP_EPOCHS)
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        _check(self.accum_steps >= 1, "accum_steps", self.accum_steps, "an integer >= 1")
-        _check(self.blr > 0, "blr", self.blr, "a positive number")
-        _check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
-        _check(self.num_workers is None or self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
-        _check(self.cache_views is None or self.cache_views >= 1, "cache_views", self.cache_views, "an integer >= 1")
+        check_setting(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check_setting(self.accum_steps >= 1, "accum_steps", self.accum_steps, "an integer >= 1")
+        check_setting(self.blr > 0, "blr", self.blr, "a positive number")
+        check_setting(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number")
+        check_setting(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        check_setting(self.num_workers is None or self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        check_setting(self.cache_views is None or self.cache_views >= 1, "cache_views", self.cache_views, "an integer >= 1")
         if isinstance(self.teacher_cache, bool):  # wecolora 0.2's bool (and YAML's bare on/off)
             self.teacher_cache = "on" if self.teacher_cache else "off"
-        _check(self.teacher_cache in CACHE_POLICIES, "cache_teacher", self.teacher_cache,
+        check_setting(self.teacher_cache in CACHE_POLICIES, "cache_teacher", self.teacher_cache,
                f"one of {', '.join(CACHE_POLICIES)}")
-        _check(self.cache_max_gb is None or (isinstance(self.cache_max_gb, (int, float)) and self.cache_max_gb > 0),
+        check_setting(self.cache_max_gb is None or (isinstance(self.cache_max_gb, (int, float)) and self.cache_max_gb > 0),
                "cache_max_gb", self.cache_max_gb, "a positive number of GB")
 
     def uses_teacher_cache(self) -> bool:
@@ -203,26 +203,46 @@ class ProbeConfig:
     max_unreadable: float = 0.05  # fraction of a split's images that may be unreadable (skipped, counted)
 
     def __post_init__(self):
-        _check(self.protocol in PROBE_PROTOCOLS, "protocol", self.protocol, f"one of {', '.join(PROBE_PROTOCOLS)}")
-        _check(self.optimizer in PROBE_OPTIMIZERS, "optimizer", self.optimizer, f"one of {', '.join(PROBE_OPTIMIZERS)}")
-        _check(self.pooling in POOLINGS, "pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
-        _check(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
-        _check(self.batch_size >= 2, "batch_size", self.batch_size, "an integer >= 2")
-        _check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number")
-        _check(self.warmup_epochs is None or 0 <= self.warmup_epochs < self.epochs, "warmup_epochs",
+        check_setting(self.protocol in PROBE_PROTOCOLS, "protocol", self.protocol, f"one of {', '.join(PROBE_PROTOCOLS)}")
+        check_setting(self.optimizer in PROBE_OPTIMIZERS, "optimizer", self.optimizer, f"one of {', '.join(PROBE_OPTIMIZERS)}")
+        check_setting(self.pooling in POOLINGS, "pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
+        check_setting(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        check_setting(self.batch_size >= 2, "batch_size", self.batch_size, "an integer >= 2")
+        check_setting(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number")
+        check_setting(self.warmup_epochs is None or 0 <= self.warmup_epochs < self.epochs, "warmup_epochs",
                self.warmup_epochs, f"an integer in [0, epochs={self.epochs})")
-        _check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "a fraction in [0, 1)")
-        _check(not self.augment or self.protocol == "mae", "augment", self.augment,
+        check_setting(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "a fraction in [0, 1)")
+        check_setting(not self.augment or self.protocol == "mae", "augment", self.augment,
                "only with --protocol mae (cached features are fixed)")
-        _check(self.train_per_class is None or self.train_per_class >= 1, "train_per_class", self.train_per_class,
+        check_setting(self.train_per_class is None or self.train_per_class >= 1, "train_per_class", self.train_per_class,
                "an integer >= 1")
-        _check(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
-        _check(self.extract_batch_size >= 1, "extract_batch_size", self.extract_batch_size, "an integer >= 1")
-        _check(0 <= self.max_unreadable < 1, "max_unreadable", self.max_unreadable, "a fraction in [0, 1)")
+        check_setting(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        check_setting(self.extract_batch_size >= 1, "extract_batch_size", self.extract_batch_size, "an integer >= 1")
+        check_setting(0 <= self.max_unreadable < 1, "max_unreadable", self.max_unreadable, "a fraction in [0, 1)")
 
     @property
     def resolved_warmup(self) -> int:
         return min(10, self.epochs // 5) if self.warmup_epochs is None else self.warmup_epochs
+
+
+@dataclass
+class KnnConfig:
+    """A weighted kNN evaluation (``wecolora knn``): DINO's vote, k neighbours weighted by exp(cos / T)."""
+    k: int = 20
+    temperature: float = 0.07
+    pooling: str = "cls"  # as ProbeConfig.pooling
+    cache_dir: str | None = None  # feature cache; default $WECOLORA_CACHE_DIR/features, else ~/.cache/wecolora/features
+    num_workers: int = 0
+    extract_batch_size: int = 256
+    max_unreadable: float = 0.05  # fraction of a split's images that may be unreadable (skipped, counted)
+
+    def __post_init__(self):
+        check_setting(isinstance(self.k, int) and self.k >= 1, "k", self.k, "an integer >= 1")
+        check_setting(self.temperature > 0, "temperature", self.temperature, "a positive number")
+        check_setting(self.pooling in POOLINGS, "pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
+        check_setting(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        check_setting(self.extract_batch_size >= 1, "extract_batch_size", self.extract_batch_size, "an integer >= 1")
+        check_setting(0 <= self.max_unreadable < 1, "max_unreadable", self.max_unreadable, "a fraction in [0, 1)")
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -256,3 +276,75 @@ def build_config(cls, config_file: str | None = None, **flags):
 def to_yaml(config, **resolved) -> str:
     """The run's ``config.yaml``: every setting, then the values derived from them at run time."""
     return yaml.safe_dump({"settings": dataclasses.asdict(config), "resolved": resolved}, sort_keys=False)
+
+
+OBJECTIVES = ("supervised", "mae")
+
+
+MONITORS = {"supervised": "test_top1", "mae": "knn_top1"}  # the label-using score each objective reports
+PRETRAIN_WARMUP_EPOCHS = 5  # the bundled teacher's recipe
+
+
+@dataclass
+class PretrainConfig:
+    """A ViT training run (defaults: the bundled supervised Fashion-MNIST teacher's recipe)."""
+    data: str
+    output: str
+    objective: str = "supervised"  # supervised | mae
+    model: str = "vit_tiny_patch16_224"  # timm architecture; the size settings below override it
+    img_size: int = 28
+    patch_size: int = 7
+    embed_dim: int = 128
+    depth: int = 12
+    num_heads: int = 4
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup_epochs: int | None = None  # default: 5, shortened to fit a run of fewer than 6 epochs
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    shift: int = 2  # supervised: random translation in pixels (pad + random crop)
+    # mae: 3 of 4 patches hidden (MAE's ratio); a decoder half the encoder's width and 4 blocks deep:
+    # deeper decoders gave MAE much better linear probes (its Table 1a), and at 17 tokens x width 64
+    # four blocks cost about 30% of the 12-block encoder on its 5 visible tokens.
+    mask_ratio: float = 0.75
+    decoder_dim: int = 64
+    decoder_depth: int = 4
+    norm_pix_loss: bool = True
+    eval_every: int = 5
+    seed: int = 0
+    precision: str | None = None
+    device: str = "auto"
+    num_workers: int | None = None
+    resume: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        check_setting(self.objective in OBJECTIVES, "objective", self.objective, f"one of {', '.join(OBJECTIVES)}")
+        for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "epochs", "batch_size", "eval_every",
+                     "decoder_dim", "decoder_depth"):
+            check_setting(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        check_setting(self.img_size % self.patch_size == 0, "patch_size", self.patch_size, f"a divisor of --img-size {self.img_size}")
+        check_setting(self.embed_dim % self.num_heads == 0, "num_heads", self.num_heads, f"a divisor of --embed-dim {self.embed_dim}")
+        self.warmup_epochs = resolve_warmup(self.warmup_epochs, self.epochs, PRETRAIN_WARMUP_EPOCHS)
+        check_setting(self.lr > 0, "lr", self.lr, "a positive number")
+        check_setting(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "a value in [0, 1)")
+        check_setting(self.shift >= 0, "shift", self.shift, "an integer >= 0")
+        check_setting(self.precision in (None, *PRECISIONS), "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        check_setting(self.device in DEVICES, "device", self.device, f"one of {', '.join(DEVICES)}")
+        check_setting(0 < self.mask_ratio < 1, "mask_ratio", self.mask_ratio, "a fraction in (0, 1), e.g. 0.75")
+        check_setting(self.decoder_dim % 4 == 0, "decoder_dim", self.decoder_dim,
+               "a multiple of 4 (2-D sine-cosine positions)")
+        decoder_heads(self.decoder_dim)  # equal-width decoder heads
+
+
+DECODER_HEAD_DIM = 32  # the encoder's head width at the bundled shape (128 / 4 heads)
+
+
+def decoder_heads(dim: int) -> int:
+    """Decoder attention heads: head width 32 like the encoder's, at least one head."""
+    heads = max(1, dim // DECODER_HEAD_DIM)
+    if dim % heads:
+        raise UserError(f"--decoder-dim {dim} is invalid: expected a multiple of {DECODER_HEAD_DIM} "
+                        f"(or a number below it) so that the decoder's heads have equal width")
+    return heads

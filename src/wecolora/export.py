@@ -6,8 +6,10 @@ from pathlib import Path
 
 from torch import nn
 
-from . import adapters, vit
-from .files import atomic_dir
+from wecolora.files import atomic_dir
+from wecolora.method.adapters import has_adapters, merge
+from wecolora.teachers.load import load_model
+from wecolora.teachers.vit import model_args
 
 RUN_INFO = "wecolora.json"
 
@@ -18,7 +20,7 @@ def save_student(model: nn.Module, folder: str | Path) -> None:
 
     model = model.cpu()
     with atomic_dir(folder) as tmp:
-        save_for_hf(model, tmp, safe_serialization=True, model_args=vit.model_args(model))
+        save_for_hf(model, tmp, safe_serialization=True, model_args=model_args(model))
 
 
 def export_run(student: nn.Module, output: str | Path, plan, info: dict) -> nn.Module:
@@ -29,10 +31,10 @@ def export_run(student: nn.Module, output: str | Path, plan, info: dict) -> nn.M
     Returns the merged plain timm model.
     """
     output = Path(output)
-    merged = adapters.merge(student).eval()
+    merged = merge(student).eval()
     save_student(merged, output / "student")
     with atomic_dir(output / "adapter") as tmp:
-        if adapters.has_adapters(student):
+        if has_adapters(student):
             student.save_pretrained(str(tmp))
         (tmp / RUN_INFO).write_text(json.dumps({**info, **plan.record()}, indent=1))
     return merged
@@ -72,12 +74,11 @@ def export_onnx(model_spec: str | Path, path: str | Path | None = None, *, opset
     import numpy as np
     import torch
 
-    from .data import data_config
-    from .errors import UserError
+    from wecolora.data.transforms import data_config
+    from wecolora.errors import UserError
 
     try:
         import onnxruntime
-        import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
     except ImportError as err:
         raise UserError(f"ONNX export needs the onnx extra ({err.name} is missing): {ONNX_EXTRA}") from None
     spec = str(model_spec)
@@ -87,7 +88,7 @@ def export_onnx(model_spec: str | Path, path: str | Path | None = None, *, opset
     path = Path(path)
     if path.suffix != ".onnx":
         raise UserError(f"--output {path} must end with .onnx")
-    model = vit.load_model(spec).eval()
+    model = load_model(spec).eval()
     input_size = tuple(data_config(model)["input_size"])
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(2, *input_size, generator=generator)

@@ -9,14 +9,18 @@ puts it back if a kill landed there.
 from __future__ import annotations
 
 import contextlib
+import csv
 import ctypes
 import errno
 import functools
+import io
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+
+from wecolora.errors import UserError
 
 # OSError numbers that mean "the output location cannot take the write" (the user can fix them).
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -183,3 +187,28 @@ def cache_folder(kind: str, cache_dir: str | os.PathLike | None = None) -> Path:
         return Path(cache_dir).expanduser()
     root = os.environ.get(CACHE_ENV)
     return (Path(root) if root else DEFAULT_CACHE_ROOT).expanduser() / kind
+
+
+def check_writable(output: str | Path, option: str = "--output") -> Path:
+    """``output`` is a folder (or can become one) that this process may write into."""
+    out = Path(output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{option} {output} exists and is not a folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {output}: {existing} is a file, so no folder can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {output}: {existing} is not writable (read-only folder or file system); "
+                        f"choose another {option}")
+    return out
+
+
+def csv_text(rows: list[dict], columns, *, lineterminator: str = "\r\n") -> str:
+    """CSV text of rows (``summary.csv``, ``results.csv``, ``report.csv``), columns in the given order."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator=lineterminator)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()

@@ -1,0 +1,188 @@
+"""wecolora's Python API: everything the CLI does, one function per command.
+
+Importing it (or ``wecolora``) reads no torch. Each function first checks what it was given with the
+standard library alone (paths, folders, names, run states), so a wrong path fails in a fraction of a
+second, and imports the layer that does the work only then.
+
+Example:
+    >>> import wecolora
+    >>> run = wecolora.distill(teacher="bundled", data="fashion-mnist", output="runs/fm-r2")  # doctest: +SKIP
+    >>> wecolora.probe("runs/fm-r2", "fashion-mnist", "runs/fm-r2/probe")["top1"]          # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from wecolora.config import DistillConfig, KnnConfig, PretrainConfig, ProbeConfig, build_config
+from wecolora.data.layout import check_dataset
+from wecolora.files import check_writable
+from wecolora.teachers.specs import check_model_spec
+from wecolora.train.run_folder import check_distill, check_pretrain
+
+
+def distill(config: DistillConfig | None = None, **settings) -> dict:
+    """Distil a teacher into a weight-copied student; writes the run folder (see ``wecolora distill --help``).
+
+    Args:
+        config: the run's settings; ``**settings`` builds one instead (``teacher=``, ``data=``, ``output=``, ...).
+
+    Returns:
+        The last epoch's metrics, the kept blocks and the run's paths.
+    """
+    config = config or build_config(DistillConfig, None, **settings)
+    check_distill(config)
+    from wecolora.train.distill import distill as run
+
+    return run(config)
+
+
+def pretrain(config: PretrainConfig | None = None, **settings) -> dict:
+    """Train a ViT teacher from scratch (supervised or MAE); writes ``DIR/model``, a timm folder."""
+    config = config or build_config(PretrainConfig, None, **settings)
+    check_pretrain(config)
+    from wecolora.train.pretrain import pretrain as run
+
+    return run(config)
+
+
+def check_evaluation(model: str, data: str, output: str) -> Path:
+    """Path-level checks of ``probe``/``knn``: the model spec, a dataset with both splits, the output."""
+    check_model_spec(model, "--model")
+    check_dataset(data, ("train", "test"))
+    return check_writable(output)
+
+
+def probe(model: str, data: str, output: str, config: ProbeConfig | None = None, *, device: str = "auto",
+          **settings) -> dict:
+    """Linear probe of a frozen model (MAE's recipe); writes ``output/results.json``.
+
+    Example:
+        >>> wecolora.probe("runs/fm-r2", "mnist-5k", "runs/fm-r2/probe", epochs=90)["top1"]  # doctest: +SKIP
+    """
+    config = config or build_config(ProbeConfig, None, **settings)
+    check_evaluation(model, data, output)
+    from wecolora.evaluation.probe import probe as run
+
+    return run(model, data, output, config, device=device)
+
+
+def knn(model: str, data: str, output: str, config: KnnConfig | None = None, *, device: str = "auto",
+        **settings) -> dict:
+    """Weighted kNN of the test split on the train split's frozen features; writes ``output/results.json``."""
+    config = config or build_config(KnnConfig, None, **settings)
+    check_evaluation(model, data, output)
+    from wecolora.evaluation.knn import knn as run
+
+    return run(model, data, output, config, device=device)
+
+
+def report(runs: list[str], output: str) -> str:
+    """Gather ``results.json`` files into ``output/report.md`` and ``report.csv``; returns the markdown."""
+    from wecolora.evaluation.reports import write_report
+
+    return write_report(runs, output)
+
+
+def load_ablation(preset: str | None = None, config_file: str | None = None, *, quick: bool = False, **overrides):
+    """An ablation grid from a preset name or a YAML file, validated (see ``wecolora ablate --help``).
+
+    ``overrides``: ``teacher``, ``distill_data``, ``probe_data`` in place of the grid's own (None: keep them).
+    """
+    from wecolora.grid.ablate import load_ablation as load
+
+    return load(preset, config_file, quick=quick, **overrides)
+
+
+def check_ablation(grid, output: str) -> Path:
+    """Path-level checks of an ablation grid: teacher, datasets, output."""
+    check_model_spec(grid.teacher)
+    check_dataset(grid.distill_data, ("train",))
+    for data in grid.probe_data:
+        check_dataset(data, ("train", "test"), "--probe-data")
+    return check_writable(output)
+
+
+def ablate(grid, output: str, *, device: str = "auto", shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Run a grid of distillations and probes; writes report.md, results.csv and chart.png under ``output``."""
+    check_ablation(grid, output)
+    from wecolora.grid.ablate import ablate as run
+
+    return run(grid, output, device=device, shard=shard)
+
+
+def bench(config=None, progress=None, **settings) -> dict:
+    """Measure wecolora against the paper's design on this machine (``wecolora bench``)."""
+    from wecolora.bench.run import BenchConfig, run_bench
+
+    return run_bench(config or BenchConfig(**settings), progress=progress)
+
+
+def export(run: str, path: str | None = None, *, opset: int = 18) -> dict:
+    """Export a run's merged student to ONNX, checked against torch with onnxruntime."""
+    from wecolora.export import export_onnx
+
+    return export_onnx(run, path, opset=opset)
+
+
+def load_model(spec: str, **options):
+    """A timm ViT from a spec (timm name, folder, run, ``bundled``...); see :func:`wecolora.teachers.load.load_model`."""
+    check_model_spec(spec, "--model")
+    from wecolora.teachers.load import load_model as load
+
+    return load(spec, **options)
+
+
+def inspect(teacher: str, reduction: int = 2, keep="first", mode: str = "wecolora", rank: int | None = None, *,
+            img_size: int | None = None) -> dict:
+    """Kept blocks and parameter counts of a student, without reading weights (``wecolora inspect``)."""
+    check_model_spec(teacher)
+    from wecolora.method.student import describe
+    from wecolora.teachers.load import load_model as load
+
+    return describe(load(teacher, img_size=img_size, pretrained=False), reduction, keep, mode, rank)
+
+
+def plan_student(teacher, reduction: int = 2, keep="first", mode: str = "wecolora", rank: int | None = None,
+                 **options):
+    """The student's settings resolved against a teacher module: see :func:`wecolora.method.plan.plan_student`."""
+    from wecolora.method.plan import plan_student as plan
+
+    return plan(teacher, reduction, keep, mode, rank, **options)
+
+
+def build_student(teacher, reduction: int = 2, keep="first", mode: str = "wecolora", rank: int | None = None,
+                  **options):
+    """The student of a teacher module for a mode: see :func:`wecolora.method.student.build_student`."""
+    from wecolora.method.student import build_student as build
+
+    return build(teacher, reduction, keep, mode, rank, **options)
+
+
+def merge(student):
+    """The student with its adapters folded in: a plain timm VisionTransformer (see :mod:`wecolora.method.adapters`)."""
+    from wecolora.method.adapters import merge as fold
+
+    return fold(student)
+
+
+def select_blocks(depth: int, reduction: int, keep="first") -> list[int]:
+    """Teacher blocks a rule keeps: ``select_blocks(12, 3, "first") == [0, 3, 6, 9]``."""
+    from wecolora.method.blocks import select_blocks as select
+
+    return select(depth, reduction, keep)
+
+
+def cache_entries(cache_dir: str | None = None) -> list:
+    """The entries of wecolora's caches (teacher tokens, image stores, probe features)."""
+    from wecolora.cache.admin import list_entries
+
+    return list_entries(cache_dir)
+
+
+def clear_cache(cache_dir: str | None = None, *, older_than_days: float | None = None,
+                everything: bool = False) -> tuple[list, list]:
+    """Delete cache entries no running process uses (``everything``, or those unused for ``older_than_days``);
+    returns ``(removed, kept because in use)``."""
+    from wecolora.cache.admin import clear_entries
+
+    return clear_entries(cache_dir, older_than_days=older_than_days, everything=everything)
