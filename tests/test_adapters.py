@@ -166,7 +166,7 @@ def test_each_adapter_changes_its_own_map(teacher, target, changed):
 def test_q_k_v_adapters_are_separate(targets, per_block):
     model = tiny_vit()
     rank = 4
-    peft_model = add_adapters(model, targets, rank=rank)
+    peft_model = add_adapters(model, targets, rank=rank, alpha=rank)
     assert count_parameters(peft_model, trainable_only=True) == per_block * WIDTH * rank * 6
     qkv = peft_model.get_base_model().blocks[0].attn.qkv
     assert isinstance(qkv, SplitQKV)
@@ -293,7 +293,7 @@ def test_extreme_ranks_build(teacher, rank):
 @pytest.mark.parametrize("targets", [("qkv",), ("q", "mlp"), ("head",)])
 def test_unknown_target(targets):
     with pytest.raises(UserError, match="unknown adapter target"):
-        add_adapters(tiny_vit(), targets, rank=4)
+        add_adapters(tiny_vit(), targets, rank=4, alpha=4)
     with pytest.raises(UserError, match="choose from"):
         target_regex(targets)
 
@@ -301,7 +301,7 @@ def test_unknown_target(targets):
 @pytest.mark.parametrize("dropout", [-0.1, 1.0])
 def test_impossible_dropout(dropout):
     with pytest.raises(UserError, match="dropout"):
-        add_adapters(tiny_vit(), ALL_TARGETS, rank=4, dropout=dropout)
+        add_adapters(tiny_vit(), ALL_TARGETS, rank=4, alpha=4, dropout=dropout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,7 +394,7 @@ LEAN_LAYERS = [("attn.qkv", WIDTH, 3 * WIDTH), ("attn.proj", WIDTH, WIDTH), ("ml
 @pytest.mark.parametrize("rank", [1, 4, WIDTH // 4, WIDTH])  # 51 tokens: the thin route up to rank 8, full at 32
 @pytest.mark.parametrize("path, in_features, out_features", LEAN_LAYERS)
 def test_lean_linear_equals_the_peft_layers(path, in_features, out_features, rank, bias):
-    model = add_adapters(tiny_vit(depth=1, qkv_bias=bias, proj_bias=bias), ALL_TARGETS, rank=rank)
+    model = add_adapters(tiny_vit(depth=1, qkv_bias=bias, proj_bias=bias), ALL_TARGETS, rank=rank, alpha=rank)
     _randomize_lora_b(model)
     peft_layer = model.get_base_model().get_submodule(f"blocks.0.{path}")
     lean_layer = lean_student(model).get_submodule(f"blocks.0.{path}")

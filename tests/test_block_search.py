@@ -9,10 +9,9 @@ import torch
 import yaml
 
 import wecolora
-from wecolora.config import DistillConfig, parse_keep
+from wecolora.config import KEEP_SEARCHES, DistillConfig, parse_keep
 from wecolora.errors import UserError
 from wecolora.method.block_search import (
-    METHODS,
     block_influence,
     choose_blocks,
     embed,
@@ -58,7 +57,7 @@ def _make_identity(teacher: torch.nn.Module, block: int) -> None:
 # The searches
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", KEEP_SEARCHES)
 @pytest.mark.parametrize("depth, reduction", [(6, 2), (6, 3), (6, 4), (7, 2), (7, 3)])
 def test_a_search_keeps_ceil_depth_over_r_increasing_blocks_deterministically(method, depth, reduction):
     teacher = _teacher(depth)

@@ -12,7 +12,8 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 import wecolora.cache.images as image_store
-from wecolora.cache.admin import evict, list_entries, locked, mark_in_use, release_in_use
+import wecolora.data.views as view_module
+from wecolora.cache.admin import CacheCap, evict, list_entries, locked, mark_in_use, release_in_use
 from wecolora.data.datasets import ImageFolderSplit, load_rgb, open_dataset
 from wecolora.data.views import view_seed
 from wecolora.errors import UserError
@@ -76,7 +77,7 @@ class SeededTorch:
 def test_view_params_are_torchvisions_get_params_on_the_seeded_draws(monkeypatch):
     indices = np.arange(0, 600, 7)
     sizes = np.array([SIZES[i % len(SIZES)] for i in range(len(indices))])
-    boxes, flips = image_store.view_params(3, 2, indices, sizes)
+    boxes, flips = view_module.view_params(3, 2, indices, sizes)
     fallbacks = 0
     for index, (height, width), box, flip in zip(indices, sizes, boxes.tolist(), flips.tolist()):
         u = np.random.default_rng(view_seed(3, 2, int(index))).random(23)
@@ -93,15 +94,15 @@ def test_view_params_are_torchvisions_get_params_on_the_seeded_draws(monkeypatch
 
 def test_a_view_ignores_the_batch_its_order_and_the_process():
     indices, sizes = np.array([5, 900, 17, 3]), np.array([[28, 28], [258, 344], [40, 30], [28, 28]])
-    boxes, flips = image_store.view_params(0, 1, indices, sizes)
+    boxes, flips = view_module.view_params(0, 1, indices, sizes)
     order = [2, 0, 3]
-    part_boxes, part_flips = image_store.view_params(0, 1, indices[order], sizes[order])
+    part_boxes, part_flips = view_module.view_params(0, 1, indices[order], sizes[order])
     assert torch.equal(part_boxes, boxes[order]) and torch.equal(part_flips, flips[order])
     with multiprocessing.get_context("spawn").Pool(1) as pool:  # a new interpreter, as another process of a run
-        other_boxes, other_flips = pool.apply(image_store.view_params, (0, 1, indices, sizes))
+        other_boxes, other_flips = pool.apply(view_module.view_params, (0, 1, indices, sizes))
     assert torch.equal(other_boxes, boxes) and torch.equal(other_flips, flips)
-    next_view, _ = image_store.view_params(0, 2, indices, sizes)
-    other_seed, _ = image_store.view_params(1, 1, indices, sizes)
+    next_view, _ = view_module.view_params(0, 2, indices, sizes)
+    other_seed, _ = view_module.view_params(1, 1, indices, sizes)
     assert not torch.equal(next_view, boxes) and not torch.equal(other_seed, boxes)
 
 
@@ -115,7 +116,7 @@ def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
 
 def test_device_views_of_fashion_mnist_match_torchvisions_pil_crop(fashion, tmp_path):
     indices = list(range(0, 6400, 100))
-    recipe = image_store.ViewRecipe((224, 224), (0.0,) * 3, (1.0,) * 3, bound=258)  # identity normalisation
+    recipe = view_module.ViewRecipe((224, 224), (0.0,) * 3, (1.0,) * 3, bound=258)  # identity normalisation
     store = image_store.open_store(fashion, indices, bound=recipe.bound, cache_dir=tmp_path)
     assert store.canvas == (28, 28)  # never enlarged: 28 -> 224 happens in the crop
     positions = np.arange(len(indices))
@@ -141,7 +142,7 @@ def test_device_views_of_fashion_mnist_match_torchvisions_pil_crop(fashion, tmp_
 
 def test_device_views_of_a_downscaled_jpeg_match_pil_on_the_original(tmp_path):
     dataset = image_folder(tmp_path / "data", {f"{k}.jpg": smooth_rgb(300, 400, k) for k in range(4)})
-    recipe = image_store.ViewRecipe((224, 224), (0.0,) * 3, (1.0,) * 3, bound=258)
+    recipe = view_module.ViewRecipe((224, 224), (0.0,) * 3, (1.0,) * 3, bound=258)
     store = image_store.open_store(dataset, range(4), bound=recipe.bound, cache_dir=tmp_path / "stores")
     assert store.sizes.tolist() == [[258, 344]] * 4
     boxes, flips = recipe.params(0, 0, np.arange(4), store.sizes)
@@ -160,7 +161,7 @@ def test_device_views_of_a_downscaled_jpeg_match_pil_on_the_original(tmp_path):
 def test_the_recipe_follows_the_model_and_normalises_with_its_mean_and_std():
     model = tiny_vit(depth=1, img_size=28, patch_size=7)
     model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.2, 0.3, 0.4), "std": (0.5, 0.5, 0.25)}
-    recipe = image_store.ViewRecipe.for_model(model)
+    recipe = view_module.ViewRecipe.for_model(model)
     assert (recipe.size, recipe.bound, recipe.mean) == ((28, 28), 33, (0.2, 0.3, 0.4))
     flat = torch.full((2, 3, 28, 28), 102, dtype=torch.uint8)
     views = recipe.apply(flat, torch.tensor([[0.0, 0.0, 28.0, 28.0], [3.0, 4.0, 10.0, 12.0]]), torch.tensor([True, False]))
@@ -303,11 +304,11 @@ def test_store_batches_carry_the_rows_and_their_view():
     digits = open_dataset("mnist-5k", "train")
     indices = [3, 50, 700, 9]
     store = image_store.open_store(digits, indices, bound=33)
-    recipe = image_store.ViewRecipe((28, 28), (0.5,) * 3, (0.5,) * 3, bound=33)
+    recipe = view_module.ViewRecipe((28, 28), (0.5,) * 3, (0.5,) * 3, bound=33)
     batches = image_store.StoreBatches(store, indices, recipe, seed=4, view=1)
     batch = batches[[[2, 0]]]  # accelerate nests the sampler's list once more
     assert batch["positions"].tolist() == [2, 0] and batch["pixels"].shape == (2, 3, 28, 28)
-    boxes, flips = image_store.view_params(4, 1, [700, 3], [[28, 28]] * 2)
+    boxes, flips = view_module.view_params(4, 1, [700, 3], [[28, 28]] * 2)
     assert torch.equal(batch["boxes"], boxes) and torch.equal(batch["flips"], flips) and "tokens" not in batch
     generator = torch.Generator().manual_seed(0)
     order = [b["positions"].tolist() for b in image_store.store_loader(batches, 3, generator)]
@@ -372,12 +373,12 @@ def test_a_new_store_evicts_the_least_recently_used_entry_not_in_use_or_is_built
     cap_gb = (sum(e.bytes for e in list_entries(tmp_path)) + store_bytes - 10) / 1e9  # one must go
     mark_in_use(in_use)  # this process trains with it
     try:
-        store = image_store.open_store(digits, [1, 2], bound=33, max_gb=cap_gb)
+        store = image_store.open_store(digits, [1, 2], bound=33, cap=CacheCap.resolve(cap_gb))
         assert store.meta["bytes"] == store_bytes and store.folder.parent == tmp_path / "images"
         assert not old.exists() and in_use.is_dir() and recent.is_dir() and "over its" not in caplog.text
 
         # Over the cap by itself: built anyway, nothing evicted, one warning naming the fix.
-        big = image_store.open_store(digits, [1, 2, 3], bound=33, max_gb=store_bytes / 1e9)
+        big = image_store.open_store(digits, [1, 2, 3], bound=33, cap=CacheCap.resolve(store_bytes / 1e9))
         assert len(big) == 3 and store.folder.is_dir() and recent.is_dir()
         assert "over its" in caplog.text and "--cache-max-gb or $WECOLORA_CACHE_MAX_GB" in caplog.text
     finally:

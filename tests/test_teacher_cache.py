@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 import wecolora.cache.teacher as teacher_cache
 import wecolora.train.distill as distill_module
-from wecolora.cache.admin import evict, locked, read_entry
+import wecolora.train.setup as training_setup
+from wecolora.cache.admin import CacheCap, evict, locked, read_entry
 from wecolora.cache.images import StoreBatches, open_store, store_loader
 from wecolora.cache.teacher import TeacherCache, ViewWriter, _to_numpy, default_cache_dir, open_for_run
 from wecolora.config import DistillConfig
@@ -191,7 +192,8 @@ def test_a_warm_run_never_calls_the_teacher_and_ends_where_the_cold_run_did(teac
         calls.append(len(model.blocks))
         return real(model, images, *args, **kwargs)
 
-    monkeypatch.setattr(distill_module, "last_block_tokens", counting)
+    for module in (distill_module, training_setup):  # the teacher's call and the student's
+        monkeypatch.setattr(module, "last_block_tokens", counting)
     warm = distill(_config(teacher_dir, tmp_path / "warm", tmp_path / "cache"))
     assert 6 not in calls and calls  # the 6-block teacher never ran; the 3-block student did
     assert [r["loss"] for r in warm["epochs"]] == [r["loss"] for r in cold["epochs"]]
@@ -199,7 +201,8 @@ def test_a_warm_run_never_calls_the_teacher_and_ends_where_the_cold_run_did(teac
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     # A grid's other students share the entry; --no-teacher-cache computes the same thing, unrounded.
-    monkeypatch.setattr(distill_module, "last_block_tokens", real)
+    for module in (distill_module, training_setup):  # the teacher's call and the student's
+        monkeypatch.setattr(module, "last_block_tokens", real)
     plain = distill(_config(teacher_dir, tmp_path / "plain", tmp_path / "cache", teacher_cache=False))
     for r_plain, r_cold in zip(plain["epochs"], cold["epochs"]):
         assert r_plain["loss"] == pytest.approx(r_cold["loss"], rel=2e-3)
@@ -286,7 +289,8 @@ def test_fewer_views_than_epochs_reuse_them_within_one_run(teacher_dir, tmp_path
             teacher_steps.append(images.shape[0])
         return real(model, images, *args, **kwargs)
 
-    monkeypatch.setattr(distill_module, "last_block_tokens", counting)
+    for module in (distill_module, training_setup):  # the teacher's call and the student's
+        monkeypatch.setattr(module, "last_block_tokens", counting)
     result = distill(_config(teacher_dir, tmp_path / "run", tmp_path / "cache", epochs=3, cache_views=1))
     assert sum(teacher_steps) == 80  # one pass over the 80 images: epochs 2 and 3 read view 0
     assert len(result["epochs"]) == 3
@@ -464,7 +468,7 @@ VIEW_BYTES = 40 * 17 * 32 * 2  # 40 images: tokens [1, 17, 32] fp16
 
 
 def _open(root, teacher, dataset, seed, *, views=1, max_gb=1.0):
-    return open_for_run(True, str(root), views=views, max_gb=max_gb,
+    return open_for_run(True, str(root), views=views, cap=CacheCap.resolve(max_gb, str(root)),
                                       **_key_args(teacher, dataset, seed=seed))
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wecolora.config import DistillConfig, KnnConfig, PretrainConfig, ProbeConfig, build_config
+from wecolora.config import DEFAULT_REDUCTION, DistillConfig, KnnConfig, PretrainConfig, ProbeConfig, build_config
 from wecolora.data.layout import check_dataset
 from wecolora.files import check_writable
 from wecolora.teachers.specs import check_model_spec
@@ -132,7 +132,7 @@ def load_model(spec: str, **options):
     return load(spec, **options)
 
 
-def inspect(teacher: str, reduction: int = 2, keep="first", mode: str = "wecolora", rank: int | None = None, *,
+def inspect(teacher: str, reduction: int = DEFAULT_REDUCTION, keep="first", mode: str = "wecolora", rank: int | None = None, *,
             img_size: int | None = None) -> dict:
     """Kept blocks and parameter counts of a student, without reading weights (``wecolora inspect``)."""
     check_model_spec(teacher)
@@ -142,7 +142,7 @@ def inspect(teacher: str, reduction: int = 2, keep="first", mode: str = "wecolor
     return describe(load(teacher, img_size=img_size, pretrained=False), reduction, keep, mode, rank)
 
 
-def plan_student(teacher, reduction: int = 2, keep="first", mode: str = "wecolora", rank: int | None = None,
+def plan_student(teacher, reduction: int = DEFAULT_REDUCTION, keep="first", mode: str = "wecolora", rank: int | None = None,
                  **options):
     """The student's settings resolved against a teacher module: see :func:`wecolora.method.plan.plan_student`."""
     from wecolora.method.plan import plan_student as plan
@@ -150,7 +150,7 @@ def plan_student(teacher, reduction: int = 2, keep="first", mode: str = "wecolor
     return plan(teacher, reduction, keep, mode, rank, **options)
 
 
-def build_student(teacher, reduction: int = 2, keep="first", mode: str = "wecolora", rank: int | None = None,
+def build_student(teacher, reduction: int = DEFAULT_REDUCTION, keep="first", mode: str = "wecolora", rank: int | None = None,
                   **options):
     """The student of a teacher module for a mode: see :func:`wecolora.method.student.build_student`."""
     from wecolora.method.student import build_student as build

@@ -15,6 +15,7 @@ import sys
 from wecolora import __version__, api
 from wecolora.config import (
     CACHE_POLICIES,
+    DEFAULT_REDUCTION,
     DEVICES,
     LOSS_NAMES,
     MATCH_NAMES,
@@ -164,7 +165,7 @@ def add_inspect_parser(sub) -> None:
     p.add_argument("--teacher", required=True, help="timm name, local-dir:FOLDER, run folder, bundled or bundled-mae "
                                                     "(weights not loaded)")
     p.add_argument("--img-size", type=int, help="input size (default: the teacher's)")
-    p.add_argument("--reduction", type=int, default=2)
+    p.add_argument("--reduction", type=int, default=DEFAULT_REDUCTION)
     p.add_argument("--keep", default="first", help="first, last or block indices like 0,4,8 (a searched keep "
                    "needs the subset: use distill, then inspect its kept list)")
     p.add_argument("--mode", choices=MODE_NAMES, default="wecolora")

@@ -19,8 +19,11 @@ _logger = logging.getLogger(__name__)
 MODE_NAMES = ("wecolora", "lora-qv", "weco-kd", "scratch-kd")  # registry: student.MODES
 LOSS_NAMES = ("l1", "mse")  # registry: losses.LOSSES
 MATCH_NAMES = ("last", "last-norm", "per-block")  # registry: losses.MATCHES
-KEEP_NAMES = ("first", "last", "auto", "greedy", "influence")  # registries: student.KEEP_RULES, block_search.METHODS
+KEEP_RULES = ("first", "last")  # fixed positions (method.blocks.select_blocks)
+KEEP_SEARCHES = ("auto", "greedy", "influence")  # chosen from images (method.block_search.choose_blocks)
+KEEP_NAMES = KEEP_RULES + KEEP_SEARCHES  # the one keep vocabulary
 PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_REDUCTION = 2  # the paper's r: every API and command defaults to it
 DEVICES = ("auto", "cpu", "cuda")
 PROBE_PROTOCOLS = ("cached", "mae")
 PROBE_OPTIMIZERS = ("lars", "sgd")  # lars: MAE's rule (trust ratio on >1-D params); sgd: momentum SGD (0.1.0)
@@ -86,7 +89,7 @@ class DistillConfig:
     img_size: int | None = None
     # student
     mode: str = "wecolora"
-    reduction: int = 2
+    reduction: int = DEFAULT_REDUCTION
     keep: str = "first"  # first | last | auto | greedy | influence | comma-separated teacher block indices
     keep_images: int = 384  # auto/greedy/influence: subset images that choose the blocks (2/3 search, 1/3 score)
     rank: int | None = None  # default: 128, or width/4 for narrow teachers

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from torch import nn
 
+from wecolora.errors import UserError
 from wecolora.files import atomic_dir
 from wecolora.method.adapters import has_adapters, merge
 from wecolora.teachers.load import load_model
@@ -66,16 +68,11 @@ def export_onnx(model_spec: str | Path, path: str | Path | None = None, *, opset
     Example:
         >>> export_onnx("runs/fm-r2")["max_abs_diff"] < 1e-4   # doctest: +SKIP
     """
-    import contextlib
-    import io
-    import os
     import tempfile
 
-    import numpy as np
     import torch
 
     from wecolora.data.transforms import data_config
-    from wecolora.errors import UserError
 
     try:
         import onnxruntime
@@ -91,31 +88,48 @@ def export_onnx(model_spec: str | Path, path: str | Path | None = None, *, opset
     model = load_model(spec).eval()
     input_size = tuple(data_config(model)["input_size"])
     generator = torch.Generator().manual_seed(0)
-    example = torch.randn(2, *input_size, generator=generator)
-    big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5 * 2**30  # protobuf's 2 GB limit
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         tmp_path = Path(tmp) / path.name
-        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
-            torch.onnx.export(model, (example,), str(tmp_path), opset_version=opset, dynamo=True,
-                              input_names=["images"], output_names=["output"], external_data=big,
-                              dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
-        session = onnxruntime.InferenceSession(str(tmp_path), providers=["CPUExecutionProvider"])
-        worst = 0.0
-        for batch in check_batches:
-            images = torch.randn(batch, *input_size, generator=generator)
-            with torch.inference_mode():
-                expected = model(images).numpy()
-            got = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
-            if got.shape != expected.shape:
-                raise UserError(f"the ONNX graph returns shape {got.shape} for batch {batch}, torch {expected.shape}")
-            worst = max(worst, float(np.abs(got - expected).max()))
+        _export_graph(model, torch.randn(2, *input_size, generator=generator), tmp_path, opset)
+        worst = _onnx_vs_torch(onnxruntime, model, tmp_path, input_size, check_batches, generator)
         if not worst <= atol:
             raise UserError(f"onnxruntime differs from torch by {worst:.3g} (> {atol:g}); the ONNX file was not written")
-        del session
         data = tmp_path.with_name(path.name + ".data")
         if data.exists():  # weights stored beside the graph: move them first, the graph (what readers open) last
             os.replace(data, path.with_name(path.name + ".data"))
         os.replace(tmp_path, path)
     return {"path": str(path), "opset": opset, "max_abs_diff": worst, "batches": list(check_batches),
             "input_size": list(input_size)}
+
+
+def _export_graph(model: nn.Module, example, path: Path, opset: int) -> None:
+    """``torch.onnx.export`` with a dynamic batch; weights beside the graph past protobuf's 2 GB limit."""
+    import contextlib
+    import io
+
+    import torch
+
+    big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5 * 2**30
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+        torch.onnx.export(model, (example,), str(path), opset_version=opset, dynamo=True,
+                          input_names=["images"], output_names=["output"], external_data=big,
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+
+
+def _onnx_vs_torch(onnxruntime, model: nn.Module, path: Path, input_size: tuple, batches: tuple[int, ...], generator) -> float:
+    """The largest |onnxruntime - torch| over random inputs at each batch size; a shape mismatch is refused."""
+    import numpy as np
+    import torch
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for batch in batches:
+        images = torch.randn(batch, *input_size, generator=generator)
+        with torch.inference_mode():
+            expected = model(images).numpy()
+        got = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+        if got.shape != expected.shape:
+            raise UserError(f"the ONNX graph returns shape {got.shape} for batch {batch}, torch {expected.shape}")
+        worst = max(worst, float(np.abs(got - expected).max()))
+    return worst

@@ -1,10 +1,12 @@
-"""Training plumbing shared by ``distill`` and ``pretrain``: accelerator, schedule, run records."""
+"""What every loop needs, settled in one place: the device, the accelerator and precision, data-loader workers,
+the warmup + cosine schedule, and the library versions recorded with each run."""
 from __future__ import annotations
 
 import logging
 
 import torch
 
+from wecolora.config import DEVICES
 from wecolora.errors import UserError
 
 _logger = logging.getLogger(__name__)
@@ -14,9 +16,7 @@ def make_accelerator(device: str, precision: str | None, accum_steps: int = 1):
     """An ``accelerate.Accelerator`` for ``--device`` and ``--precision`` (bf16 on CUDA, fp32 on CPU)."""
     from accelerate import Accelerator
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is visible; use --device cpu or auto")
-    use_cpu = device == "cpu" or not torch.cuda.is_available()
+    use_cpu = resolve_device(device).type == "cpu"
     precision = precision or ("fp32" if use_cpu else "bf16")
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
     if use_cpu and mixed == "fp16":
@@ -30,7 +30,10 @@ def loader_workers(requested: int | None) -> int:
 
 
 def make_scheduler(optimizer, epochs: int, warmup_epochs: int, updates_per_epoch: int):
-    """timm per-iteration schedule: linear warmup from 0 over ``warmup_epochs``, then half-cosine to 0."""
+    """timm per-iteration schedule: linear warmup from 0 over ``warmup_epochs``, then half-cosine to 0.
+
+    The one schedule of the project: distillation, pre-training and the probe heads all use it.
+    """
     from timm.scheduler import create_scheduler_v2
 
     scheduler, _ = create_scheduler_v2(
@@ -49,9 +52,6 @@ def versions() -> dict:
 
     return {"torch": str(torch.__version__), "timm": timm.__version__, "peft": peft.__version__,
             "accelerate": accelerate.__version__}
-
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(device: str) -> torch.device:

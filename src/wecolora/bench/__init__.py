@@ -1,0 +1,1 @@
+"""Benchmarks: wecolora against the paper's design on this machine (time, memory, FLOPs, ceilings)."""

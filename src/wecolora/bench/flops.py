@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from wecolora.config import DEFAULT_REDUCTION
 from wecolora.method.adapters import lean_student
 from wecolora.method.losses import feature_loss
 from wecolora.method.student import build_student
@@ -44,7 +45,7 @@ def step_flops(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) ->
     return count(step)
 
 
-def student_step_flops(teacher: nn.Module, images: torch.Tensor, *, mode: str, reduction: int = 2,
+def student_step_flops(teacher: nn.Module, images: torch.Tensor, *, mode: str, reduction: int = DEFAULT_REDUCTION,
                        rank: int | None = None) -> int:
     """FLOPs of one training step of the ``mode`` student of ``teacher`` as distill trains it (through the lean
     adapter view where it applies), on the teacher's last-block tokens of ``images``."""
@@ -54,7 +55,7 @@ def student_step_flops(teacher: nn.Module, images: torch.Tensor, *, mode: str, r
     return step_flops(student, images, targets)
 
 
-def step_flops_ratio(teacher: nn.Module, images: torch.Tensor, *, reduction: int = 2, rank: int | None = None) -> float:
+def step_flops_ratio(teacher: nn.Module, images: torch.Tensor, *, reduction: int = DEFAULT_REDUCTION, rank: int | None = None) -> float:
     """Counted FLOPs of a wecolora training step (lean adapter path) over a full fine-tune's (``weco-kd``: every
     copied weight trains) of the same student.
 

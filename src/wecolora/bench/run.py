@@ -45,14 +45,17 @@ from wecolora.bench.measure import best, bf16_peak_tflops, fast_bf16, machine, p
 from wecolora.bench.reference import reference_epoch, reference_step, reference_student
 from wecolora.cache.images import StoreBatches, open_store, store_loader
 from wecolora.cache.teacher import TeacherCache
+from wecolora.config import DEFAULT_REDUCTION
 from wecolora.data.datasets import open_dataset
 from wecolora.data.subset import few_shot_indices
 from wecolora.data.transforms import train_transform
 from wecolora.data.views import ViewRecipe
 from wecolora.errors import UserError
+from wecolora.files import atomic_write_text
 from wecolora.method.adapters import merge
 from wecolora.method.plan import plan_student
 from wecolora.method.student import build_student
+from wecolora.runtime import resolve_device
 from wecolora.teachers.load import load_model
 from wecolora.teachers.vit import architecture, last_block_tokens, use_fused_attention
 from wecolora.train.setup import Training, make_training, plain_attention
@@ -192,8 +195,6 @@ def run_bench(config: BenchConfig, progress=None) -> dict:
         >>> result = run_bench(BenchConfig(quick=True))   # doctest: +SKIP
         >>> result["distill_speedup_warm"], result["step_flops_ratio"]   # doctest: +SKIP
     """
-    from wecolora.runtime import resolve_device
-
     started = time.perf_counter()
     report = progress or (lambda message: _logger.info("%s", message))
 
@@ -203,13 +204,50 @@ def run_bench(config: BenchConfig, progress=None) -> dict:
     device = resolve_device(config.device)
     torch.manual_seed(0)
     teacher = load_model(config.teacher).requires_grad_(False).to(device)
-    rank = plan_student(teacher, 2, mode="wecolora").rank  # the default rank of this teacher
+    plan = plan_student(teacher, DEFAULT_REDUCTION, mode="wecolora")  # the measured student: its rank is the default
     precisions = ["fp32", "bf16"] if config.precision == "auto" and fast_bf16(device) else \
         (["fp32"] if config.precision == "auto" else [config.precision])
     if "bf16" in precisions and device.type == "cpu" and not fast_bf16(device):
         _logger.warning("this CPU has neither AVX-512 BF16 nor AMX: bf16 will be slow")
+    data = _bench_data(config, teacher, device)
+    n, batch, rank = len(data.indices), config.batch_size, plan.rank
+    updates_per_epoch = math.ceil(n / batch)
+    result = {"config": asdict(config), "machine": machine(device), "teacher": architecture(teacher),
+              "teacher_blocks": len(teacher.blocks), "width": teacher.embed_dim, "rank": rank, "images": n,
+              "batch_size": batch, "precisions": precisions, "data": data.spec}
 
-    # Data: a few-shot subset, the paper's augmentation (mnist-5k when Fashion-MNIST is not installed).
+    with tempfile.TemporaryDirectory(prefix="wecolora-bench-") as cache_root:
+        caches = {p: TeacherCache.open(
+            cache_root, teacher=teacher, dataset=data.dataset, indices=data.indices, transform=data.recipe, seed=0,
+            teacher_blocks=[len(teacher.blocks) - 1], norm=False, precision=p) for p in precisions}
+        result["distill"] = _bench_distill(config, teacher, plan, precisions, caches, data.recipe, data.view_loader,
+                                           data.reference_loader, device, n, batch, updates_per_epoch, say)
+        result["grid"] = _bench_grid(config, teacher, rank, precisions[-1], cache_root, data.dataset, data.indices,
+                                     data.recipe, data.view_loader, device, n, updates_per_epoch, say)
+    result["inference"] = _bench_inference(config, teacher, rank, device, batch, say)
+    say("FLOPs of a full fine-tune step: this teacher and a ViT-B/16 (random weights, rank 128)")
+    result["flops"] = _bench_step_flops(teacher, rank, batch)
+    result.update(headline(result))
+    result["targets"] = {k: {"target": v, "at_most": k in AT_MOST,
+                             "reached": (result[k] <= v) if k in AT_MOST else (result[k] >= v)} for k, v in TARGETS.items()}
+    if config.output_dir:
+        result["written_to"] = str(_write_json(config, result))
+    return result
+
+
+@dataclass
+class BenchData:
+    """The bench's few-shot subset: its image store and view loader, and the reference's per-image pipeline."""
+    spec: str
+    dataset: object
+    indices: list[int]
+    recipe: ViewRecipe
+    view_loader: object  # (view, cache=None) -> a loader of StoreBatches items
+    reference_loader: DataLoader
+
+
+def _bench_data(config: BenchConfig, teacher: nn.Module, device: torch.device) -> BenchData:
+    """A few-shot subset with the paper's augmentation (mnist-5k when Fashion-MNIST is not installed)."""
     spec = config.data
     try:
         dataset = open_dataset(spec, "train")
@@ -220,42 +258,29 @@ def run_bench(config: BenchConfig, progress=None) -> dict:
         dataset = open_dataset(spec, "train")
     per_class = max(1, math.ceil(config.images / len(dataset.classes)))
     indices = few_shot_indices(dataset.targets, per_class=per_class, seed=0)[:config.images]
-    transform = train_transform(teacher)
     recipe = ViewRecipe.for_model(teacher)
     store = open_store(dataset, indices, bound=recipe.bound, num_workers=config.num_workers)
-    n, batch = len(indices), config.batch_size
-    updates_per_epoch = math.ceil(n / batch)
     generator = torch.Generator()
 
     def view_loader(view: int, cache=None) -> DataLoader:
         """View ``view`` of the subset cut from the image store, with its cached tokens when ``cache`` is given."""
         generator.manual_seed(view)
         batches = StoreBatches(store, indices, recipe, seed=0, view=view, cache=cache)
-        return store_loader(batches, batch, generator, num_workers=config.num_workers,
-                                        pin_memory=device.type == "cuda")
+        return store_loader(batches, config.batch_size, generator, num_workers=config.num_workers,
+                            pin_memory=device.type == "cuda")
 
-    reference_data = open_dataset(spec, "train", transform=transform)  # the plain per-image pipeline
-    reference_loader = DataLoader(Subset(reference_data, indices), batch_size=batch, shuffle=True,
+    reference_data = open_dataset(spec, "train", transform=train_transform(teacher))  # the plain per-image pipeline
+    reference_loader = DataLoader(Subset(reference_data, indices), batch_size=config.batch_size, shuffle=True,
                                   num_workers=config.num_workers)
-    result = {"config": asdict(config), "machine": machine(device), "teacher": architecture(teacher),
-              "teacher_blocks": len(teacher.blocks), "width": teacher.embed_dim, "rank": rank, "images": n,
-              "batch_size": batch, "precisions": precisions, "data": spec}
+    return BenchData(spec, dataset, indices, recipe, view_loader, reference_loader)
 
-    with tempfile.TemporaryDirectory(prefix="wecolora-bench-") as cache_root:
-        caches = {p: TeacherCache.open(
-            cache_root, teacher=teacher, dataset=dataset, indices=indices, transform=recipe, seed=0,
-            teacher_blocks=[len(teacher.blocks) - 1], norm=False, precision=p) for p in precisions}
-        result["distill"] = _bench_distill(config, teacher, rank, precisions, caches, recipe, view_loader,
-                                           reference_loader, device, n, batch, updates_per_epoch, say)
-        result["grid"] = _bench_grid(config, teacher, rank, precisions[-1], cache_root, dataset, indices, recipe,
-                                     view_loader, device, n, updates_per_epoch, say)
-    result["inference"] = _bench_inference(config, teacher, rank, device, batch, say)
-    say("FLOPs of a full fine-tune step: this teacher and a ViT-B/16 (random weights, rank 128)")
-    result["flops"] = _bench_step_flops(teacher, rank, batch)
 
-    top = precisions[-1]
+def headline(result: dict) -> dict:
+    """The JSON keys the contract names (speed-ups, fractions of the ceilings, FLOP and cost ratios), at the
+    highest precision measured."""
+    top = result["precisions"][-1]
     d, inf = result["distill"], result["inference"]
-    result.update({
+    return {
         "distill_precision": top,
         "distill_speedup_cold": d[f"{top}_cold"]["speedup"],
         "distill_speedup_warm": d[f"{top}_warm"]["speedup"],
@@ -268,31 +293,28 @@ def run_bench(config: BenchConfig, progress=None) -> dict:
         "infer_speedup_r2": inf["merged_r2"]["speedup"],
         "infer_speedup_r3": inf["merged_r3"]["speedup"],
         "grid_cost_ratio": result["grid"]["cost_ratio"],
-    })
-    result["targets"] = {k: {"target": v, "at_most": k in AT_MOST,
-                             "reached": (result[k] <= v) if k in AT_MOST else (result[k] >= v)} for k, v in TARGETS.items()}
-    if config.output_dir:
-        folder = Path(config.output_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = folder / f"bench-{stamp}{'-quick' if config.quick else ''}.json"
-        from wecolora.files import atomic_write_text
-
-        atomic_write_text(path, json.dumps(result, indent=1))
-        result["written_to"] = str(path)
-    return result
+    }
 
 
-def _bench_distill(config, teacher, rank, precisions, caches, recipe, view_loader, reference_loader, device, n, batch,
+def _write_json(config: BenchConfig, result: dict) -> Path:
+    folder = Path(config.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = folder / f"bench-{stamp}{'-quick' if config.quick else ''}.json"
+    atomic_write_text(path, json.dumps(result, indent=1))
+    return path
+
+
+def _bench_distill(config, teacher, plan, precisions, caches, recipe, view_loader, reference_loader, device, n, batch,
                    updates_per_epoch, say) -> dict:
     """images/s, speed-up, FLOPs and peak memory of the reference, the cold and warm wecolora lines and their ceilings."""
     from torch.optim import AdamW
 
     last = [len(teacher.blocks) - 1]
-    reference = reference_student(teacher, 2, rank).to(device)
+    reference = reference_student(teacher, plan.reduction, plan.rank).to(device)
     ref_optimizer = AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05,
                           betas=(0.9, 0.95))
-    trainers = {p: make_trainer(teacher, mode="wecolora", reduction=2, rank=rank, precision=p, device=device,
+    trainers = {p: make_trainer(teacher, mode=plan.mode, reduction=plan.reduction, rank=plan.rank, precision=p, device=device,
                                 updates_per_epoch=updates_per_epoch) for p in precisions}
     # The ceilings' data: one epoch of canvas rows and view parameters on the device (and the teacher's tokens).
     ready = device_batches(view_loader(0), device, recipe)

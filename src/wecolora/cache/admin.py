@@ -366,6 +366,19 @@ def capped_folders(teacher_dir: str | os.PathLike | None = None,
     return [cache_folder("teacher", teacher_dir), cache_folder("images", images_dir)]
 
 
+@dataclass(frozen=True)
+class CacheCap:
+    """The cap a run's teacher entries and image stores share, read once per run: bytes, and the folders it covers."""
+    max_bytes: int
+    folders: tuple[Path, ...]
+
+    @classmethod
+    def resolve(cls, max_gb: float | None = None, teacher_dir: str | os.PathLike | None = None,
+                images_dir: str | os.PathLike | None = None) -> CacheCap:
+        """``--cache-max-gb`` (else ``$WECOLORA_CACHE_MAX_GB``, else 50 GB) over :func:`capped_folders`."""
+        return cls(cache_cap_bytes(max_gb), tuple(capped_folders(teacher_dir, images_dir)))
+
+
 def make_room(folders: list[Path], need: int, cap: int, *, keep: Path | None = None) -> bool:
     """Evict the least recently used entries under ``folders`` (teacher entries and image stores alike,
     :func:`capped_folders`) until ``need`` more bytes fit under ``cap``.

@@ -44,8 +44,7 @@ from tqdm.auto import tqdm
 
 from wecolora.cache.admin import (
     MAX_GB_ENV,
-    cache_cap_bytes,
-    capped_folders,
+    CacheCap,
     format_bytes,
     make_room,
     owner,
@@ -143,7 +142,7 @@ class ImageStore:
 
 def open_store(dataset, indices, *, bound: int, cache_dir: str | os.PathLike | None = None, num_workers: int = 0,
                progress: bool = False, teacher_cache_dir: str | os.PathLike | None = None,
-               max_gb: float | None = None) -> ImageStore:
+               cap: CacheCap | None = None) -> ImageStore:
     """The subset's store, built first (each image decoded once, in ``num_workers`` loader workers) if missing.
 
     Before a build, room for the store is made under the cap of the image stores and teacher entries together
@@ -157,7 +156,8 @@ def open_store(dataset, indices, *, bound: int, cache_dir: str | os.PathLike | N
         cache_dir: the folder of stores (default ``$WECOLORA_CACHE_DIR/images``, else ``~/.cache/wecolora/images``).
         progress: show a progress bar while building.
         teacher_cache_dir: the run's teacher cache folder, counted under the cap (default ``ROOT/teacher``).
-        max_gb: the cap (default ``$WECOLORA_CACHE_MAX_GB``, else 50 GB; :func:`wecolora.cache_admin.cache_cap_bytes`).
+        cap: the run's cache cap (:class:`wecolora.cache.admin.CacheCap`; default: resolved here from
+            ``$WECOLORA_CACHE_MAX_GB``, else 50 GB, over ``teacher_cache_dir`` and this store's folder).
 
     Example:
         >>> store = open_store(open_dataset("mnist-5k"), range(100), bound=33)  # doctest: +SKIP
@@ -170,9 +170,9 @@ def open_store(dataset, indices, *, bound: int, cache_dir: str | os.PathLike | N
     folder = root / f"{fingerprint}-{bound}px"
     store = _open(folder, len(indices), bound)
     if store is None:
-        capped = capped_folders(teacher_cache_dir, root)
+        cap = cap or CacheCap.resolve(None, teacher_cache_dir, root)
         _build(folder, dataset, indices, bound, fingerprint=fingerprint, num_workers=num_workers, progress=progress,
-               cap=cache_cap_bytes(max_gb), capped=capped)
+               cap=cap.max_bytes, capped=list(cap.folders))
         store = _open(folder, len(indices), bound)
     return store
 

@@ -37,8 +37,7 @@ from torch import nn
 
 from wecolora.cache.admin import (
     MAX_GB_ENV,
-    cache_cap_bytes,
-    capped_folders,
+    CacheCap,
     format_bytes,
     make_room,
     mark_in_use,
@@ -106,6 +105,11 @@ def _from_numpy(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
 
 
+def view_nbytes(images: int, token_shape: tuple[int, ...]) -> int:
+    """Bytes of one cached view: ``images`` rows of 16-bit tokens of ``token_shape`` (blocks, tokens, width)."""
+    return images * int(np.prod(token_shape)) * 2
+
+
 class TeacherCache:
     """One cache entry: per view, the teacher's tokens (the views themselves are cut again from the image store).
 
@@ -115,16 +119,17 @@ class TeacherCache:
         >>> cache.has_view(0)  # doctest: +SKIP
     """
 
-    def __init__(self, folder: Path, key: dict):
+    def __init__(self, folder: Path, key: dict, *, cap: CacheCap | None = None, view_bytes: int | None = None):
         self.folder, self.key = Path(folder), key
         self.dtype = torch.bfloat16 if key["dtype"] == "bfloat16" else torch.float16
-        self.max_bytes: int | None = None  # the cap (set by open_for_run); None: uncapped
-        self.capped: list[Path] = []  # the folders the cap covers (capped_folders)
-        self.view_bytes: int | None = None  # the size of one view, when known
+        self.cap = cap  # None: uncapped
+        self.view_bytes = view_bytes  # the size of one view, when known
 
     @classmethod
-    def open(cls, root: str | os.PathLike, **key_args) -> TeacherCache:
-        """The entry for these inputs under ``root`` (created, with its ``meta.json``, if new)."""
+    def open(cls, root: str | os.PathLike, *, cap: CacheCap | None = None, view_bytes: int | None = None,
+             **key_args) -> TeacherCache:
+        """The entry for these inputs under ``root`` (created, with its ``meta.json``, if new); under ``cap``,
+        room for each new view of ``view_bytes`` is made before it is written."""
         key = cache_key(**key_args)
         folder = Path(root) / _digest(key)
         if not (folder / "meta.json").is_file():
@@ -132,7 +137,7 @@ class TeacherCache:
         else:
             touch(folder)  # last used: what eviction orders by
         remove_stale(folder)  # view files of writers that died
-        return cls(folder, key)
+        return cls(folder, key, cap=cap, view_bytes=view_bytes)
 
     def _path(self, view: int) -> Path:
         """View ``view``'s tokens file (its name is the view's completion marker)."""
@@ -168,16 +173,13 @@ class TeacherCache:
         when there is none (other entries in use fill the cap), the writer stores nothing and says so once.
         """
         writer = ViewWriter(self, view, size)
-        if self.max_bytes is not None and self.view_bytes:
-            if not make_room(self.capped, self.view_bytes, self.max_bytes, keep=self.folder):
+        if self.cap is not None and self.view_bytes:
+            if not make_room(list(self.cap.folders), self.view_bytes, self.cap.max_bytes, keep=self.folder):
                 _logger.warning("teacher cache: no room for view %d under the %s cap (entries in use by other runs "
                                 "and this run's image store fill it); it is not cached", view,
-                                format_bytes(self.max_bytes))
+                                format_bytes(self.cap.max_bytes))
                 writer.failed = True
         return writer
-
-    def nbytes_per_view(self, size: int, token_shape: tuple[int, ...]) -> int:
-        return size * int(np.prod(token_shape)) * 2
 
 
 class ViewWriter:
@@ -359,11 +361,11 @@ class SharedWriter:
 
 def open_for_run(enabled: bool, cache_dir: str | None, *, teacher: nn.Module, dataset, indices: list[int], transform,
                  seed: int, teacher_blocks: list[int], norm: bool, precision: str, views: int,
-                 max_gb: float | None = None) -> TeacherCache | None:
+                 cap: CacheCap | None = None) -> TeacherCache | None:
     """The cache entry a distillation run uses, or None when the cache is off or cannot serve this run.
 
-    The cache folder and the image-store folder are kept under one cap (``max_gb``, else
-    ``$WECOLORA_CACHE_MAX_GB``, else 50 GB; :func:`wecolora.cache_admin.capped_folders`): room for the run's
+    The cache folder and the image-store folder are kept under the run's one cap (``cap``; default: resolved
+    from ``$WECOLORA_CACHE_MAX_GB``, else 50 GB, :class:`wecolora.cache.admin.CacheCap`): room for the run's
     missing views is made by evicting the least recently used entries or image stores that no live process
     uses. The cache is skipped, with a warning, when those views would not fit under the cap or on the
     disk. With several processes the first one writes the entry (:class:`SharedWriter`) and all read it,
@@ -373,36 +375,36 @@ def open_for_run(enabled: bool, cache_dir: str | None, *, teacher: nn.Module, da
     if not enabled:
         return None
     root = default_cache_dir(cache_dir)
-    cap, capped = cache_cap_bytes(max_gb), capped_folders(cache_dir)
+    cap = cap or CacheCap.resolve(None, cache_dir)
+    tokens = len(teacher_blocks), teacher.patch_embed.num_patches + teacher.num_prefix_tokens, teacher.embed_dim
+    per_view = view_nbytes(len(indices), tokens)
     try:
-        cache = TeacherCache.open(root, teacher=teacher, dataset=dataset, indices=indices, transform=transform,
-                                  seed=seed, teacher_blocks=teacher_blocks, norm=norm, precision=precision)
+        cache = TeacherCache.open(root, cap=cap, view_bytes=per_view, teacher=teacher, dataset=dataset,
+                                  indices=indices, transform=transform, seed=seed, teacher_blocks=teacher_blocks,
+                                  norm=norm, precision=precision)
         mark_in_use(cache.folder)  # from now on no other run evicts it
     except OSError as err:  # an unwritable cache folder costs speed, not the run
         _logger.warning("teacher cache: cannot use %s (%s); training without it (--teacher-cache DIR elsewhere)",
                         root, err)
         return None
-    tokens = len(teacher_blocks), teacher.patch_embed.num_patches + teacher.num_prefix_tokens, teacher.embed_dim
     missing = [v for v in range(views) if not cache.has_view(v)]
-    per_view = cache.nbytes_per_view(len(indices), tokens)
     need = len(missing) * per_view
     own = read_entry(cache.folder, root.name).bytes
     free = shutil.disk_usage(cache.folder).free
     size = format_bytes
-    if own + need > cap:
-        reason = (f"this run's {views} views need {size(own + need)}, over the cache's {size(cap)} cap "
+    if own + need > cap.max_bytes:
+        reason = (f"this run's {views} views need {size(own + need)}, over the cache's {size(cap.max_bytes)} cap "
                   f"(--cache-max-gb or ${MAX_GB_ENV} higher, or fewer --cache-views)")
-    elif need and not make_room(capped, need, cap, keep=cache.folder):
+    elif need and not make_room(list(cap.folders), need, cap.max_bytes, keep=cache.folder):
         reason = (f"{len(missing)} views need {size(need)} but entries in use by other runs and this run's image "
-                  f"store fill the {size(cap)} cap of {' and '.join(map(str, capped))} (--cache-max-gb higher; see "
+                  f"store fill the {size(cap.max_bytes)} cap of {' and '.join(map(str, cap.folders))} (--cache-max-gb higher; see "
                   f"`wecolora cache list`)")
     elif need > free - (1 << 30):
         reason = (f"{len(missing)} views need {size(need)} but {root} has {size(free)} free (--teacher-cache DIR "
                   f"elsewhere, fewer --cache-views, or --no-teacher-cache)")
     else:
-        cache.max_bytes, cache.view_bytes, cache.capped = cap, per_view, capped
         _logger.info("teacher cache: %s (%d of %d views stored, %s per view, cap %s)", cache.folder,
-                     views - len(missing), views, size(per_view), size(cap))
+                     views - len(missing), views, size(per_view), size(cap.max_bytes))
         return cache
     _logger.warning("teacher cache: %s; training without it", reason)
     release_in_use()

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Checks of a dataset given on the command line (a built-in name or a folder of class folders), with
+the standard library alone, so that ``wecolora distill --data /wrong/path`` fails before torch is imported."""
 from __future__ import annotations
 
 import os

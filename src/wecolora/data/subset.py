@@ -1,4 +1,6 @@
-"""TODO docstring"""
+"""The few-shot subset: per-class draws (floor(n_c x ratio), seeded), the saved ``subset.txt``, skipping
+unreadable images (remembered per path, size and mtime), the images that choose kept blocks, and the digest
+of a subset's images that names its caches."""
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Preprocessing from the model's own pretrained config (mean, std, input size, interpolation): the
+paper's training augmentation and the evaluation transform, built with timm."""
 from __future__ import annotations
 
 import timm.data

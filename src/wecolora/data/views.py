@@ -1,4 +1,6 @@
-"""TODO docstring"""
+"""Reproducible augmented views: view ``v`` of image ``i`` draws its RandomResizedCrop box and flip from a
+generator seeded by (seed, v, i), and :class:`ViewRecipe` cuts such views from stored pixels on the device with
+the teacher's mean/std."""
 from __future__ import annotations
 
 import hashlib

@@ -1,0 +1,1 @@
+"""Evaluation of frozen models: features, linear probes, kNN, metrics and reports."""

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Weighted kNN on frozen features (DINO's vote: the k nearest training images by cosine similarity,
+weighted by exp(sim / T)), and the ``wecolora knn`` command's evaluation."""
 from __future__ import annotations
 
 import time

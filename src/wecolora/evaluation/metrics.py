@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""Scores of a trained head: top-1/top-5 for single-label sets, mean ROC-AUC over labels for multi-label ones."""
 from __future__ import annotations
 
 import numpy as np

@@ -33,6 +33,7 @@ from wecolora.evaluation.splits import (
     unreadable_record,
 )
 from wecolora.files import check_writable
+from wecolora.runtime import make_scheduler
 
 _logger = logging.getLogger(__name__)
 
@@ -121,17 +122,13 @@ def _train_head(dim: int, num_outputs: int, epoch_batches, *, sampler: EpochBatc
     Returns:
         The head in eval mode and the last step's loss.
     """
-    from timm.scheduler import create_scheduler_v2
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     head = linear_head(dim, num_outputs).to(device)
     epochs, warmup = settings["epochs"], settings["warmup_epochs"]
     optimizer = probe_optimizer(head, settings["optimizer"], settings["lr"])
-    scheduler, _ = create_scheduler_v2(
-        optimizer, "cosine", num_epochs=epochs - warmup, warmup_epochs=warmup, warmup_prefix=True,
-        warmup_lr=0.0, min_lr=0.0, step_on_epochs=False, updates_per_epoch=len(sampler),
-    )  # fmt: skip
+    scheduler = make_scheduler(optimizer, epochs, warmup, len(sampler))
     loss_fn = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
     head.train()
     step, loss = 0, torch.tensor(float("nan"))

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""What ``probe`` and ``knn`` share: opening a labelled split, skipping unreadable images, joining torchrun
+processes, cached features of both splits, and writing ``results.json`` from the first process."""
 from __future__ import annotations
 
 import json

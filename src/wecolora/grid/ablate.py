@@ -17,7 +17,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wecolora.config import DistillConfig, load_yaml
+from wecolora.config import DEFAULT_REDUCTION, DistillConfig, load_yaml
 from wecolora.errors import UserError
 from wecolora.evaluation.probe import probe_config
 from wecolora.export import RUN_INFO
@@ -197,7 +197,7 @@ def _reference_models(grid: Ablation, output: Path, state):
         from wecolora.teachers.load import load_model
 
         teacher = None
-        for reduction in sorted({run.get("reduction", 2) for run in grid.runs}):
+        for reduction in sorted({run.get("reduction", DEFAULT_REDUCTION) for run in grid.runs}):
             folder = output / "reference" / f"copy-r{reduction}"
             if not (folder / "config.json").is_file():
                 teacher = teacher or load_model(grid.teacher)

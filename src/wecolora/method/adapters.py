@@ -93,7 +93,7 @@ def add_adapters(
         targets: tuple[str, ...],
         *,
         rank: int,
-        alpha: float | None = None,
+        alpha: float,
         dropout: float = 0.0,
         use_dora: bool = False,
         use_rslora: bool = False,
@@ -103,20 +103,17 @@ def add_adapters(
     Args:
         targets: names from :data:`TARGET_PATHS`, e.g. ``("q", "k", "v", "proj", "fc1", "fc2")``.
         rank: adapter rank r (A: r x in, B: out x r; B starts at zero so nothing changes yet).
-        alpha: peft ``lora_alpha``; default ``rank``, i.e. scale 1 as in the paper.
+        alpha: peft ``lora_alpha`` (the plan's: ``rank`` by default, i.e. scale 1 as in the paper).
     """
     from peft import LoraConfig, get_peft_model
 
-    width = model.embed_dim
-    if not 1 <= rank <= width:
-        raise UserError(f"rank {rank} is impossible for width {width}: choose 1 <= rank <= {width}")
     if not 0.0 <= dropout < 1.0:
         raise UserError(f"adapter dropout {dropout} must be in [0, 1)")
     if any(t in ("q", "k", "v") for t in targets):
         split_qkv(model)
     config = LoraConfig(
         r=rank,
-        lora_alpha=rank if alpha is None else alpha,
+        lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=target_regex(targets),
         use_dora=use_dora,

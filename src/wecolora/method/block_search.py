@@ -22,12 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from wecolora.config import KEEP_SEARCHES
 from wecolora.errors import UserError
 
 _logger = logging.getLogger(__name__)
 
-METHODS = ("auto", "greedy", "influence")
-RULES = ("first", "last")  # the fixed candidates auto also scores (student.KEEP_RULES)
 
 
 @dataclass(frozen=True)
@@ -174,7 +173,7 @@ def choose_blocks(teacher: nn.Module, reduction: int, method: str, images: torch
     Args:
         teacher: a timm VisionTransformer with its weights, on the device to search on.
         reduction: keep ceil(depth / r) blocks.
-        method: one of :data:`METHODS`.
+        method: one of :data:`wecolora.config.KEEP_SEARCHES`.
         images: ``[N, C, H, W]`` preprocessed images (the teacher's eval transform), N >= 2.
         seed: seeds the split into search and scoring images.
 
@@ -187,8 +186,8 @@ def choose_blocks(teacher: nn.Module, reduction: int, method: str, images: torch
     """
     from wecolora.method.blocks import check_reduction, select_blocks
 
-    if method not in METHODS:
-        raise UserError(f"unknown block search {method!r}; choose from {', '.join(METHODS)}")
+    if method not in KEEP_SEARCHES:
+        raise UserError(f"unknown block search {method!r}; choose from {', '.join(KEEP_SEARCHES)}")
     depth = len(teacher.blocks)
     count = check_reduction(depth, reduction)
     was_training = teacher.training

@@ -1,10 +1,10 @@
-"""TODO docstring"""
+"""Which teacher blocks a student keeps under a fixed rule (``first``/``last``/a list), and which teacher
+block each kept block stands for (its segment's end). Pure functions; the searched keeps are in
+:mod:`wecolora.method.block_search`."""
 from __future__ import annotations
 
-from wecolora.config import parse_keep
+from wecolora.config import KEEP_RULES, parse_keep
 from wecolora.errors import UserError
-
-KEEP_RULES = ("first", "last")  # fixed positions; the searched keeps are block_search.METHODS
 
 
 def select_blocks(depth: int, reduction: int, keep: str | list[int] = "first") -> list[int]:

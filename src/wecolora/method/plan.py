@@ -1,4 +1,6 @@
-"""TODO docstring"""
+"""The student's plan: modes, and the kept blocks, their segments and the adapter size resolved once from
+the settings against a teacher (:func:`plan_student`). Every consumer (distill, inspect, bench, ablate, export)
+reads the plan instead of re-deriving a default rank or a kept list."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,9 +8,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from wecolora.config import parse_keep
+from wecolora.config import DEFAULT_REDUCTION, KEEP_SEARCHES, parse_keep
 from wecolora.errors import UserError
-from wecolora.method.block_search import METHODS, choose_blocks
+from wecolora.method.block_search import choose_blocks
 from wecolora.method.blocks import check_reduction, segment_ends, select_blocks
 from wecolora.teachers.vit import require_supported_vit
 
@@ -40,6 +42,13 @@ def default_rank(width: int) -> int:
     return min(128, max(1, width // 4))
 
 
+def check_rank(rank: int | None, width: int) -> None:
+    """The one rank check: an adapter of rank r on a width-D map needs 1 <= r <= D."""
+    if rank is None or not 1 <= rank <= width:
+        raise UserError(f"rank {rank} does not fit the teacher's width {width}: choose 1 <= --rank <= {width} "
+                        f"(default {default_rank(width)})")
+
+
 @dataclass(frozen=True)
 class StudentPlan:
     """What the student is, resolved once from the settings: kept blocks, their segments, mode, adapter size.
@@ -62,10 +71,8 @@ class StudentPlan:
         if not kept or kept != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= self.teacher_blocks:
             raise UserError(f"kept blocks {kept} must be increasing teacher block indices within "
                             f"0..{self.teacher_blocks - 1}")
-        spec = get_mode(self.mode)
-        if spec.adapter_targets is not None and not (self.rank is not None and 1 <= self.rank <= self.width):
-            raise UserError(f"rank {self.rank} does not fit the teacher's width {self.width}: choose "
-                            f"1 <= --rank <= {self.width} (default {default_rank(self.width)})")
+        if get_mode(self.mode).adapter_targets is not None:
+            check_rank(self.rank, self.width)
 
     @property
     def segment_ends(self) -> tuple[int, ...]:
@@ -86,25 +93,22 @@ def check_settings(teacher: nn.Module, reduction: int, keep, mode: str, rank: in
                    alpha: float | None = None) -> str | list[int]:
     """Everything :func:`plan_student` checks short of choosing blocks; a weightless ``model_shape``
     will do, so a run can refuse bad settings before reading weights. Returns the parsed keep."""
-    from wecolora.method.block_search import METHODS
-
     spec = get_mode(mode)
     require_supported_vit(teacher)
     depth, width = len(teacher.blocks), teacher.embed_dim
     keep = parse_keep(keep)
-    if keep in METHODS:
+    if keep in KEEP_SEARCHES:
         check_reduction(depth, reduction)
     else:
         select_blocks(depth, reduction, keep)
-    if spec.adapter_targets is not None and rank is not None and not 1 <= rank <= width:
-        raise UserError(f"rank {rank} does not fit the teacher's width {width}: choose 1 <= --rank <= {width} "
-                        f"(default {default_rank(width)})")
+    if spec.adapter_targets is not None and rank is not None:
+        check_rank(rank, width)
     if alpha is not None and not alpha > 0:
         raise UserError(f"lora alpha {alpha} is invalid: choose a positive --lora-alpha (default: the rank)")
     return keep
 
 
-def plan_student(teacher: nn.Module, reduction: int = 2, keep="first", mode: str = "wecolora",
+def plan_student(teacher: nn.Module, reduction: int = DEFAULT_REDUCTION, keep="first", mode: str = "wecolora",
                  rank: int | None = None, *, alpha: float | None = None, images: torch.Tensor | None = None,
                  choice=None, seed: int = 0) -> StudentPlan:
     """Resolve the student's settings against a teacher, once.
@@ -113,7 +117,7 @@ def plan_student(teacher: nn.Module, reduction: int = 2, keep="first", mode: str
         teacher: a timm VisionTransformer (weights needed only for a searched keep).
         reduction: keep ceil(depth / r) blocks (ignored by an explicit list).
         keep: ``first``, ``last``, a list of teacher block indices (or "0,3,7"), or a search of
-            :data:`wecolora.block_search.METHODS` (``auto``, ``greedy``, ``influence``), which needs ``images``.
+            :data:`wecolora.config.KEEP_SEARCHES` (``auto``, ``greedy``, ``influence``), which needs ``images``.
         mode: one of :data:`MODES`.
         rank: adapter rank; default :func:`default_rank` for adapter modes, None otherwise.
         alpha: peft ``lora_alpha``; default the rank (scale 1).
@@ -129,7 +133,7 @@ def plan_student(teacher: nn.Module, reduction: int = 2, keep="first", mode: str
     keep = check_settings(teacher, reduction, keep, mode, rank, alpha)
     depth, width = len(teacher.blocks), teacher.embed_dim
     search = None
-    if keep in METHODS:
+    if keep in KEEP_SEARCHES:
         if choice is None:
             if images is None:
                 raise UserError(f"keep {keep!r} chooses the kept blocks from images: pass images= (a few hundred "

@@ -11,6 +11,7 @@ import re
 import torch
 from torch import nn
 
+from wecolora.config import DEFAULT_REDUCTION
 from wecolora.errors import UserError
 from wecolora.method.adapters import add_adapters, merge
 from wecolora.method.plan import StudentPlan, get_mode, plan_student
@@ -38,7 +39,7 @@ def remap_block_keys(state_dict: dict[str, torch.Tensor], kept: list[int]) -> di
 
 def build_student(
         teacher: nn.Module,
-        reduction: int = 2,
+        reduction: int = DEFAULT_REDUCTION,
         keep: str | list[int] = "first",
         mode: str = "wecolora",
         rank: int | None = None,
@@ -100,7 +101,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def describe(teacher: nn.Module, reduction: int = 2, keep: str | list[int] = "first", mode: str = "wecolora",
+def describe(teacher: nn.Module, reduction: int = DEFAULT_REDUCTION, keep: str | list[int] = "first", mode: str = "wecolora",
              rank: int | None = None) -> dict:
     """Kept blocks and parameter counts of a student, without training (``wecolora inspect``)."""
     plan = plan_student(teacher, reduction, keep, mode, rank)

@@ -20,8 +20,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wecolora.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported by load() only
+    import torch
 
 _logger = logging.getLogger(__name__)
 
@@ -245,6 +249,25 @@ def convert_state_dict(state: dict, config, grid: int) -> dict:
         used.add(key)
         return source[key]
 
+    out = _embeddings(take, config, grid)
+    for i in range(config.num_hidden_layers):
+        out.update(_block(take, config, i))
+    out["norm.weight"] = take("layernorm.weight")
+    out["norm.bias"] = take("layernorm.bias")
+    unknown = sorted(set(source) - used)
+    if unknown:
+        more = f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else ""
+        raise UserError(f"the checkpoint holds weights with no timm ViT counterpart: {', '.join(unknown[:3])}{more}; "
+                        f"this {config.model_type} variant is not supported")
+    if ignored:
+        _logger.info("transformers checkpoint: %d tensors of heads/decoder/mask tokens not used", len(ignored))
+    return out
+
+
+def _embeddings(take, config, grid: int) -> dict:
+    """Class, register/distillation tokens, position embedding (patch grid resized) and patch embedding."""
+    import torch
+
     out = {}
     pos = take("embeddings.position_embeddings")
     cls = take("embeddings.cls_token")
@@ -261,33 +284,52 @@ def convert_state_dict(state: dict, config, grid: int) -> dict:
         out["pos_embed"] = torch.cat([pos[:, :1], _resize_grid(pos[:, 1:], grid)], dim=1)
     out["patch_embed.proj.weight"] = take("embeddings.patch_embeddings.projection.weight")
     out["patch_embed.proj.bias"] = take("embeddings.patch_embeddings.projection.bias")
+    return out
+
+
+def _block(take, config, i: int) -> dict:
+    """Encoder layer ``i`` as timm's ``blocks.{i}``: q, k, v fused into ``qkv``; DINOv2's LayerScale as ls1/ls2."""
+    import torch
+
     dinov2 = config.model_type.startswith("dinov2")
     names = ({"norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"} if dinov2 else
              {"norm1": "layernorm_before", "norm2": "layernorm_after", "mlp.fc1": "intermediate.dense",
               "mlp.fc2": "output.dense"})
-    for i in range(config.num_hidden_layers):
-        hf, timm_block = f"encoder.layer.{i}.", f"blocks.{i}."
-        attention = hf + "attention.attention."
-        out[timm_block + "attn.qkv.weight"] = torch.cat([take(attention + f"{n}.weight") for n in ("query", "key", "value")])
-        if getattr(config, "qkv_bias", True):
-            out[timm_block + "attn.qkv.bias"] = torch.cat([take(attention + f"{n}.bias") for n in ("query", "key", "value")])
-        for kind in ("weight", "bias"):
-            out[timm_block + f"attn.proj.{kind}"] = take(hf + f"attention.output.dense.{kind}")
-            for timm_name, hf_name in names.items():
-                out[timm_block + f"{timm_name}.{kind}"] = take(hf + f"{hf_name}.{kind}")
-        if dinov2:
-            out[timm_block + "ls1.gamma"] = take(hf + "layer_scale1.lambda1")
-            out[timm_block + "ls2.gamma"] = take(hf + "layer_scale2.lambda1")
-    out["norm.weight"] = take("layernorm.weight")
-    out["norm.bias"] = take("layernorm.bias")
-    unknown = sorted(set(source) - used)
-    if unknown:
-        more = f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else ""
-        raise UserError(f"the checkpoint holds weights with no timm ViT counterpart: {', '.join(unknown[:3])}{more}; "
-                        f"this {config.model_type} variant is not supported")
-    if ignored:
-        _logger.info("transformers checkpoint: %d tensors of heads/decoder/mask tokens not used", len(ignored))
+    hf, timm_block = f"encoder.layer.{i}.", f"blocks.{i}."
+    attention = hf + "attention.attention."
+    out = {timm_block + "attn.qkv.weight": torch.cat([take(attention + f"{n}.weight") for n in ("query", "key", "value")])}
+    if getattr(config, "qkv_bias", True):
+        out[timm_block + "attn.qkv.bias"] = torch.cat([take(attention + f"{n}.bias") for n in ("query", "key", "value")])
+    for kind in ("weight", "bias"):
+        out[timm_block + f"attn.proj.{kind}"] = take(hf + f"attention.output.dense.{kind}")
+        for timm_name, hf_name in names.items():
+            out[timm_block + f"{timm_name}.{kind}"] = take(hf + f"{hf_name}.{kind}")
+    if dinov2:
+        out[timm_block + "ls1.gamma"] = take(hf + "layer_scale1.lambda1")
+        out[timm_block + "ls2.gamma"] = take(hf + "layer_scale2.lambda1")
     return out
+
+
+def _load_weights(model, folder: Path, config, *, grid: int, with_head: bool) -> None:
+    """The folder's safetensors, converted to timm's layout, into ``model`` (a head of the asked size starts random)."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in _weight_files(folder):
+        try:
+            state.update(load_file(str(file)))
+        except Exception as err:
+            raise UserError(f"{file} is not a readable safetensors file: {type(err).__name__}: {err}") from None
+    converted = convert_state_dict(state, config, grid)
+    converted = {k: v.float() if v.is_floating_point() else v for k, v in converted.items()}
+    if with_head:  # as timm's would, a new head starts random
+        converted.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
+    with torch.no_grad():
+        missing, unexpected = model.load_state_dict(converted, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{folder}: converted weights do not fit the timm ViT (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]})")
 
 
 def load(folder: str | Path, *, img_size: int | None = None, num_classes: int | None = None,
@@ -308,8 +350,6 @@ def load(folder: str | Path, *, img_size: int | None = None, num_classes: int | 
         >>> teacher = load("dinov2-small")  # doctest: +SKIP
     """
     import timm
-    import torch
-    from safetensors.torch import load_file
     from torch import nn
 
     folder = Path(folder).expanduser()
@@ -336,21 +376,7 @@ def load(folder: str | Path, *, img_size: int | None = None, num_classes: int | 
         _logger.info("%s: LayerNorm eps %g kept in the teacher; students use timm's %g", folder, eps, TIMM_NORM_EPS)
     if not pretrained:
         return model.eval()
-    state = {}
-    for file in _weight_files(folder):
-        try:
-            state.update(load_file(str(file)))
-        except Exception as err:
-            raise UserError(f"{file} is not a readable safetensors file: {type(err).__name__}: {err}") from None
-    converted = convert_state_dict(state, config, size // patch)
-    converted = {k: v.float() if v.is_floating_point() else v for k, v in converted.items()}
-    if args["num_classes"]:  # a head of the asked size starts random, as timm's would
-        converted.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
-    with torch.no_grad():
-        missing, unexpected = model.load_state_dict(converted, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{folder}: converted weights do not fit the timm ViT (missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]})")
+    _load_weights(model, folder, config, grid=size // patch, with_head=bool(args["num_classes"]))
     model.pretrained_cfg["file"] = str(folder.resolve())
     _logger.info("converted transformers %s folder %s into a timm ViT (%d blocks, width %d, %d px)",
                  config.model_type, folder, args["depth"], args["embed_dim"], size)

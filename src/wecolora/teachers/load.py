@@ -1,4 +1,6 @@
-"""TODO docstring"""
+"""Loading a teacher from a spec: timm names, ``local-dir:``/``hf-hub:`` folders, run folders, the bundled
+teachers and transformers folders, with optional local weights read without unpickling code; errors a user
+can fix are explained in one line."""
 from __future__ import annotations
 
 import pickle

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Teacher specs as the user types them (``bundled``, ``bundled-mae``, timm names, folders, ``local-dir:``,
+``hf-hub:``, transformers folders) checked with the standard library alone, and the bundled teachers' folders."""
 from __future__ import annotations
 
 from pathlib import Path

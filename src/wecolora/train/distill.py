@@ -17,9 +17,10 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from wecolora.cache.admin import CacheCap
 from wecolora.cache.images import StoreBatches, open_store, store_loader
 from wecolora.cache.teacher import SharedWriter, TeacherCache, open_for_run
-from wecolora.config import DistillConfig, parse_keep, to_yaml
+from wecolora.config import KEEP_SEARCHES, DistillConfig, parse_keep, to_yaml
 from wecolora.data.datasets import open_dataset
 from wecolora.data.subset import drop_unreadable, few_shot_indices, subset_images, write_subset
 from wecolora.data.transforms import eval_transform
@@ -28,7 +29,7 @@ from wecolora.distributed import all_agree
 from wecolora.errors import UserError
 from wecolora.export import export_run
 from wecolora.files import atomic_write_text, csv_text
-from wecolora.method.block_search import METHODS, BlockChoice, choose_blocks
+from wecolora.method.block_search import BlockChoice, choose_blocks
 from wecolora.method.losses import feature_loss
 from wecolora.method.plan import StudentPlan, check_settings, get_mode, plan_student
 from wecolora.runtime import loader_workers, make_accelerator, versions
@@ -64,7 +65,7 @@ def make_plan(config: DistillConfig, teacher: nn.Module, dataset, indices: list[
     its ``config.yaml`` recorded, and every process takes the first process's choice."""
     keep = parse_keep(config.keep)  # checked against the teacher's shape before its weights were read
     choice = None
-    if keep in METHODS:
+    if keep in KEEP_SEARCHES:
         saved, record = Path(config.output) / "config.yaml", None
         if resumed and saved.is_file():
             record = ((yaml.safe_load(saved.read_text()) or {}).get("resolved") or {}).get("block_search")
@@ -138,16 +139,17 @@ def distill(config: DistillConfig) -> dict:
     # teacher's tokens for it can be cached on disk once and reused by every later epoch, student and rerun.
     recipe = ViewRecipe.for_model(teacher)
     num_workers = loader_workers(config.num_workers)
+    cap = CacheCap.resolve(config.cache_max_gb, config.teacher_cache_dir)  # one cap over the store and the cache
     with accelerator.local_main_process_first():  # one process per machine decodes; the others open its store
         store = open_store(dataset, indices, bound=recipe.bound, num_workers=num_workers,
-                                       progress=accelerator.is_local_main_process,
-                                       teacher_cache_dir=config.teacher_cache_dir, max_gb=config.cache_max_gb)
+                           progress=accelerator.is_local_main_process, teacher_cache_dir=config.teacher_cache_dir,
+                           cap=cap)
     n_views = config.cache_views or config.epochs
     # Cached where it is read back (an ablate grid, or --cache-teacher on / --teacher-cache DIR), not for a lone run.
     cache = open_for_run(
         config.uses_teacher_cache(), config.teacher_cache_dir, teacher=teacher, dataset=dataset, indices=indices,
         transform=recipe, seed=config.seed, teacher_blocks=teacher_blocks, norm=norm, precision=precision,
-        views=n_views, max_gb=config.cache_max_gb)
+        views=n_views, cap=cap)
     generator = torch.Generator()  # reseeded every epoch: the order depends on (seed, epoch) only
 
     def epoch_loader(view: int, tokens_from: TeacherCache | None):
