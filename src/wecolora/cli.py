@@ -289,7 +289,7 @@ def add_eval_parsers(sub) -> None:
             p.add_argument("--batch-size", type=int, help="default 512")
             p.add_argument("--lr", type=float,
                            help="default 0.1 x batch / 256 (MAE's rule); on a few thousand images MAE's LARS "
-                                "barely moves the head at that lr: try --lr 4 (see the README)")
+                                "barely moves the head at that lr: try --lr 4 (see docs/evaluation.md)")
             p.add_argument("--warmup-epochs", type=int, help="default min(10, epochs / 5)")
             p.add_argument("--val-fraction", type=float, help="carve a validation split from train (default 0)")
             p.add_argument("--train-per-class", type=int, help="probe on a fixed number of training images per class")
