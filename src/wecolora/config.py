@@ -29,6 +29,9 @@ PROBE_PROTOCOLS = ("cached", "mae")
 PROBE_OPTIMIZERS = ("lars", "sgd")  # lars: MAE's rule (trust ratio on >1-D params); sgd: momentum SGD (0.1.0)
 POOLINGS = ("cls", "mean")
 CACHE_POLICIES = ("auto", "on", "off")  # teacher cache; auto: on in an ablate grid or with --teacher-cache DIR
+SUBSET_RULES = ("per-class", "random", "coreset")  # how the few-shot subset is drawn (data.subset)
+CORESET_METHODS = ("kcenter", "kmeans++")  # coreset picks from the teacher's features (data.subset)
+FOLDER_LAYOUTS = ("auto", "classes", "unlabeled")  # how a folder of images is read (data.layout)
 PAPER_WARMUP_EPOCHS = 2
 
 
@@ -79,8 +82,32 @@ def resolve_warmup(warmup_epochs: int | None, epochs: int, default: int) -> int:
     return warmup_epochs
 
 
+@dataclass(kw_only=True)
+class SourceSettings:
+    """How ``--data`` is read (:mod:`wecolora.data.layout`): shared by distill, pretrain, probe and knn.
+
+    Keyword-only, so that the settings classes keep their positional fields first.
+    """
+    folder_layout: str = "auto"  # a folder: auto (flat: unlabeled, sub-folders: classes, said in the log) | classes | unlabeled
+    image_column: str | None = None  # a csv's path column or a datasets/parquet image column (default: found by name/type)
+    label_column: str | None = None  # a csv/datasets label column, or several 0/1 columns "A,B,C" (multi-label)
+
+    def __post_init__(self):
+        check_setting(self.folder_layout in FOLDER_LAYOUTS, "folder_layout", self.folder_layout,
+                      f"one of {', '.join(FOLDER_LAYOUTS)}")
+        for name in ("image_column", "label_column"):
+            value = getattr(self, name)
+            check_setting(value is None or (isinstance(value, str) and value.strip() != ""), name, value,
+                          "a column name")
+
+    def source_options(self) -> dict:
+        """The keywords :func:`wecolora.data.datasets.open_dataset` and :func:`~wecolora.data.layout.check_dataset` take."""
+        return {"folder_layout": self.folder_layout, "image_column": self.image_column,
+                "label_column": self.label_column}
+
+
 @dataclass
-class DistillConfig:
+class DistillConfig(SourceSettings):
     """Everything a ``wecolora distill`` run depends on (the paper's recipe by default)."""
     teacher: str
     data: str
@@ -101,8 +128,12 @@ class DistillConfig:
     loss: str = "l1"
     match: str = "last"  # last: last block before the final norm; last-norm: after it; per-block
     # few-shot subset
-    ratio: float | None = 0.01
-    per_class: int | None = None  # overrides ratio
+    subset: str | None = None  # per-class | random | coreset; default: per-class when the source has labels, else random
+    ratio: float | None = 0.01  # per-class: of each class; random/coreset: of the whole source
+    images: int | None = None  # a number of images in all instead of ratio (per-class: shared in proportion to the classes)
+    per_class: int | None = None  # per-class only: images per class, overrides ratio
+    coreset_pool: int = 10_000  # coreset: candidates drawn uniformly (seeded) whose teacher features are compared
+    coreset_method: str = "kcenter"  # coreset: kcenter (farthest point) | kmeans++ (D^2 sampling)
     min_per_class: int = 1
     max_unreadable: float = 0.05  # fraction of the chosen images that may be unreadable (skipped) before a run stops
     subset_seed: int = 0
@@ -131,6 +162,7 @@ class DistillConfig:
     overwrite: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         check_setting(self.mode in MODE_NAMES, "mode", self.mode, f"one of {', '.join(MODE_NAMES)}")
         check_setting(self.loss in LOSS_NAMES, "loss", self.loss, f"one of {', '.join(LOSS_NAMES)}")
         check_setting(self.match in MATCH_NAMES, "match", self.match, f"one of {', '.join(MATCH_NAMES)}")
@@ -141,10 +173,22 @@ class DistillConfig:
         check_setting(self.keep_images >= 2, "keep_images", self.keep_images, "an integer >= 2 (search and scoring images)")
         check_setting(self.rank is None or self.rank >= 1, "rank", self.rank, "an integer >= 1")
         check_setting(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a value in [0, 1)")
-        if self.per_class is None:
-            check_setting(self.ratio is not None and 0.0 < self.ratio <= 1.0, "ratio", self.ratio, "a fraction in (0, 1]")
+        check_setting(self.subset in (None, *SUBSET_RULES), "subset", self.subset, f"one of {', '.join(SUBSET_RULES)}")
+        if self.per_class is not None and self.images is not None:
+            raise UserError(f"--per-class {self.per_class} and --images {self.images} both size the subset; give one")
+        if self.per_class is not None:
+            check_setting(self.subset in (None, "per-class"), "subset", self.subset,
+                          f"per-class with --per-class {self.per_class} (or --images N with {self.subset})")
+            check_setting(isinstance(self.per_class, int) and self.per_class >= 1, "per_class", self.per_class,
+                          "an integer >= 1")
+        elif self.images is not None:
+            check_setting(isinstance(self.images, int) and self.images >= 1, "images", self.images, "an integer >= 1")
         else:
-            check_setting(self.per_class >= 1, "per_class", self.per_class, "an integer >= 1")
+            check_setting(self.ratio is not None and 0.0 < self.ratio <= 1.0, "ratio", self.ratio, "a fraction in (0, 1]")
+        check_setting(isinstance(self.coreset_pool, int) and self.coreset_pool >= 2, "coreset_pool", self.coreset_pool,
+                      "an integer >= 2")
+        check_setting(self.coreset_method in CORESET_METHODS, "coreset_method", self.coreset_method,
+                      f"one of {', '.join(CORESET_METHODS)}")
         check_setting(self.min_per_class >= 0, "min_per_class", self.min_per_class, "an integer >= 0")
         check_setting(0 <= self.max_unreadable < 1, "max_unreadable", self.max_unreadable, "a fraction in [0, 1)")
         check_setting(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
@@ -183,7 +227,7 @@ class DistillConfig:
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(SourceSettings):
     """A linear probe (``wecolora probe``, the ablation grids' ``probe:`` section): MAE's recipe by default.
 
     The head is MAE's (BatchNorm without affine + Linear), trained with LARS at lr = 0.1 x batch / 256,
@@ -206,6 +250,7 @@ class ProbeConfig:
     max_unreadable: float = 0.05  # fraction of a split's images that may be unreadable (skipped, counted)
 
     def __post_init__(self):
+        super().__post_init__()
         check_setting(self.protocol in PROBE_PROTOCOLS, "protocol", self.protocol, f"one of {', '.join(PROBE_PROTOCOLS)}")
         check_setting(self.optimizer in PROBE_OPTIMIZERS, "optimizer", self.optimizer, f"one of {', '.join(PROBE_OPTIMIZERS)}")
         check_setting(self.pooling in POOLINGS, "pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
@@ -229,7 +274,7 @@ class ProbeConfig:
 
 
 @dataclass
-class KnnConfig:
+class KnnConfig(SourceSettings):
     """A weighted kNN evaluation (``wecolora knn``): DINO's vote, k neighbours weighted by exp(cos / T)."""
     k: int = 20
     temperature: float = 0.07
@@ -240,6 +285,7 @@ class KnnConfig:
     max_unreadable: float = 0.05  # fraction of a split's images that may be unreadable (skipped, counted)
 
     def __post_init__(self):
+        super().__post_init__()
         check_setting(isinstance(self.k, int) and self.k >= 1, "k", self.k, "an integer >= 1")
         check_setting(self.temperature > 0, "temperature", self.temperature, "a positive number")
         check_setting(self.pooling in POOLINGS, "pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
@@ -289,7 +335,7 @@ PRETRAIN_WARMUP_EPOCHS = 5  # the bundled teacher's recipe
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(SourceSettings):
     """A ViT training run (defaults: the bundled supervised Fashion-MNIST teacher's recipe)."""
     data: str
     output: str
@@ -323,6 +369,7 @@ class PretrainConfig:
     overwrite: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         check_setting(self.objective in OBJECTIVES, "objective", self.objective, f"one of {', '.join(OBJECTIVES)}")
         for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "epochs", "batch_size", "eval_every",
                      "decoder_dim", "decoder_depth"):

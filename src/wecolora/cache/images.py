@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import logging
 import os
@@ -51,7 +52,8 @@ from wecolora.cache.admin import (
     remove_stale,
     touch,
 )
-from wecolora.data.datasets import PIL_ERRORS, load_rgb, no_longer_readable
+from wecolora.data.datasets import PIL_ERRORS, no_longer_readable, to_rgb
+from wecolora.data.sources import item_reader
 from wecolora.data.subset import fingerprint_data
 from wecolora.data.views import ViewRecipe
 from wecolora.errors import UserError
@@ -277,20 +279,21 @@ def _write(tmp: Path, source: _Decoder, meta: dict, *, num_workers: int, progres
 class _Decoder(torch.utils.data.Dataset):
     """Item ``p``: subset image ``p`` at its stored size, uint8 ``[3, h, w]``, or the UserError reading it raised.
 
-    The stored sizes, and so the offsets and the canvas, come from the files' headers (or the arrays' shape)
-    before any decoding.
+    The stored sizes, and so the offsets and the canvas, come from the images' headers (or the arrays' shape)
+    before any decoding. Images come from memory (the built-ins) or from a reader of their encoded bytes
+    (:func:`wecolora.data.sources.item_reader`: files, table rows, tar members): only the subset's are read.
     """
 
     def __init__(self, dataset, indices: list[int], bound: int):
         images = getattr(dataset, "images", None)
         if isinstance(images, np.ndarray):  # ArrayDataset: grey [N, H, W]
-            self.arrays, self.paths = images, None
+            self.arrays, self.reader = images, None
             self.indices = indices
             headers = [(*images.shape[1:3], False)] * len(indices)
-        else:  # an image folder
-            self.arrays, self.paths = None, [dataset.samples[i][0] for i in indices]
+        else:  # files, table rows or tar members
+            self.arrays, self.reader = None, item_reader(dataset, indices)
             with ThreadPoolExecutor(max_workers=8) as pool:
-                headers = list(pool.map(_header, self.paths))
+                headers = list(pool.map(self._header, range(len(indices))))
         self.jpeg = [jpeg for _, _, jpeg in headers]
         self.sizes = np.array([stored_size(h, w, bound) for h, w, _ in headers], dtype=np.int64).reshape(-1, 2)
         self.canvas = tuple(int(s) for s in self.sizes.max(axis=0)) if len(headers) else (1, 1)
@@ -309,28 +312,34 @@ class _Decoder(torch.utils.data.Dataset):
             image = shrink(image, height, width)
         return image
 
+    def _header(self, position: int) -> tuple[int, int, bool]:
+        """``(height, width, whether torchvision decodes it: a YCbCr/RGB JPEG)`` from the image's header."""
+        try:
+            with self.reader.open(position) as f, Image.open(f) as img:
+                return img.height, img.width, img.format == "JPEG" and img.mode == "RGB"
+        except PIL_ERRORS as err:  # OSError covers a file removed since it was checked
+            raise no_longer_readable(self.reader.name(position), err) from None
+
     def _read(self, position: int) -> torch.Tensor:
         """The image as it is, uint8 RGB ``[3, H, W]``."""
         if self.arrays is not None:
             return torch.from_numpy(np.array(self.arrays[self.indices[position]]))[None].expand(3, -1, -1)
-        path = self.paths[position]
+        name = self.reader.name(position)
+        try:
+            data = self.reader.read(position)
+        except OSError as err:
+            raise no_longer_readable(name, err) from None
         if self.jpeg[position]:
-            from torchvision.io import ImageReadMode, decode_jpeg, read_file
+            from torchvision.io import ImageReadMode, decode_jpeg
 
             try:
-                return decode_jpeg(read_file(path), mode=ImageReadMode.RGB)
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
             except RuntimeError:
                 pass  # an odd JPEG that PIL may still read
-        return torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1)  # HWC -> CHW
-
-
-def _header(path: str) -> tuple[int, int, bool]:
-    """``(height, width, whether torchvision decodes it: a YCbCr/RGB JPEG)`` from a file's header."""
-    try:
-        with Image.open(path) as img:
-            return img.height, img.width, img.format == "JPEG" and img.mode == "RGB"
-    except PIL_ERRORS as err:
-        raise no_longer_readable(path, err) from None
+        try:
+            return torch.from_numpy(np.array(to_rgb(Image.open(io.BytesIO(data))))).permute(2, 0, 1)  # HWC -> CHW
+        except PIL_ERRORS as err:
+            raise no_longer_readable(name, err) from None
 
 
 def shrink(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -42,61 +42,61 @@ _FASHION_MNIST_FILES = {"train": "train", "test": "t10k"}
 MNIST5K_TRAIN_PER_CLASS = 400
 
 
-def open_dataset(spec: str, split: str = "train", transform=None) -> torch.utils.data.Dataset:
-    """Open a built-in dataset or an image folder.
+def open_dataset(spec: str, split: str = "train", transform=None, *, classes: list[str] | None = None,
+                 folder_layout: str = "auto", image_column: str | None = None,
+                 label_column: str | None = None) -> torch.utils.data.Dataset:
+    """Open a split of a built-in set, a folder, a file list, a ``datasets`` table or tar shards.
 
     Args:
-        spec: a name in :data:`BUILTIN_DATASETS` or a folder (see the module docstring).
+        spec: a name in :data:`BUILTIN_DATASETS`, a path, or ``KIND:PATH`` (see :mod:`wecolora.data.layout`).
         split: ``"train"`` or ``"test"`` (for folders, ``D/val/`` is used if present, else ``D/test/``).
         transform: applied to the RGB PIL image; ``None`` returns the PIL image.
+        classes: the training split's classes, so that a test split's labels mean the same (sources whose
+            labels are read from values: lists, tables, shards, ``--test-data`` folders).
+        folder_layout, image_column, label_column: how the source is read
+            (:class:`~wecolora.config.SourceSettings`).
 
     Returns:
-        A dataset with ``classes`` (sorted names), ``targets`` (one int per image) and ``sample_ids``
-        (``"train/cat/001.png"`` relative to the folder, or ``"train/000123"`` for built-ins).
+        A dataset with ``classes`` (sorted names; ``[]`` for an unlabeled source), ``targets`` (one int per
+        image, ``-1`` when unlabeled; 0/1 lists when ``multilabel``) and ``sample_ids`` (each image's key:
+        ``"train/cat/001.png"`` relative to a folder, ``"train/000123"`` for built-ins and table rows,
+        ``"shard.tar/member"`` for shards).
 
     Example:
         >>> ds = open_dataset("mnist-5k", "test")
         >>> len(ds), ds.classes[:3], ds.sample_ids[0]
         (1000, ['0', '1', '2'], 'test/000000')
     """
+    from wecolora.data.layout import parse_source
+    from wecolora.data.sources import open_source
+
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; use one of: {', '.join(SPLITS)}")
-    if spec in BUILTIN_DATASETS:
+    source = parse_source(spec)
+    if source.kind == "builtin":
         loader = _fashion_mnist if spec == "fashion-mnist" else _mnist_5k
         return ArrayDataset(*loader(split), split=split, transform=transform)
-    root = Path(spec).expanduser()
-    if not root.exists():
-        raise UserError(
-            f"dataset {spec!r} is neither an existing folder nor a built-in name; "
-            f"built-ins: {', '.join(BUILTIN_DATASETS)}"
-        )
-    if not root.is_dir():
-        raise UserError(f"dataset {spec!r} is a file; give a folder of class folders or a built-in name")
-    return _open_folder(root, split, transform)
+    return open_source(source, split, transform=transform, classes=classes, folder_layout=folder_layout,
+                       image_column=image_column, label_column=label_column)
 
 
-def _open_folder(root: Path, split: str, transform) -> ImageFolderSplit:
-    """The split's folder under ``root``; test classes take the train split's indices."""
-    if not (root / "train").is_dir():
-        if split == "test":
-            raise UserError(
-                f"dataset folder {root} has no train/ folder, so it is the train split only; "
-                f"put evaluation images in {root / 'val'}/<class>/ or {root / 'test'}/<class>/ "
-                f"and the training images in {root / 'train'}/<class>/"
-            )
-        return ImageFolderSplit(root, root, transform=transform)
-    train = root / "train"
-    if split == "train":
-        return ImageFolderSplit(train, root, transform=transform)
-    test = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
-    if test is None:
-        raise UserError(f"dataset folder {root} has no test split: create {root / 'val'} or {root / 'test'}")
-    # Label i must mean the same class in both splits, even when a class is missing from the test split.
-    classes = _class_folders(train)
-    unknown = sorted(set(_class_folders(test)) - set(classes))
-    if unknown:
-        raise UserError(f"class folders {unknown} in {test} have no counterpart in {train}; add or remove them")
-    return ImageFolderSplit(test, root, transform=transform, classes=classes)
+def is_labeled(dataset) -> bool:
+    """Whether a dataset has labels (an unlabeled source has ``classes == []``)."""
+    return bool(getattr(dataset, "classes", None))
+
+
+def class_folder_split(root: Path, folder: Path, split: str, *, transform=None,
+                       classes: list[str] | None = None) -> ImageFolderSplit:
+    """A split folder read as class folders; a test split takes the train split's class indices."""
+    if classes is None and split == "test" and (root / "train").is_dir():
+        classes = _class_folders(root / "train")
+    if classes is not None:
+        # Label i must mean the same class in both splits, even when a class is missing from the test split.
+        unknown = sorted(set(_class_folders(folder)) - set(classes))
+        if unknown:
+            raise UserError(f"class folders {unknown} in {folder} have no counterpart in the training classes; add or "
+                            f"remove them")
+    return ImageFolderSplit(folder, root, transform=transform, classes=classes)
 
 
 def _class_folders(directory: Path) -> list[str]:

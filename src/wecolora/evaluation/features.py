@@ -109,6 +109,34 @@ def extract_features(
     return torch.cat(features), targets
 
 
+class _Unlabeled(torch.utils.data.Dataset):
+    """Images ``indices`` of ``dataset`` through ``transform``, with a dummy label (features only)."""
+
+    def __init__(self, dataset, indices: list[int], transform):
+        self.dataset, self.indices, self.transform = dataset, list(indices), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, p: int):
+        image, _ = self.dataset[self.indices[p]]
+        return self.transform(image), 0
+
+
+def candidate_features(model: nn.Module, dataset, indices: list[int], *, transform, device: str | torch.device = "cpu",
+                       batch_size: int = 256, num_workers: int = 0) -> torch.Tensor:
+    """The frozen ``model``'s CLS features (after its final norm) of images ``indices`` of ``dataset`` (opened
+    without a transform) through ``transform``: what a coreset subset compares (:class:`wecolora.data.subset.SubsetChoice`).
+
+    Returns:
+        ``[len(indices), D]`` float32 on the CPU.
+    """
+    features, _ = extract_features(model, _Unlabeled(dataset, indices, transform), pooling="cls",
+                                   batch_size=batch_size, device=device, num_workers=num_workers,
+                                   desc="coreset features")
+    return features
+
+
 def dataset_fingerprint(dataset: torch.utils.data.Dataset, *, data: str, split: str) -> dict:
     """What identifies the images and their preprocessing: spec, split, size, ids, labels, transform."""
     path = Path(data).expanduser()
@@ -118,8 +146,11 @@ def dataset_fingerprint(dataset: torch.utils.data.Dataset, *, data: str, split: 
         raise TypeError(f"caching needs a dataset with sample_ids and targets (as open_dataset returns), "
                         f"not a {type(dataset).__name__}; cache the full split and index its features")
     listing = hashlib.blake2b(json.dumps([ids, targets], default=str).encode(), digest_size=16).hexdigest()
+    base = getattr(dataset, "dataset", dataset)  # a LabeledSubset's source
+    source = getattr(base, "fingerprint", None) or getattr(base, "shard_ids", None)  # tables, tar shards
     return {
         "data": str(path.resolve()) if path.exists() else data,
+        **({"source": hashlib.blake2b(json.dumps(source).encode(), digest_size=16).hexdigest()} if source else {}),
         "split": split,
         "n": len(dataset),
         "samples": listing,

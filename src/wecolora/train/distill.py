@@ -10,6 +10,7 @@ import logging
 import math
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,11 +23,13 @@ from wecolora.cache.images import StoreBatches, open_store, store_loader
 from wecolora.cache.teacher import SharedWriter, TeacherCache, open_for_run
 from wecolora.config import KEEP_SEARCHES, DistillConfig, parse_keep, to_yaml
 from wecolora.data.datasets import open_dataset
-from wecolora.data.subset import drop_unreadable, few_shot_indices, subset_images, write_subset
+from wecolora.data.layout import parse_source
+from wecolora.data.subset import MANIFEST, SubsetChoice, subset_images
 from wecolora.data.transforms import eval_transform
 from wecolora.data.views import ViewRecipe
 from wecolora.distributed import all_agree
 from wecolora.errors import UserError
+from wecolora.evaluation.features import candidate_features
 from wecolora.export import export_run
 from wecolora.files import atomic_write_text, csv_text
 from wecolora.method.block_search import BlockChoice, choose_blocks
@@ -100,24 +103,30 @@ def distill(config: DistillConfig) -> dict:
     # device, then the few-shot subset (unreadable images skipped, or refused beyond a threshold).
     check_settings(model_shape(config.teacher, img_size=config.img_size), config.reduction, config.keep,
                    config.mode, config.rank, config.lora_alpha)
-    dataset = open_dataset(config.data, "train")
-    indices = few_shot_indices(dataset.targets, ratio=None if config.per_class else config.ratio,
-                                    per_class=config.per_class, seed=config.subset_seed,
-                                    min_per_class=config.min_per_class, classes=dataset.classes)
-    indices, unreadable = drop_unreadable(dataset, indices, max_fraction=config.max_unreadable,
-                                                min_per_class=config.min_per_class)
+    dataset = open_dataset(config.data, "train", **config.source_options())
+    checkpoint_dir = output / "checkpoint"
+    resume_from = resume_source(checkpoint_dir, config.resume)
+    resumed = resume_from is not None and resume_from.is_dir()
+    # The subset: a resumed run reuses the images its manifest names; otherwise drawn (a coreset's pool) here.
+    subset = SubsetChoice.from_config(dataset, config, source=parse_source(config.data).record())
+    if not (resumed and subset.reuse(output / MANIFEST)):
+        subset.prepare()
     accelerator, precision = make_accelerator(config.device, config.precision, config.accum_steps)
     from accelerate.utils import set_seed
 
     set_seed(config.seed)
-    checkpoint_dir = output / "checkpoint"
-    resume_from = resume_source(checkpoint_dir, config.resume)
 
     # Models: the teacher is frozen, in eval mode, never wrapped. The student's plan (kept blocks, their
     # segments, rank) is resolved once here; a searched keep looks at the subset first.
     teacher = load_model(config.teacher, weights=config.teacher_weights, img_size=config.img_size)
     teacher.requires_grad_(False).to(accelerator.device)
-    plan = make_plan(config, teacher, dataset, indices, accelerator, resumed=resume_from is not None and resume_from.is_dir())
+    indices, unreadable = subset.choose(features=partial(candidate_features, teacher, dataset,
+                                                         transform=eval_transform(teacher), device=accelerator.device))
+    if accelerator.num_processes > 1:  # a coreset's float ties may break differently: the first process's subset
+        from accelerate.utils import broadcast_object_list
+
+        indices = broadcast_object_list([indices])[0]
+    plan = make_plan(config, teacher, dataset, indices, accelerator, resumed=resumed)
     kept, depth = list(plan.kept), plan.teacher_blocks
 
     # The student, what its loss matches, AdamW without decay on 1-D params, warmup from 0 then per-iteration
@@ -171,13 +180,14 @@ def distill(config: DistillConfig) -> dict:
         **plan.record(), "lr": peak_lr, "precision": precision, "device": str(accelerator.device),
         "world_size": world, "effective_batch": config.effective_batch(world),
         "matched_student_blocks": student_blocks, "matched_teacher_blocks": teacher_blocks,
-        "images": len(indices), "unreadable_images": len(unreadable), "updates_per_epoch": updates_per_epoch,
+        "images": len(indices), "unreadable_images": len(unreadable), "subset": subset.record(),
+        "updates_per_epoch": updates_per_epoch,
         "num_workers": num_workers, "data_path": "image store, views cut on the device", "image_store": store.record(),
         "views": n_views, "teacher_cache": str(cache.folder) if cache else None,
         "lean_adapters": training.lean_adapters, "compiled": compiled, "versions": versions(),
     }
     start_epoch, updates, rows = 0, 0, []
-    if resume_from is not None and resume_from.is_dir():
+    if resumed:
         progress = load_checkpoint(resume_from, student, optimizer, scheduler)
         start_epoch, updates, rows = progress["epoch"], progress["updates"], progress["rows"]
         _logger.info("resuming from %s after epoch %d", resume_from, start_epoch)
@@ -188,7 +198,7 @@ def distill(config: DistillConfig) -> dict:
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output / "config.yaml", to_yaml(config, **resolved))
-        write_subset(output / "subset.txt", dataset, indices)
+        subset.write(output)  # subset.json (source, rule, keys) and subset.txt
         _logger.info("%s: %d of %d images, %d blocks kept of %d (%s, keep %s), %s", config.mode, len(indices),
                      len(dataset), len(kept), depth, kept, plan.keep, get_mode(config.mode).description)
         _logger.info("effective batch %d = %d x %d accumulation x %d processes; lr %.3g%s", config.effective_batch(world),
