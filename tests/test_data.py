@@ -76,9 +76,8 @@ def build_folder(tmp_path, case):
     root = tmp_path / "d"
     if case == "<file>":
         root.write_text("x")
-    elif case == "<no class folders>":
+    elif case == "<no class folders>":  # (a folder of loose images is an unlabeled source: tests/test_sources.py)
         root.mkdir()
-        save_png(root / "loose.png")
     elif case == "<empty class>":
         save_png(root / "train" / "cat" / "1.png")
         (root / "train" / "dog").mkdir()

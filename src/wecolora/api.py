@@ -45,35 +45,41 @@ def pretrain(config: PretrainConfig | None = None, **settings) -> dict:
     return run(config)
 
 
-def check_evaluation(model: str, data: str, output: str) -> Path:
-    """Path-level checks of ``probe``/``knn``: the model spec, a dataset with both splits, the output."""
+def check_evaluation(model: str, data: str, output: str, *, test_data: str | None = None,
+                     options: dict | None = None) -> Path:
+    """Path-level checks of ``probe``/``knn``: the model spec, a labelled source with a test split (its own, or
+    ``test_data``), the output."""
     check_model_spec(model, "--model")
-    check_dataset(data, ("train", "test"))
+    check_dataset(data, ("train", "test"), test_data=test_data, need_labels=True, **(options or {}))
     return check_writable(output)
 
 
 def probe(model: str, data: str, output: str, config: ProbeConfig | None = None, *, device: str = "auto",
-          **settings) -> dict:
+          test_data: str | None = None, **settings) -> dict:
     """Linear probe of a frozen model (MAE's recipe); writes ``output/results.json``.
+
+    ``test_data``: the test images when ``data`` has no test split (a csv list, shards...). A multi-label source
+    (a csv label column of ``A|B`` values, or several 0/1 columns) trains one binary cross-entropy per label
+    and reports ``auc``, the mean ROC-AUC.
 
     Example:
         >>> wecolora.probe("runs/fm-r2", "mnist-5k", "runs/fm-r2/probe", epochs=90)["top1"]  # doctest: +SKIP
     """
     config = config or build_config(ProbeConfig, None, **settings)
-    check_evaluation(model, data, output)
+    check_evaluation(model, data, output, test_data=test_data, options=config.source_options())
     from wecolora.evaluation.probe import probe as run
 
-    return run(model, data, output, config, device=device)
+    return run(model, data, output, config, device=device, test_data=test_data)
 
 
 def knn(model: str, data: str, output: str, config: KnnConfig | None = None, *, device: str = "auto",
-        **settings) -> dict:
+        test_data: str | None = None, **settings) -> dict:
     """Weighted kNN of the test split on the train split's frozen features; writes ``output/results.json``."""
     config = config or build_config(KnnConfig, None, **settings)
-    check_evaluation(model, data, output)
+    check_evaluation(model, data, output, test_data=test_data, options=config.source_options())
     from wecolora.evaluation.knn import knn as run
 
-    return run(model, data, output, config, device=device)
+    return run(model, data, output, config, device=device, test_data=test_data)
 
 
 def report(runs: list[str], output: str) -> str:
@@ -96,9 +102,10 @@ def load_ablation(preset: str | None = None, config_file: str | None = None, *, 
 def check_ablation(grid, output: str) -> Path:
     """Path-level checks of an ablation grid: teacher, datasets, output."""
     check_model_spec(grid.teacher)
-    check_dataset(grid.distill_data, ("train",))
+    source = {k: grid.distill[k] for k in ("folder_layout", "image_column", "label_column") if k in grid.distill}
+    check_dataset(grid.distill_data, ("train",), **source)
     for data in grid.probe_data:
-        check_dataset(data, ("train", "test"), "--probe-data")
+        check_dataset(data, ("train", "test"), "--probe-data", need_labels=True)
     return check_writable(output)
 
 

@@ -15,6 +15,7 @@ import sys
 from wecolora import __version__, api
 from wecolora.config import (
     CACHE_POLICIES,
+    CORESET_METHODS,
     DEFAULT_REDUCTION,
     DEVICES,
     LOSS_NAMES,
@@ -22,9 +23,11 @@ from wecolora.config import (
     MODE_NAMES,
     MONITORS,
     POOLINGS,
+    FOLDER_LAYOUTS,
     PRECISIONS,
     PROBE_OPTIMIZERS,
     PROBE_PROTOCOLS,
+    SUBSET_RULES,
     DistillConfig,
     KnnConfig,
     PretrainConfig,
@@ -42,6 +45,12 @@ DISTILL_EXAMPLES = """examples:
   # the bundled teacher (offline), 3x fewer blocks, 5% of Fashion-MNIST, small batches on the CPU
   wecolora distill --teacher bundled --data fashion-mnist --output runs/fm-r3 \\
       --reduction 3 --ratio 0.05 --batch-size 64 --accum-steps 1 --epochs 5
+
+  # your own unlabeled images (a folder at any depth, a .txt/.csv list, a datasets folder or parquet files,
+  # WebDataset shards): 1% drawn uniformly, or chosen from the teacher's features (coreset)
+  wecolora distill --teacher bundled --data /data/photos --output runs/photos --subset random
+  wecolora distill --teacher bundled --data 'wds:/data/shards-{000..127}.tar' --output runs/wds --subset coreset --images 5000
+  wecolora distill --teacher bundled --data /data/hf-saved --image-column img --output runs/hf --ratio 0.02
 
   # a baseline, and continuing an interrupted run
   wecolora distill --teacher bundled --data fashion-mnist --output runs/kd --mode weco-kd --batch-size 64 --accum-steps 1
@@ -63,6 +72,25 @@ INSPECT_EXAMPLES = """examples:
 """
 
 
+DATA_HELP = ("a folder (class folders D/train/<class>/..., or images at any depth: unlabeled), a .txt/.csv file "
+             "list, a datasets save_to_disk folder or .parquet/.arrow files, WebDataset .tar shards "
+             "('shards-{000..127}.tar'), or fashion-mnist, mnist-5k; a prefix hf-datasets:, wds:, list:, folder: "
+             "forces the kind")
+
+
+def add_source_arguments(group) -> None:
+    """How ``--data`` is read: the options of :class:`wecolora.config.SourceSettings`."""
+    group.add_argument("--folder-layout", choices=FOLDER_LAYOUTS,
+                       help="a folder: auto (default: images directly inside = unlabeled, sub-folders = classes, "
+                            "said in the log), classes, or unlabeled (every image at any depth, no labels)")
+    group.add_argument("--image-column", metavar="NAME",
+                       help="the csv column of image paths, or the datasets/parquet column of images (default: "
+                            "found by name or type)")
+    group.add_argument("--label-column", metavar="NAME[,NAME...]",
+                       help="the csv/datasets label column ('A|B' values: multi-label), or several 0/1 columns "
+                            "'A,B,C' (multi-label); default: a ClassLabel column or one named label/class")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with the project's one-line error format and exit status 2."""
 
@@ -82,8 +110,10 @@ def add_distill_parser(sub) -> None:
                                      "(supervised Fashion-MNIST ViT) or bundled-mae (its self-supervised MAE twin)")
     g.add_argument("--teacher-weights", metavar="FILE", help="local .safetensors/.pth loaded into --teacher's architecture")
     g.add_argument("--img-size", type=int, help="input size (default: the teacher's)")
-    g.add_argument("--data", help="class-folder dataset (D/train/<class>/...) or fashion-mnist, mnist-5k")
-    g.add_argument("--output", metavar="DIR", help="run folder: student/, adapter/, config.yaml, summary.csv, subset.txt")
+    g.add_argument("--data", help=DATA_HELP)
+    add_source_arguments(g)
+    g.add_argument("--output", metavar="DIR", help="run folder: student/, adapter/, config.yaml, summary.csv, "
+                                                   "subset.txt, subset.json")
     g.add_argument("--overwrite", action="store_true", default=None, help="replace a finished run in --output")
     g.add_argument("--resume", metavar="auto|PATH", help="continue an interrupted run (auto: DIR/checkpoint)")
     g = p.add_argument_group("student")
@@ -102,12 +132,26 @@ def add_distill_parser(sub) -> None:
     g.add_argument("--loss", choices=LOSS_NAMES, help="distance between token sets (default l1)")
     g.add_argument("--match", choices=MATCH_NAMES,
                    help="last: last block before the final norm (default); last-norm: after it; per-block")
-    g.add_argument("--ratio", type=float, help="fraction of each class's images used (default 0.01)")
-    g.add_argument("--per-class", type=int, help="a fixed number of images per class instead of --ratio")
-    g.add_argument("--min-per-class", type=int, help="fail if a class gets fewer images (default 1)")
+    g = p.add_argument_group("few-shot subset")
+    g.add_argument("--subset", choices=SUBSET_RULES,
+                   help="per-class (the paper's: a share of each class; default with labels), random (uniform, "
+                        "seeded; default without labels) or coreset (the teacher's CLS features of a uniform "
+                        "candidate pool, then k-center greedy picks)")
+    g.add_argument("--ratio", type=float, help="fraction used (default 0.01): of each class (per-class) or of the "
+                                               "whole source (random, coreset)")
+    g.add_argument("--images", type=int, metavar="N", help="N images in all instead of --ratio (per-class: shared "
+                                                           "in proportion to the classes)")
+    g.add_argument("--per-class", type=int, help="per-class: a fixed number of images per class instead of --ratio")
+    g.add_argument("--coreset-pool", type=int, metavar="N",
+                   help="coreset: candidates drawn uniformly whose teacher features are compared (default 10000; "
+                        "raised to the subset size)")
+    g.add_argument("--coreset-method", choices=CORESET_METHODS,
+                   help="coreset: kcenter (farthest point, default) or kmeans++ (D^2 sampling)")
+    g.add_argument("--min-per-class", type=int, help="per-class: fail if a class gets fewer images (default 1)")
     g.add_argument("--max-unreadable", type=float,
-                   help="share of the chosen images that may be unreadable, skipped and counted (default 0.05)")
-    g.add_argument("--subset-seed", type=int, help="seed of the per-class shuffle (default 0)")
+                   help="share of the chosen images that may be unreadable or missing, skipped and counted "
+                        "(default 0.05)")
+    g.add_argument("--subset-seed", type=int, help="seed of the draw (default 0)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help="default 10")
     g.add_argument("--batch-size", type=int, help="per device (default 128)")
@@ -218,7 +262,9 @@ def add_pretrain_parser(sub) -> None:
                                    "0.2-1 + flip) runs batched on the device.",
                        epilog=PRETRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", dest="config_file", metavar="FILE.yaml", help="settings file (defaults < file < flags)")
-    p.add_argument("--data", help="class-folder dataset with a test split, or fashion-mnist, mnist-5k")
+    p.add_argument("--data", help="supervised: a labelled source with a test split (class folders, fashion-mnist, "
+                                  "mnist-5k); mae: any source, labels optional (" + DATA_HELP + ")")
+    add_source_arguments(p)
     p.add_argument("--output", metavar="DIR", help="writes DIR/model (timm folder), summary.csv, config.yaml")
     p.add_argument("--objective", choices=("supervised", "mae"),
                    help="supervised (default): labels, test top-1 monitor; mae: masked autoencoder, no labels, "
@@ -252,12 +298,17 @@ def run_pretrain(args) -> int:
     config = build_config(PretrainConfig, args.config_file, **flags)
     result = api.pretrain(config)
     monitor = MONITORS[config.objective]
-    print(f"done: {result['output']}/model ({monitor.replace('_', ' ')} {result[monitor]:.4f})")
+    score = (f"{monitor.replace('_', ' ')} {result[monitor]:.4f}" if result.get(monitor) is not None
+             else "no labels: no kNN monitor")
+    print(f"done: {result['output']}/model ({score})")
     return 0
 
 
 EVAL_EXAMPLES = """examples:
   wecolora probe --model runs/student --data fashion-mnist --output runs/student/probe-fm
+  # a multi-label csv (ChestX-ray14's 'Finding Labels': Effusion|Mass): BCE per label, mean ROC-AUC in results.json
+  wecolora probe --model runs/student --data train.csv --test-data test.csv --image-column 'Image Index' \
+      --label-column 'Finding Labels' --output runs/student/probe-cxr
   wecolora probe --model bundled --data mnist-5k --output runs/teacher-probe --protocol mae --epochs 50 --lr 4
   wecolora knn --model runs/student --data mnist-5k --output runs/student/knn --k 20
   wecolora report runs/student/probe-fm runs/teacher-probe --output runs/report
@@ -268,7 +319,13 @@ def add_eval_parsers(sub) -> None:
     for command, what in (("probe", "linear probe of a frozen model"), ("knn", "weighted kNN on frozen features")):
         p = sub.add_parser(command, help=what, epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--model", required=True, help="run folder, student/ folder, or teacher spec (e.g. bundled, bundled-mae)")
-        p.add_argument("--data", required=True, help="dataset with train and test splits, or fashion-mnist, mnist-5k")
+        p.add_argument("--data", required=True, help="a labelled source with train and test splits (class folders, a "
+                                                     "datasets folder with a test split, fashion-mnist, mnist-5k), "
+                                                     "or the training images with --test-data")
+        p.add_argument("--test-data", metavar="SPEC",
+                       help="the test images, when --data has no test split (a csv list, shards, a folder...); "
+                            "labels are matched to --data's by name")
+        add_source_arguments(p)
         p.add_argument("--output", required=True, metavar="DIR", help="writes DIR/results.json")
         p.add_argument("--device", choices=DEVICES, default="auto")
         # probe options default to None: ProbeConfig holds the one set of defaults
@@ -307,11 +364,14 @@ def add_eval_parsers(sub) -> None:
 
 
 def run_eval(args) -> int:
-    options = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "model", "data", "output", "device")}
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("handler", "command", "model", "data", "test_data", "output", "device")}
     evaluate = api.probe if args.command == "probe" else api.knn
     config = build_config(ProbeConfig if args.command == "probe" else KnnConfig, None, **options)
-    results = evaluate(args.model, args.data, args.output, config, device=args.device)
-    print(f"{args.command} {args.model} on {args.data}: top-1 {100 * results['top1']:.2f}% "
+    results = evaluate(args.model, args.data, args.output, config, device=args.device, test_data=args.test_data)
+    score = (f"mean ROC-AUC {100 * results['auc']:.2f}% over {results['labels']} labels" if "auc" in results
+             else f"top-1 {100 * results['top1']:.2f}%")
+    print(f"{args.command} {args.model} on {args.data}: {score} "
           f"(n_train {results['n_train']}, n_test {results['n_test']}) -> {args.output}/results.json")
     return 0
 

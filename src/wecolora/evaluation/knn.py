@@ -13,7 +13,8 @@ from wecolora.errors import UserError
 from wecolora.evaluation.metrics import classification_metrics
 from wecolora.evaluation.splits import (
     join_device,
-    open_split,
+    label_record,
+    open_splits,
     publish,
     readable_split,
     split_features,
@@ -63,11 +64,11 @@ def knn_classify(
 
 
 def knn(model_spec: str, data: str, output: str, config: KnnConfig | None = None, *, device: str = "auto",
-        **settings) -> dict:
+        test_data: str | None = None, **settings) -> dict:
     """Weighted kNN (DINO's) of the test split on the train split's cached features; writes ``results.json``.
 
     Args:
-        model_spec, data, output, device: as in :func:`wecolora.evaluation.probe.probe`.
+        model_spec, data, output, device, test_data: as in :func:`wecolora.evaluation.probe.probe`.
         config: k, temperature, pooling, feature cache and loader settings (:class:`~wecolora.config.KnnConfig`);
             ``**settings`` builds one instead.
 
@@ -78,7 +79,7 @@ def knn(model_spec: str, data: str, output: str, config: KnnConfig | None = None
     out, (state, dev) = check_writable(output), join_device(device)
     model = load_model(model_spec)
     transform = eval_transform(model)
-    train_ds, test_ds = open_split(data, "train", transform), open_split(data, "test", transform)
+    train_ds, test_ds = open_splits(data, transform, test_data=test_data, **config.source_options())
     (train_ds, bad_train), (test_ds, bad_test) = (readable_split(ds, config.max_unreadable) for ds in (train_ds, test_ds))
     start = time.perf_counter()
     train, test = split_features(model, train_ds, test_ds, data=data, pooling=config.pooling,
@@ -87,7 +88,8 @@ def knn(model_spec: str, data: str, output: str, config: KnnConfig | None = None
     scores = knn_classify(train.features.to(dev), train.labels.to(dev), test.features.to(dev), k=config.k,
                           temperature=config.temperature, num_classes=len(train_ds.classes)).cpu()  # fmt: skip
     results = {**classification_metrics(scores, test.labels), "n_train": len(train.labels), "n_test": len(test.labels),
-               "protocol": "knn", "k": min(config.k, len(train.labels)), "temperature": config.temperature,
+               **label_record(train_ds), "protocol": "knn", "k": min(config.k, len(train.labels)),
+               "temperature": config.temperature, **({"test_data": test_data} if test_data else {}),
                "feature_dim": train.features.shape[1], "model": model_spec, "data": data, "pooling": config.pooling,
                "device": str(dev), "features_cached": train.from_cache and test.from_cache,
                **unreadable_record(bad_train, bad_test), "seconds": time.perf_counter() - start}  # fmt: skip

@@ -25,7 +25,9 @@ from wecolora.evaluation.metrics import classification_metrics
 from wecolora.evaluation.splits import (
     LabeledSubset,
     join_device,
+    label_record,
     open_split,
+    open_splits,
     publish,
     readable_indices,
     readable_split,
@@ -284,19 +286,21 @@ def mae_linear_probe(
 
 
 def probe(model_spec: str, data: str, output: str, config: ProbeConfig | None = None, *, device: str = "auto",
-          **settings) -> dict:
+          test_data: str | None = None, **settings) -> dict:
     """Linear-probe a frozen model on a dataset and write ``output/results.json``.
 
     Args:
         model_spec: a run folder, a ``student/`` folder or a teacher spec (see :func:`wecolora.vit.load_model`).
         data: a dataset spec (see :func:`wecolora.data.open_dataset`); its test split is scored.
         output: folder for ``results.json``.
+        test_data: the test images when ``data`` has none (labels matched by name to ``data``'s).
         config: the probe's settings (:class:`~wecolora.config.ProbeConfig`: protocol, optimizer, epochs,
             batch size, lr, pooling, train_per_class, ...); ``**settings`` builds one instead.
         device: ``auto``, ``cpu`` or ``cuda``.
 
     Returns:
-        The results written (``top1``, ``top5``, ``n_train``, ``n_test``, ``protocol``, ``optimizer``, ``epochs``, ...).
+        The results written (``top1``, ``top5``, ``n_train``, ``n_test``, ``protocol``, ``optimizer``, ``epochs``,
+        ``labels``, ``multilabel``, ...; ``auc``, the mean ROC-AUC over labels, for a multi-label set).
 
     Example:
         >>> results = probe("runs/vit-s", "mnist-5k", "runs/vit-s/probe", epochs=90)  # doctest: +SKIP
@@ -310,7 +314,10 @@ def probe(model_spec: str, data: str, output: str, config: ProbeConfig | None = 
     out, (state, dev) = check_writable(output), join_device(device)
     model = load_model(model_spec)
     transform = eval_transform(model)
-    train_ds, test_ds = open_split(data, "train", transform), open_split(data, "test", transform)
+    train_ds, test_ds = open_splits(data, transform, test_data=test_data, **config.source_options())
+    if config.train_per_class is not None and getattr(train_ds, "multilabel", False):
+        raise UserError(f"--train-per-class {config.train_per_class} needs one class per image, and {data} is "
+                        f"multi-label; leave it out")
     chosen = None if config.train_per_class is None else few_shot_indices(
         train_ds.targets, per_class=config.train_per_class, seed=config.seed)  # fmt: skip
     chosen, bad_train = readable_indices(train_ds, chosen, config.max_unreadable)
@@ -326,12 +333,14 @@ def probe(model_spec: str, data: str, output: str, config: ProbeConfig | None = 
                                      num_classes=len(train_ds.classes), device=dev)  # fmt: skip
         metrics["features_cached"] = train.from_cache and test.from_cache
     else:
-        fit_ds = open_split(data, "train", train_transform(model)) if config.augment else train_ds
+        fit_ds = open_split(data, "train", train_transform(model), **config.source_options()) if config.augment \
+            else train_ds
         if chosen is not None:
             fit_ds, train_ds = LabeledSubset(fit_ds, chosen), LabeledSubset(train_ds, chosen)
         metrics = mae_linear_probe(model, fit_ds, test_ds, config=config, eval_train_ds=train_ds,
                                    num_classes=len(train_ds.classes), device=dev)  # fmt: skip
-    results = {**metrics, "protocol": config.protocol, "model": model_spec, "data": data, "pooling": config.pooling,
+    results = {**metrics, **label_record(train_ds), "protocol": config.protocol, "model": model_spec, "data": data,
+               **({"test_data": test_data} if test_data else {}), "pooling": config.pooling,
                "augment": config.augment, "train_per_class": config.train_per_class, "seed": config.seed,
                "device": str(dev), "processes": state.num_processes, **unreadable_record(bad_train, bad_test),
                "seconds": time.perf_counter() - start}  # fmt: skip

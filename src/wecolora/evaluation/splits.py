@@ -21,12 +21,26 @@ _logger = logging.getLogger(__name__)
 RESULTS = "results.json"
 
 
-def open_split(data: str, split: str, transform):
-    from wecolora.data.datasets import open_dataset
+def open_split(data: str, split: str, transform, *, test_data: str | None = None, classes: list[str] | None = None,
+               **options):
+    """A labelled split to evaluate on. The test split is ``data``'s own, or ``test_data`` (read whole; its own test
+    split when it has one) with its labels matched by name to the training split's ``classes``.
 
-    dataset = open_dataset(data, split, transform=transform)
+    Args:
+        options: how the sources are read (:meth:`wecolora.config.SourceSettings.source_options`).
+    """
+    from wecolora.data.datasets import is_labeled, open_dataset
+    from wecolora.data.layout import has_test_split, parse_source
+
+    spec = data
+    if split == "test" and test_data is not None:
+        spec, split = test_data, "test" if has_test_split(parse_source(test_data, "--test-data")) else "train"
+    dataset = open_dataset(spec, split, transform=transform, classes=classes, **options)
     if len(dataset) == 0:
-        raise UserError(f"the {split} split of {data!r} holds no images")
+        raise UserError(f"the {split} split of {spec!r} holds no images")
+    if not is_labeled(dataset):
+        raise UserError(f"{spec} has no labels, and a probe or kNN needs them: use class folders, a csv list with a "
+                        f"label column (--label-column), or a datasets table with a label column")
     return dataset
 
 
@@ -35,7 +49,7 @@ class LabeledSubset(torch.utils.data.Subset):
 
     def __init__(self, dataset, indices: list[int]):
         super().__init__(dataset, indices)
-        self.classes = dataset.classes
+        self.classes, self.multilabel = dataset.classes, getattr(dataset, "multilabel", False)
         self.targets = [dataset.targets[i] for i in indices]
         self.sample_ids = [dataset.sample_ids[i] for i in indices]
 
@@ -56,6 +70,21 @@ def readable_split(dataset, max_fraction: float) -> tuple:
     """A whole split without its unreadable images (itself when every image reads) and the skipped ``sample_ids``."""
     kept, skipped = readable_indices(dataset, None, max_fraction)
     return (dataset if kept is None else LabeledSubset(dataset, kept)), skipped
+
+
+def open_splits(data: str, transform, *, test_data: str | None = None, **options) -> tuple:
+    """The labelled train and test splits of a probe or kNN (the test labels matched to the train classes)."""
+    train = open_split(data, "train", transform, **options)
+    test = open_split(data, "test", transform, test_data=test_data, classes=train.classes, **options)
+    if getattr(train, "multilabel", False) != getattr(test, "multilabel", False):
+        raise UserError(f"the training images of {data} are {'multi' if train.multilabel else 'single'}-label and the "
+                        f"test images are not: give both splits the same kind of labels")
+    return train, test
+
+
+def label_record(train) -> dict:
+    """What ``results.json`` says of the labels: their number, and whether the set is multi-label."""
+    return {"labels": len(train.classes), "multilabel": bool(getattr(train, "multilabel", False))}
 
 
 def unreadable_record(train: list[str], test: list[str]) -> dict:
@@ -82,7 +111,10 @@ def publish(state, out: Path, results: dict, what: str) -> None:
     """``results.json`` from the first process, then every process waits for it."""
     if state.is_main_process:
         write_results(out, results)
-        _logger.info("%s: top1 %.2f%%", what, 100 * results["top1"])
+        if "auc" in results:
+            _logger.info("%s: mean ROC-AUC %.2f%%", what, 100 * results["auc"])
+        else:
+            _logger.info("%s: top1 %.2f%%", what, 100 * results["top1"])
     state.wait_for_everyone()
 
 

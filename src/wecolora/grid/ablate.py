@@ -32,7 +32,7 @@ METHOD_NAMES = {"scratch-kd": "scratch KD", "weco-kd": "WeCo+KD", "lora-qv": "We
                 "wecolora": "WeCoLoRA", "teacher": "teacher", "copy": "weight copy, no training"}
 NAMED_SETTINGS = ("mode", "reduction", "ratio")  # always in a run's name and in the table
 SHORT_NAMES = {"reduction": "r", "ratio": "a", "seed": "s", "subset_seed": "subset", "warmup_epochs": "warmup"}
-CSV_COLUMNS = ("name", "run", "method", "mode", "reduction", "ratio", "seed", "probe_data", "top1", "top5",
+CSV_COLUMNS = ("name", "run", "method", "mode", "reduction", "ratio", "seed", "probe_data", "top1", "top5", "auc",
                "n_train", "n_test", "optimizer", "final_loss", "distill_seconds", "source")
 
 
@@ -219,7 +219,8 @@ def _probe_row(probe, name, method, source, folder: Path, settings, data, grid, 
     return {"name": name, "run": settings.get("run", name), "method": method,
             "mode": settings.get("mode", name.split("-")[0]), "reduction": settings.get("reduction"),
             "ratio": settings.get("ratio"), "seed": settings.get("seed"),
-            "probe_data": data, "top1": results["top1"], "top5": results.get("top5"), "n_train": results["n_train"],
+            "probe_data": data, "top1": results["top1"], "top5": results.get("top5"), "auc": results.get("auc"),
+            "n_train": results["n_train"],
             "n_test": results["n_test"], "optimizer": results.get("optimizer", "sgd"),
             "final_loss": settings.get("final_loss"), "distill_seconds": settings.get("distill_seconds"),
             "source": str(probe_dir), **extra}
@@ -236,12 +237,19 @@ def _read_summary(run_dir: Path) -> list[dict]:
         return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
 
 
+def score(row: dict) -> float:
+    """A result row's score in %: the mean ROC-AUC of a multi-label probe set (the paper's ChestX-ray14 column),
+    else top-1."""
+    return 100 * (row["auc"] if row.get("auc") is not None else row["top1"])
+
+
 def cell_scores(rows: list[dict], probe_data: list[str]) -> list[dict]:
-    """One entry per report cell (model x probe set): its rows' top-1 (%) mean, sample std and seed count."""
+    """One entry per report cell (model x probe set): its rows' score (%, :func:`score`) mean, sample std and seed
+    count."""
     cells: dict[tuple, dict] = {}
     for row in rows:
         cell = cells.setdefault((row["name"], row["probe_data"]), {**row, "scores": []})
-        cell["scores"].append(100 * row["top1"])
+        cell["scores"].append(score(row))
     for cell in cells.values():
         scores = cell["scores"]
         cell["mean"], cell["n"] = statistics.fmean(scores), len(scores)
@@ -250,7 +258,8 @@ def cell_scores(rows: list[dict], probe_data: list[str]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict], probe_data: list[str]) -> str:
-    """The paper's Table A layout: one line per model, one linear-probe top-1 (%) column per probe set.
+    """The paper's Table A layout: one line per model, one linear-probe top-1 (%) column per probe set (mean
+    ROC-AUC, headed ``SET (AUC)``, for a multi-label set).
 
     Cells over several seeds read ``mean ± std`` (sample std); the last column gives the seed count
     (``-`` for the untrained reference rows).
@@ -259,7 +268,8 @@ def markdown_table(rows: list[dict], probe_data: list[str]) -> str:
     cells = {(c["name"], c["probe_data"]): c for c in cell_scores(rows, probe_data)}
     models = list(dict.fromkeys(row["name"] for row in rows))
     extra = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in CSV_COLUMNS]
-    header = ["alpha", "method", "r", *extra, *probe_data, "seeds"]
+    multilabel = {row["probe_data"] for row in rows if row.get("auc") is not None}
+    header = ["alpha", "method", "r", *extra, *(f"{d} (AUC)" if d in multilabel else d for d in probe_data), "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in models:
         first = cells[(name, probe_data[0])]
@@ -283,7 +293,7 @@ def write_report(rows: list[dict], grid: Ablation, output: Path) -> str:
     seeds = (f" Each trained row is the mean ± sample std over seeds {grid.seeds} (training and few-shot subset "
              f"seed together); the last column counts the seeds." if grid.seeds is not None else "")
     text = (f"# Ablation: {grid.teacher} distilled on {grid.distill_data}\n\n"
-            f"Linear-probe top-1 (%) of each frozen model; probe settings {grid.probe}; student settings "
+            f"Linear-probe top-1 (%) of each frozen model (mean ROC-AUC for a set marked AUC); probe settings {grid.probe}; student settings "
             f"{grid.distill} plus each row's mode, reduction r and ratio alpha.{seeds}\n\n{table}\n\n"
             f"## Sources\n\n{sources}\n")
     atomic_write_text(output / "report.md", text)

@@ -82,7 +82,7 @@ class Objective:
     module: torch.nn.Module  # trained and checkpointed (for MAE: encoder + decoder)
     batches: Iterable  # one epoch of training batches (prepared: this process's share)
     loss: Callable  # (prepared module, batch) -> scalar loss; the prepared (DDP) module syncs the gradients
-    monitor: Callable[[], float]  # the label-using score at eval epochs
+    monitor: Callable[[], float | None]  # the label-using score at eval epochs (None: no labels to score with)
     start_epoch: Callable[[int], None]  # seeds an epoch's order, augmentation and masks
 
 
@@ -136,7 +136,10 @@ def mae_objective(config, model, train_set, test_set, accelerator, generator, wo
             batches.set_seed(stream_seed(config.seed, epoch))
         masks.manual_seed(stream_seed(config.seed, epoch, 1, rank))  # each process masks its own images
 
-    monitor_sets = [knn_monitor_set(config.data, split, limit, model, device, workers)
+    if test_set is None:  # no labels or no test split: nothing to monitor but the loss
+        return Objective(mae, batches, loss, lambda: None, start_epoch)
+    monitor_sets = [knn_monitor_set(config.data, split, limit, model, device, workers, classes=train_set.classes,
+                                    **config.source_options())
                     for split, limit in (("train", KNN_TRAIN), ("test", KNN_TEST))]
     return Objective(mae, batches, loss, lambda: knn_top1(model, *monitor_sets, accelerator), start_epoch)
 
@@ -156,8 +159,8 @@ def pretrain(config: PretrainConfig) -> dict:
     accelerator, precision = make_accelerator(config.device, config.precision)
     set_seed(config.seed)
 
-    train_set = open_dataset(config.data, "train")
-    test_set = open_dataset(config.data, "test")
+    train_set = open_dataset(config.data, "train", **config.source_options())
+    test_set = monitor_split(config, train_set)
     mean, std = measure_mean_std(train_set)
     model = create_vit(config, train_set.classes, mean, std)
     generator, workers = torch.Generator(), loader_workers(config.num_workers)
@@ -215,10 +218,12 @@ def pretrain(config: PretrainConfig) -> dict:
                "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
                "images_per_s": len(batches) * config.batch_size * accelerator.num_processes / seconds}
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-            row[monitor] = objective.monitor()
+            score = objective.monitor()
+            if score is not None:
+                row[monitor] = score
         rows.append(row)
         bar.set_postfix(epoch=epoch + 1, loss=f"{row['loss']:.3f}", img_s=f"{row['images_per_s']:.0f}",
-                        **{monitor: f"{row.get(monitor, math.nan):.4f}"})
+                        **{monitor: f"{row.get(monitor, math.nan):.4f}"})  # nan: not an eval epoch, or no labels
         if accelerator.is_main_process:
             atomic_write_text(output / "summary.csv", csv_text(rows, columns))
             save_checkpoint(checkpoint_dir, raw_module, optimizer, scheduler, {"epoch": epoch + 1, "updates": updates, "rows": rows,
@@ -229,7 +234,29 @@ def pretrain(config: PretrainConfig) -> dict:
         save_student(model.float().eval(), output / "model")  # for MAE: the encoder alone, headless
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     accelerator.wait_for_everyone()  # the model is written before any process returns
-    return {"output": str(output), "objective": config.objective, monitor: rows[-1][monitor], "epochs": rows}
+    return {"output": str(output), "objective": config.objective, monitor: rows[-1].get(monitor), "epochs": rows}
+
+
+def monitor_split(config: PretrainConfig, train_set):
+    """The test split the monitor scores: the source's own. Supervised training needs labels and one; MAE runs
+    without (no labels, or no test split: the kNN monitor is off, said once)."""
+    from wecolora.data.datasets import is_labeled
+
+    options = config.source_options()
+    if config.objective == "supervised":
+        if not is_labeled(train_set) or getattr(train_set, "multilabel", False):
+            raise UserError(f"--objective supervised needs one class per image, and {config.data} has "
+                            f"{'several labels per image' if is_labeled(train_set) else 'no labels'}; use "
+                            f"--objective mae, which needs none")
+        return open_dataset(config.data, "test", classes=train_set.classes, **options)
+    if not is_labeled(train_set) or getattr(train_set, "multilabel", False):
+        _logger.info("%s has no single labels: MAE trains without its kNN monitor", config.data)
+        return None
+    try:
+        return open_dataset(config.data, "test", classes=train_set.classes, **options)
+    except UserError as err:
+        _logger.info("no kNN monitor: %s", err)
+        return None
 
 
 @torch.inference_mode()
@@ -246,14 +273,14 @@ def evaluate_top1(model, loader, accelerator) -> float:
     return correct / max(1, total)
 
 
-def knn_monitor_set(spec: str, split: str, limit: int, model, device: torch.device, workers: int):
+def knn_monitor_set(spec: str, split: str, limit: int, model, device: torch.device, workers: int, **options):
     """Batches ``(images, labels)`` of up to ``limit`` evenly spaced images of a split, the same at every eval.
 
     In-memory datasets are preprocessed once on the device (resize to the input size, normalise); image
     folders are read through the model's eval transform at each eval, by a dataset of their own so that
     the training set keeps its augmentation.
     """
-    dataset = open_dataset(spec, split)
+    dataset = open_dataset(spec, split, **options)
     rows = list(range(0, len(dataset), max(1, math.ceil(len(dataset) / limit))))
     if isinstance(dataset, ArrayDataset):
         cfg = model.pretrained_cfg

@@ -61,7 +61,7 @@ def check_distill(config) -> Path:
     """Every path-level check of a :class:`~wecolora.config.DistillConfig`; returns the output folder."""
     check_model_spec(config.teacher)
     check_weights_file(config.teacher_weights)
-    check_dataset(config.data, ("train",))
+    check_dataset(config.data, ("train",), **config.source_options())
     output = check_run_folder(config.output, finished="adapter/wecolora.json", overwrite=config.overwrite,
                               resume=config.resume)
     if config.resume == "auto" and (output / "checkpoint").is_dir():
@@ -102,7 +102,12 @@ def changed_settings(config, saved: Path, ignore=None) -> str:
 
 
 def check_pretrain(config) -> Path:
-    """Every path-level check of a :class:`~wecolora.pretrain.PretrainConfig`; returns the output folder."""
-    check_dataset(config.data, ("train", "test"))
+    """Every path-level check of a :class:`~wecolora.pretrain.PretrainConfig`; returns the output folder.
+
+    The supervised objective needs labels and a test split; MAE needs neither (its kNN monitor runs when the
+    source has both)."""
+    supervised = config.objective == "supervised"
+    check_dataset(config.data, ("train", "test") if supervised else ("train",), need_labels=supervised,
+                  **config.source_options())
     return check_run_folder(config.output, finished="model/config.json", overwrite=config.overwrite,
                             resume=config.resume)
