@@ -106,3 +106,57 @@ def test_per_block_matching_pairs_student_blocks_with_the_ends_of_their_groups(t
     text = (tmp_path / "run" / "config.yaml").read_text()
     assert "matched_teacher_blocks:\n  - 2\n  - 5\n" in text
 
+
+
+def planted_clusters(folder, per_cluster=10):
+    """An unlabeled folder of 28x28 images in 4 planted clusters (dark, light, left half, top half, each with
+    noise), named so that sorting them mixes the clusters; returns {file name: cluster}."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    bases = [np.zeros((28, 28)), np.full((28, 28), 255.0), np.zeros((28, 28)), np.zeros((28, 28))]
+    bases[2][:, :14] = 255
+    bases[3][:14, :] = 255
+    names = {}
+    for i in range(4 * per_cluster):
+        cluster = i % 4
+        image = np.clip(bases[cluster] + rng.normal(0, 8, (28, 28)), 0, 255).astype(np.uint8)
+        name = f"img{rng.integers(10 ** 6):06d}-{i}.png"
+        Image.fromarray(image).save(folder / name)
+        names[name] = cluster
+    return names
+
+
+def test_a_coreset_of_an_unlabeled_folder_covers_every_cluster_and_a_resume_reuses_its_manifest(
+        teacher_dir, tmp_path, monkeypatch):
+    import json
+
+    import wecolora.data.subset as subset_module
+
+    names = planted_clusters(tmp_path / "photos")
+    settings = dict(data=str(tmp_path / "photos"), subset="coreset", images=4, epochs=2, batch_size=4, accum_steps=1)
+    distill(config(teacher_dir, tmp_path / "whole", **settings))
+    manifest = json.loads((tmp_path / "whole" / "subset.json").read_text())
+    assert sorted(names[key] for key in manifest["keys"]) == [0, 1, 2, 3]  # one image of every cluster
+    assert manifest["rule"] == "coreset" and manifest["source"]["kind"] == "folder" and manifest["labeled"] is False
+    assert manifest["pool"] == 40 and manifest["method"] == "kcenter"
+    assert (tmp_path / "whole" / "subset.txt").read_text().split() == manifest["keys"]
+    assert "rule: coreset" in (tmp_path / "whole" / "config.yaml").read_text()
+
+    with interrupted_after_first_checkpoint(monkeypatch, distill_module):
+        distill(config(teacher_dir, tmp_path / "cut", **settings))
+    assert json.loads((tmp_path / "cut" / "subset.json").read_text())["keys"] == manifest["keys"]
+    # The resumed run takes the manifest's images: no coreset pick (nor its features) runs again.
+    monkeypatch.setitem(subset_module.CORESET_PICKS, "kcenter", lambda *a: pytest.fail("picked again"))
+    distill(config(teacher_dir, tmp_path / "cut", resume="auto", **settings))
+    assert (tmp_path / "cut" / "subset.txt").read_text().split() == manifest["keys"]
+    assert "from_manifest: true" in (tmp_path / "cut" / "config.yaml").read_text()
+
+
+def test_per_class_on_an_unlabeled_folder_is_refused_before_the_teacher_loads(teacher_dir, tmp_path, monkeypatch):
+    planted_clusters(tmp_path / "photos", per_cluster=2)
+    monkeypatch.setattr(distill_module, "load_model", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    with pytest.raises(UserError, match="--subset per-class needs labels, and .*photos is unlabeled"):
+        distill(config(teacher_dir, tmp_path / "run", data=str(tmp_path / "photos"), subset="per-class"))

@@ -198,3 +198,60 @@ def test_knn_and_extraction_reject_bad_input(tmp_path):
         extract_features(torch.nn.Identity(), torch.utils.data.TensorDataset(torch.empty(0, 3)))
     with pytest.raises(UserError, match="results.json"):
         report([str(tmp_path)])
+
+
+def hand_auc(scores, targets) -> float:
+    """Mean over labels of the share of (positive, negative) pairs the positive outscores (ties count one half)."""
+    aucs = []
+    for label in range(targets.shape[1]):
+        positive = [s for s, t in zip(scores[:, label].tolist(), targets[:, label].tolist()) if t > 0.5]
+        negative = [s for s, t in zip(scores[:, label].tolist(), targets[:, label].tolist()) if t <= 0.5]
+        if positive and negative:
+            wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in positive for n in negative)
+            aucs.append(wins / (len(positive) * len(negative)))
+    return sum(aucs) / len(aucs)
+
+
+def test_multilabel_auc_on_a_small_case_counted_by_hand():
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.3, 0.2], [0.1, 0.6]])
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    # label 0: positives 0.9, 0.3 vs negatives 0.8, 0.1 win 3 of 4 pairs; label 1: 0.7, 0.2 vs 0.1, 0.6 win 3 of 4
+    assert classification_metrics(scores, targets)["auc"] == pytest.approx(0.75)
+    assert hand_auc(scores, targets) == pytest.approx(0.75)
+
+
+def test_a_multi_label_csv_probe_from_the_cli_reports_its_mean_roc_auc(tiny_model_dir, tmp_path, monkeypatch):
+    """ChestX-ray14's layout: an 'Image Index' path column and 'Finding Labels' such as Effusion|Mass."""
+    import wecolora.evaluation.probe as probe_module
+    from PIL import Image
+
+    from wecolora.cli import main
+
+    rng = np.random.default_rng(0)
+    findings = ["Effusion", "Effusion|Mass", "Mass", "No Finding"]
+    lines = {"train": ["Image Index,Finding Labels"], "test": ["Image Index,Finding Labels"]}
+    for i in range(48):
+        label = findings[i % 4]
+        image = np.zeros((28, 28), dtype=np.uint8)
+        image[:, :14] = 200 if "Effusion" in label else 20  # left half bright: Effusion
+        image[::4, 14:] = 255 if "Mass" in label else 0  # stripes on the right: Mass
+        image = np.clip(image.astype(int) + rng.integers(0, 30, image.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / f"{i:03d}.png")
+        lines["train" if i < 32 else "test"].append(f"{i:03d}.png,{label}")
+    for split, rows in lines.items():
+        (tmp_path / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    seen = []
+    real = probe_module.classification_metrics
+    monkeypatch.setattr(probe_module, "classification_metrics",
+                        lambda scores, targets: seen.append((scores, targets)) or real(scores, targets))
+    assert main(["probe", "--model", tiny_model_dir, "--data", str(tmp_path / "train.csv"), "--test-data",
+                 str(tmp_path / "test.csv"), "--label-column", "Finding Labels", "--output", str(tmp_path / "out"),
+                 "--epochs", "100", "--lr", "4", "--device", "cpu"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["multilabel"] is True and results["labels"] == 3 and (results["n_train"], results["n_test"]) == (32, 16)
+    (scores, targets), = seen
+    # The targets are the csv's findings, as multi-hot over [Effusion, Mass, No Finding].
+    expected = {"Effusion": [1, 0, 0], "Effusion|Mass": [1, 1, 0], "Mass": [0, 1, 0], "No Finding": [0, 0, 1]}
+    assert targets.tolist() == [expected[findings[i % 4]] for i in range(32, 48)]
+    assert results["auc"] == pytest.approx(hand_auc(scores, targets), abs=1e-9)
+    assert results["auc"] > 0.8  # bright halves and stripes are easy to tell apart

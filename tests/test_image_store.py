@@ -179,8 +179,8 @@ class Counting:
     def __init__(self, monkeypatch):
         import torchvision.io
 
-        self.calls = {"decode_jpeg": 0, "load_rgb": 0}
-        for module, name in ((torchvision.io, "decode_jpeg"), (image_store, "load_rgb")):
+        self.calls = {"decode_jpeg": 0, "decode_with_pil": 0}
+        for module, name in ((torchvision.io, "decode_jpeg"), (image_store, "decode_with_pil")):
             real = getattr(module, name)
             monkeypatch.setattr(module, name, self._counted(name, real))
 
@@ -197,7 +197,7 @@ def test_jpegs_decode_with_torchvision_and_the_rest_with_pil_to_pils_pixels(tmp_
     dataset = image_folder(tmp_path / "data", files)
     counting = Counting(monkeypatch)
     store = image_store.open_store(dataset, range(3), bound=100, cache_dir=tmp_path / "stores")
-    assert counting.calls == {"decode_jpeg": 1, "load_rgb": 2}  # grey JPEGs and PNGs go through PIL
+    assert counting.calls == {"decode_jpeg": 1, "decode_with_pil": 2}  # grey JPEGs and PNGs go through PIL
     assert store.canvas == (40, 50) and store.pixels.dtype == np.uint8
     for p, (path, _) in enumerate(dataset.samples):
         expected = np.array(Image.open(path).convert("RGB")).transpose(2, 0, 1)

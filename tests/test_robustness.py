@@ -140,6 +140,8 @@ def world(tmp_path_factory, teacher_dir):
         (root / "rotten" / "b" / f"{i}.png").parent.mkdir(parents=True, exist_ok=True)
         (root / "rotten" / "b" / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (root / "notes.txt").write_text("not a dataset\n")
+    (root / "names.csv").write_text("name,label\na,b\n")
+    (root / "digits.csv").write_text("path,label\ndigits/train/0/0.png,0\ndigits/train/1/0.png,1\n")
 
     finished = root / "finished"  # what a completed distill leaves (contents only matter byte-wise)
     for name, text in (("adapter/wecolora.json", '{"mode": "wecolora"}'), ("adapter/adapter_model.safetensors", "w"),
@@ -193,7 +195,16 @@ CASES = [
     # data
     ("data-missing", "distill --teacher local-dir:{teacher} --data {root}/nope --output {out}",
      "is neither an existing folder nor a built-in name"),
-    ("data-is-a-file", "distill --teacher local-dir:{teacher} --data {root}/notes.txt --output {out}", "is a file"),
+    ("data-is-a-file", "distill --teacher local-dir:{teacher} --data {root}/bad.yaml --output {out}", "is a file"),
+    ("data-list-of-missing-files", "distill --teacher local-dir:{teacher} --data {root}/notes.txt --output {out}",
+     "names images that do not exist (first: {root}/not a dataset)"),
+    ("data-csv-without-a-path-column", "distill --teacher local-dir:{teacher} --data {root}/names.csv --output {out}",
+     "has no path column (columns: name, label); name the column of image paths with --image-column"),
+    ("subset-per-class-on-an-unlabeled-folder", "distill --teacher local-dir:{teacher} --data {root}/rotten/a "
+     "--subset per-class --output {out} --device cpu", "--subset per-class needs labels, and {root}/rotten/a is unlabeled"),
+    ("subset-unknown", D + " --subset best", "argument --subset: invalid choice: 'best'"),
+    ("images-and-per-class", D + " --images 5 --per-class 2", "--per-class 2 and --images 5 both size the subset"),
+    ("coreset-pool-one", D + " --coreset-pool 1", "--coreset-pool 1 is invalid: expected an integer >= 2"),
     ("data-without-class-folders", "distill --teacher local-dir:{teacher} --data {root}/no_classes --output {out}",
      "no class folders in"),
     ("data-empty-class", "distill --teacher local-dir:{teacher} --data {root}/empty_class --output {out}",
@@ -265,6 +276,10 @@ CASES = [
     ("probe-model-missing", "probe --model local-dir:{root}/nope --data mnist-5k --output {out}", "does not exist"),
     ("probe-data-missing", "probe --model local-dir:{teacher} --data {root}/nope --output {out}",
      "is neither an existing folder nor a built-in name"),
+    ("probe-unlabeled-folder", "probe --model local-dir:{teacher} --data {root}/rotten/a --test-data {root}/rotten/a "
+     "--output {out}", "is read as an unlabeled folder (images directly inside), and a probe or kNN needs labels"),
+    ("probe-list-without-a-test-split", "probe --model local-dir:{teacher} --data {root}/digits.csv --output {out}",
+     "has no test split of its own; give the test images with --test-data"),
     ("probe-epochs-zero", "probe --model local-dir:{teacher} --data mnist-5k --output {out} --epochs 0 --device cpu",
      "--epochs 0 is invalid"),
     ("knn-k-zero", "knn --model local-dir:{teacher} --data mnist-5k --output {out} --k 0 --device cpu",

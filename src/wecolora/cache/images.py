@@ -336,10 +336,15 @@ class _Decoder(torch.utils.data.Dataset):
                 return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
             except RuntimeError:
                 pass  # an odd JPEG that PIL may still read
-        try:
-            return torch.from_numpy(np.array(to_rgb(Image.open(io.BytesIO(data))))).permute(2, 0, 1)  # HWC -> CHW
-        except PIL_ERRORS as err:
-            raise no_longer_readable(name, err) from None
+        return decode_with_pil(data, name)
+
+
+def decode_with_pil(data: bytes, name: str) -> torch.Tensor:
+    """Encoded image bytes as uint8 RGB ``[3, H, W]`` through PIL (every format, every mode)."""
+    try:
+        return torch.from_numpy(np.array(to_rgb(Image.open(io.BytesIO(data))))).permute(2, 0, 1)  # HWC -> CHW
+    except PIL_ERRORS as err:
+        raise no_longer_readable(name, err) from None
 
 
 def shrink(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

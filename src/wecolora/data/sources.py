@@ -396,17 +396,25 @@ def load_table(source: Source, split: str):
     """
     datasets = _import_datasets()
     path = Path(source.path).expanduser()
-    if path.is_dir() and is_saved_dataset(path):
-        loaded = datasets.load_from_disk(str(path))
-        files = _files_with(path, (".arrow", ".json"), depth=2)
-    else:
-        files = [path] if path.is_file() else _files_with(path, TABLE_SUFFIXES, depth=2)
-        kinds = {f.suffix.lower() for f in files}
-        if len(kinds) != 1:
-            raise UserError(f"{source.spec}: mixes {' and '.join(sorted(kinds))} files; keep one format per source")
-        builder = "parquet" if kinds == {".parquet"} else "arrow"
-        options = {"data_files": {"train": [str(path)]}} if path.is_file() else {"data_dir": str(path)}
-        loaded = datasets.load_dataset(builder, cache_dir=str(cache_folder("hf-datasets")), **options)
+    try:
+        if path.is_dir() and is_saved_dataset(path):
+            files = _files_with(path, (".arrow", ".json"), depth=2)
+            if not any(f.suffix == ".arrow" for f in files):
+                raise UserError(f"{source.spec} is empty: it holds no rows (no .arrow file)")
+            loaded = datasets.load_from_disk(str(path))
+        else:
+            files = [path] if path.is_file() else _files_with(path, TABLE_SUFFIXES, depth=2)
+            kinds = {f.suffix.lower() for f in files}
+            if len(kinds) != 1:
+                raise UserError(f"{source.spec}: mixes {' and '.join(sorted(kinds))} files; keep one format per source")
+            builder = "parquet" if kinds == {".parquet"} else "arrow"
+            options = {"data_files": {"train": [str(path)]}} if path.is_file() else {"data_dir": str(path)}
+            loaded = datasets.load_dataset(builder, cache_dir=str(cache_folder("hf-datasets")), **options)
+    except UserError:
+        raise
+    except Exception as err:  # datasets and pyarrow raise many kinds for a damaged or foreign file
+        raise UserError(f"{source.spec} cannot be read by datasets ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); repair it or give another --data") from None
     if isinstance(loaded, datasets.DatasetDict):
         names = list(loaded)
         wanted = ("train",) if split == "train" else TEST_SPLIT_NAMES
