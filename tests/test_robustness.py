@@ -718,7 +718,8 @@ def test_the_readability_check_is_remembered_per_file_listing(tmp_path, monkeypa
     real_decodes = _decodes
     import wecolora.data.subset as subset_module
 
-    monkeypatch.setattr(subset_module, "_decodes", lambda path: decoded.append(path) or real_decodes(path))
+    monkeypatch.setattr(subset_module, "_decodes",
+                        lambda reader, p: decoded.append(reader.name(p)) or real_decodes(reader, p))
     assert drop_unreadable(dataset, everything) == first and first[1] == ["a/bad.png"]
     assert decoded == []  # the unchanged listing's verdict was read back: nothing decoded
     save_png(tmp_path / "d" / "a" / "bad.png", digit(0))  # repaired: the listing changed, so it is decoded again
