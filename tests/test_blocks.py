@@ -3,7 +3,8 @@ and which reductions fit a teacher."""
 import pytest
 
 from wecolora.errors import UserError
-from wecolora.method.blocks import KEEP_RULES, check_reduction, segment_ends, select_blocks
+from wecolora.config import KEEP_RULES
+from wecolora.method.blocks import check_reduction, segment_ends, select_blocks
 
 SELECT_CASES = [
     # depth, reduction, keep, kept blocks

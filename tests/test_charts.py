@@ -75,9 +75,6 @@ def test_an_lr_sweep_draws_lines(tmp_path, monkeypatch):
     _png_size(tmp_path / "chart.png")
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="source bug: grid/charts.py:103 sorts a sweep's line by c['lr'], but a run of the grid that "
-                          "leaves lr at its default has no 'lr' in its cell (grid/ablate.py:218)")
 def test_an_lr_sweep_with_a_run_at_the_default_lr(tmp_path):
     rows = [_row("wecolora-lr0.001", "WeCoLoRA", "wecolora", 0.70, lr=1e-3),
             _row("wecolora-lr0.004", "WeCoLoRA", "wecolora", 0.75, lr=4e-3),

@@ -197,13 +197,23 @@ def test_python_m_wecolora_help_does_not_import_torch():
 # The names config accepts are the registries' keys (config reads no torch, so it spells them out)
 
 def test_config_names_equal_the_registries():
+    import torch
+    from conftest import tiny_vit
+
     from wecolora import config
+    from wecolora.errors import UserError
     from wecolora.method import block_search, blocks, losses, plan
 
     assert config.MODE_NAMES == tuple(plan.MODES)
     assert config.LOSS_NAMES == tuple(losses.LOSSES)
     assert config.MATCH_NAMES == tuple(losses.MATCHES)
-    # the keep rules as they are now: the fixed positions, then the searches of block_search
-    assert config.KEEP_NAMES == ("first", "last") + block_search.METHODS
-    assert config.KEEP_NAMES == blocks.KEEP_RULES + block_search.METHODS
-    assert block_search.RULES == blocks.KEEP_RULES
+    # one keep vocabulary: the rules select_blocks applies, then the searches choose_blocks runs
+    assert config.KEEP_NAMES == config.KEEP_RULES + config.KEEP_SEARCHES
+    assert all(blocks.select_blocks(6, 2, rule) for rule in config.KEEP_RULES)
+    for search in config.KEEP_SEARCHES:
+        with pytest.raises(UserError, match="chooses blocks from images"):
+            blocks.select_blocks(6, 2, search)
+    teacher = tiny_vit(depth=4).eval()
+    images = torch.randn(6, 3, 16, 16)
+    assert all(len(block_search.choose_blocks(teacher, 2, search, images).kept) == 2
+               for search in config.KEEP_SEARCHES)

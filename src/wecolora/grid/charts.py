@@ -96,7 +96,7 @@ def _draw_bars(ax, cells: list[dict]) -> None:
 
 def _draw_sweep(ax, cells: list[dict]) -> None:
     """One line per (method, r, alpha) against the lr (log axis); reference models as horizontal lines."""
-    trained = [c for c in cells if not _is_reference(c)]
+    trained = [c for c in cells if not _is_reference(c) and c.get("lr") is not None]
     for key in sorted({(c["method"], c["reduction"], c["ratio"], c["label"]) for c in trained},
                       key=lambda k: (METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else -1, k[1], k[2], k[3])):
         line = sorted((c for c in trained if (c["method"], c["reduction"], c["ratio"], c["label"]) == key),
@@ -108,6 +108,9 @@ def _draw_sweep(ax, cells: list[dict]) -> None:
     for i, cell in enumerate(c for c in cells if _is_reference(c)):
         ax.axhline(cell["mean"], color=REFERENCE_COLORS[i % len(REFERENCE_COLORS)], linestyle=":",
                    label=_reference_label(cell))
+    for cell in (c for c in cells if not _is_reference(c) and c.get("lr") is None):  # a run at its default lr
+        ax.axhline(cell["mean"], color=METHOD_COLORS.get(cell["method"]), linestyle="-." if cell["reduction"] == 2
+                   else ":", label=f"{cell['label']}, r={cell['reduction']}, alpha {cell['ratio']:.0%}, default lr")
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     _tight_y(ax, cells, headroom=1.0)
