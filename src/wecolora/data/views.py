@@ -32,7 +32,7 @@ def view_params(seed: int, view: int, indices, sizes, *, scale: tuple[float, flo
     in [0, 1), ``u[0:10]`` the area fractions (``scale[0] + (scale[1] - scale[0]) * u``) and ``u[10:20]`` the log
     aspects of torchvision's 10 attempts, ``u[20]`` and ``u[21]`` the top and left, ``u[22] < hflip`` the flip.
     The box then follows ``torchvision.transforms.RandomResizedCrop.get_params`` exactly
-    (:func:`wecolora.augment.boxes_from_draws`, float64), relative to the image's stored size. A view thus
+    (:func:`wecolora.data.augment.boxes_from_draws`, float64), relative to the image's stored size. A view thus
     depends on neither the batch it is in, nor its order, nor the process.
 
     Returns:

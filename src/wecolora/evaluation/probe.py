@@ -288,8 +288,8 @@ def probe(model_spec: str, data: str, output: str, config: ProbeConfig | None = 
     """Linear-probe a frozen model on a dataset and write ``output/results.json``.
 
     Args:
-        model_spec: a run folder, a ``student/`` folder or a teacher spec (see :func:`wecolora.vit.load_model`).
-        data: a dataset spec (see :func:`wecolora.data.open_dataset`); its test split is scored.
+        model_spec: a run folder, a ``student/`` folder or a teacher spec (see :func:`wecolora.teachers.load.load_model`).
+        data: a dataset spec (see :func:`wecolora.data.datasets.open_dataset`); its test split is scored.
         output: folder for ``results.json``.
         config: the probe's settings (:class:`~wecolora.config.ProbeConfig`: protocol, optimizer, epochs,
             batch size, lr, pooling, train_per_class, ...); ``**settings`` builds one instead.
