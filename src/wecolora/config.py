@@ -16,9 +16,9 @@ from wecolora.errors import UserError
 
 _logger = logging.getLogger(__name__)
 
-MODE_NAMES = ("wecolora", "lora-qv", "weco-kd", "scratch-kd")  # registry: student.MODES
-LOSS_NAMES = ("l1", "mse")  # registry: losses.LOSSES
-MATCH_NAMES = ("last", "last-norm", "per-block")  # registry: losses.MATCHES
+MODE_NAMES = ("wecolora", "lora-qv", "weco-kd", "scratch-kd")  # registry: method.plan.MODES (tests/test_layers.py checks they agree)
+LOSS_NAMES = ("l1", "mse")  # registry: method.losses.LOSSES
+MATCH_NAMES = ("last", "last-norm", "per-block")  # registry: method.losses.MATCHES
 KEEP_RULES = ("first", "last")  # fixed positions (method.blocks.select_blocks)
 KEEP_SEARCHES = ("auto", "greedy", "influence")  # chosen from images (method.block_search.choose_blocks)
 KEEP_NAMES = KEEP_RULES + KEEP_SEARCHES  # the one keep vocabulary
