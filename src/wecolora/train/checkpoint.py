@@ -22,7 +22,7 @@ from wecolora.train.run_folder import CHECKPOINT_FILES
 
 _logger = logging.getLogger(__name__)
 
-WEIGHTS, OPTIMIZER, STATE = CHECKPOINT_FILES  # named in checks.py, which reads them without torch
+WEIGHTS, OPTIMIZER, STATE = CHECKPOINT_FILES  # named in run_folder.py, which checks them without torch
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -63,13 +63,6 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     optimizer.load_state_dict(optim_state)
     scheduler.load_state_dict(state["scheduler"])
     return state["progress"]
-
-
-def resume_source(checkpoint_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint ``--resume`` names: ``auto`` is the run's own ``checkpoint_dir``, a path is itself."""
-    if resume == "auto":
-        return checkpoint_dir
-    return Path(resume) if resume else None
 
 
 def resume_schedule(optimizer, scheduler, progress: dict, *, epochs: int, warmup_epochs: int,
