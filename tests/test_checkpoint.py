@@ -2,7 +2,6 @@
 timm scheduler, refusal of damaged or foreign checkpoints, and how a resumed schedule continues."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from wecolora.train.checkpoint import (
     WEIGHTS,
     load_checkpoint,
     resume_schedule,
-    resume_source,
     save_checkpoint,
     trainable_state,
 )
@@ -130,10 +128,6 @@ def test_a_damaged_file_is_a_user_error(tmp_path, damage):
         load_checkpoint(tmp_path / "ckpt", *_run())
 
 
-@pytest.mark.xfail(strict=True, raises=(KeyError, TypeError),
-                   reason="source bug: train/checkpoint.py:52-65 reads state['scheduler'] and state['progress'] "
-                          "outside its try, so a state.json that parses but lacks them crashes (after the weights "
-                          "were copied in) instead of raising UserError")
 @pytest.mark.parametrize("text", ["{}", "[1]", '{"progress": {"epoch": 0}}'])
 def test_a_state_file_without_its_keys_is_a_user_error(tmp_path, text):
     model, optimizer, scheduler = _run()
@@ -171,12 +165,6 @@ def test_a_checkpoint_missing_trainable_weights_is_refused(tmp_path):
     with pytest.raises(UserError, match="missing"):
         load_checkpoint(tmp_path / "ckpt", more, more_optimizer, make_scheduler(more_optimizer, EPOCHS, WARMUP,
                                                                                 PER_EPOCH))
-
-
-@pytest.mark.parametrize("resume, expected", [(None, None), ("", None), ("auto", "run/checkpoint"),
-                                              ("elsewhere/ckpt", "elsewhere/ckpt")])
-def test_resume_source(resume, expected):
-    assert resume_source(Path("run/checkpoint"), resume) == (Path(expected) if expected else None)
 
 
 def test_resume_schedule_with_the_same_batch_continues_the_saved_schedule():
