@@ -90,7 +90,7 @@ def test_loader_workers_default_is_the_threads_at_most_8(monkeypatch):
 
 @pytest.mark.parametrize("device, precision, message", [
     ("cpu", "fp16", "fp16 needs a CUDA device"),
-    ("cuda", None, "no CUDA device is visible"),
+    ("cuda", None, "no CUDA device is available"),
 ])
 def test_make_accelerator_refuses(monkeypatch, device, precision, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
