@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 import wecolora.train.pretrain as pretrain_module
 from wecolora.cli import main
-from wecolora.data.augment import DeviceCropLoader, crop_resize, resize_normalize, sample_crop_boxes, stream_seed
+from wecolora.data.augment import DeviceCropLoader, resize_normalize, sample_crop_boxes, stream_seed
 from wecolora.data.transforms import eval_transform
 from wecolora.errors import UserError
 from wecolora.teachers import specs
@@ -157,24 +157,6 @@ def test_sincos_positions_are_distinct_and_bounded():
 
 
 # ---------------------------------------------------------------- device augmentation
-
-
-def test_a_full_image_box_returns_the_image_and_a_flip_mirrors_it():
-    images = torch.rand(2, 1, 28, 28)
-    full = torch.tensor([[0.0, 0.0, 28.0, 28.0]] * 2)
-    torch.testing.assert_close(crop_resize(images, full, 28), images, atol=1e-5, rtol=0)
-    flipped = crop_resize(images, full, 28, flip=torch.tensor([True, False]))
-    torch.testing.assert_close(flipped[0], images[0].flip(-1), atol=1e-5, rtol=0)
-    torch.testing.assert_close(flipped[1], images[1], atol=1e-5, rtol=0)
-
-
-def test_a_box_is_cut_from_where_it_says_and_scaled_to_the_output():
-    images = torch.rand(1, 3, 28, 28)
-    box = torch.tensor([[7.0, 14.0, 14.0, 10.0]])  # top 7, left 14, 14 high, 10 wide
-    out = crop_resize(images, box, (14, 10), mode="nearest")
-    torch.testing.assert_close(out, images[:, :, 7:21, 14:24], atol=1e-6, rtol=0)
-    doubled = crop_resize(images, box, (28, 20), mode="nearest")  # each source pixel twice
-    torch.testing.assert_close(doubled[:, :, ::2, ::2], images[:, :, 7:21, 14:24], atol=1e-6, rtol=0)
 
 
 def test_crop_boxes_are_seeded_inside_the_image_and_within_the_area_range():

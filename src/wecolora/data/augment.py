@@ -2,8 +2,9 @@
 
 A PIL data loader crops one image at a time on the CPU (about 16k images/s for 28 px images), far below
 what a tiny ViT trains at on a GPU. A dataset held in memory (the built-ins) is instead put on the device
-once as a uint8 tensor, and each batch is cropped, resized and flipped by one ``grid_sample`` call with
-per-image boxes drawn as torchvision draws them.
+once as a uint8 tensor, and each batch is cropped, resized and flipped there (:func:`resized_crops`: PIL's
+antialiased bicubic resampling of each box, as two batched matrix products) with per-image boxes drawn as
+torchvision draws them.
 """
 from __future__ import annotations
 
@@ -79,36 +80,6 @@ def boxes_from_draws(area: torch.Tensor, log_ratio: torch.Tensor, offsets: torch
     return torch.stack([top, left, h, w], dim=1)
 
 
-def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int, int], *,
-                flip: torch.Tensor | None = None, mode: str = "bicubic") -> torch.Tensor:
-    """Each image's box resized to ``size`` (pixel-centre aligned, as torchvision's resize), optionally flipped.
-
-    Args:
-        images: ``[B, C, H, W]`` float images.
-        boxes: ``[B, 4]`` ``(top, left, height, width)`` in pixels.
-        size: output size (an int for square).
-        flip: ``[B]`` bool, True mirrors that image left-right.
-
-    Returns:
-        ``[B, C, size, size]``; bicubic overshoot is left to the caller to clamp.
-    """
-    b, _, height, width = images.shape
-    out_h, out_w = (size, size) if isinstance(size, int) else size
-    top, left, h, w = boxes.to(images.dtype).unbind(dim=1)
-    # Output pixel u (normalised x_out in [-1, 1], align_corners=False) samples source pixel
-    # left + (u + 0.5) * w / out_w - 0.5, i.e. normalised x_src = (w / W) * x_out + (2 * left + w) / W - 1.
-    theta = torch.zeros(b, 2, 3, dtype=images.dtype, device=images.device)
-    theta[:, 0, 0] = w / width
-    theta[:, 0, 2] = (2 * left + w) / width - 1
-    theta[:, 1, 1] = h / height
-    theta[:, 1, 2] = (2 * top + h) / height - 1
-    if flip is not None:
-        theta[:, 0, 0] = torch.where(flip, -theta[:, 0, 0], theta[:, 0, 0])  # x_out -> -x_out mirrors the output
-    grid = F.affine_grid(theta, [b, images.shape[1], out_h, out_w], align_corners=False)
-    # Boxes lie inside the image; border padding only serves the bicubic taps one or two pixels outside it.
-    return F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
-
-
 def bicubic_filter(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
     """PIL's (and torch's antialiased) bicubic kernel, ``a = -0.5``: 1 at 0, 0 at every other integer and beyond 2."""
     x = x.abs()
@@ -165,9 +136,9 @@ def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int | tuple[i
     """Each image's box resized to ``size`` as torchvision's ``resized_crop(img, *box, size, BICUBIC)`` does on a
     PIL image (crop, then PIL's antialiased bicubic resize), optionally flipped.
 
-    Unlike :func:`crop_resize` (one ``grid_sample``: 4 x 4 taps per output pixel, so a crop shrunk by more than
-    about 2x skips source pixels and aliases), every source pixel under a shrinking output pixel counts, and
-    taps never reach outside the box. On an accelerator (and for small canvases) the whole batch is two batched
+    Unlike one ``grid_sample`` call (4 x 4 taps per output pixel, so a crop shrunk by more than about 2x skips
+    source pixels and aliases: wecolora 0.3's views), every source pixel under a shrinking output pixel counts,
+    and taps never reach outside the box. On an accelerator (and for small canvases) the whole batch is two batched
     matrix products with :func:`resample_weights`; on the CPU each image's box is resized alone (its cost is
     the box's, not the canvas's): an integer box by ``F.interpolate(antialias=True)``, PIL's algorithm in torch,
     a fractional one (a box on a shrunk stored copy) by its two products over the box.
@@ -276,7 +247,7 @@ class DeviceCropLoader:
         b, _, height, width = images.shape
         boxes = sample_crop_boxes(b, height, width, scale=self.scale, ratio=self.ratio, generator=self.augment)
         flip = torch.rand(b, device=images.device, generator=self.augment) < self.hflip
-        x = crop_resize(images.float() / 255, boxes, self.size, flip=flip).clamp_(0, 1)
+        x = resized_crops(images, boxes, self.size, flip=flip).div_(255).clamp_(0, 1)
         return normalize(x, self.mean, self.std, self.channels)
 
     def __iter__(self):
