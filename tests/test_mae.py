@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import wecolora.train.pretrain as pretrain_module
@@ -218,6 +219,12 @@ def test_mae_pretraining_writes_a_headless_encoder_and_resumes_exactly(tmp_path,
     assert load_model(str(tmp_path / "whole")).pretrained_cfg["mean"] == model.pretrained_cfg["mean"]
     mean = model.pretrained_cfg["mean"][0]
     assert 0.1 < mean < 0.15  # measured on mnist-5k's train images, not a constant
+    # MAE's recipe by default: fixed sin-cos positions (untouched by training), lr by its rule, recorded.
+    expected = torch.cat([torch.zeros(1, 32), sincos_pos_embed((4, 4), 32)])[None]
+    torch.testing.assert_close(model.pos_embed, expected, atol=1e-6, rtol=0)
+    resolved = yaml.safe_load((tmp_path / "whole" / "config.yaml").read_text())
+    assert resolved["resolved"]["lr"] == pytest.approx(1.5e-4 * 1024 / 256)
+    assert (resolved["settings"]["pos_embed"], resolved["settings"]["init"]) == ("sincos", "mae")
 
     with interrupted_after_first_checkpoint(monkeypatch, pretrain_module):
         pretrain(mae_config(tmp_path / "cut"))
@@ -231,6 +238,32 @@ def test_mae_pretraining_writes_a_headless_encoder_and_resumes_exactly(tmp_path,
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_maes_lr_rule_scales_with_the_effective_batch_unless_lr_is_given(tmp_path):
+    assert mae_config(tmp_path, batch_size=512).peak_lr() == pytest.approx(3e-4)  # 1.5e-4 x 512 / 256
+    assert mae_config(tmp_path, batch_size=512).peak_lr(world_size=4) == pytest.approx(1.2e-3)
+    assert mae_config(tmp_path, batch_size=512, blr=1e-4).peak_lr() == pytest.approx(2e-4)
+    assert mae_config(tmp_path, batch_size=512, lr=5e-4).peak_lr(world_size=4) == 5e-4  # absolute
+    assert PretrainConfig(data="mnist-5k", output=str(tmp_path), batch_size=512).peak_lr() == 1e-3  # supervised
+
+
+def test_mae_encoders_get_fixed_sincos_positions_and_maes_init_by_default(tmp_path):
+    config = mae_config(tmp_path, embed_dim=32, num_heads=2)
+    model = pretrain_module.create_vit(config, ["a", "b"], 0.5, 0.25)
+    grid = tuple(model.patch_embed.grid_size)
+    torch.testing.assert_close(model.pos_embed[0, 1:], sincos_pos_embed(grid, 32))
+    assert not model.pos_embed[0, 0].any() and not model.pos_embed.requires_grad  # the CLS position: zeros, fixed
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(not m.bias.any() for m in linears)  # MAE: zero biases (timm: trunc-normal weights, zero biases too)
+    qkv = model.blocks[0].attn.qkv.weight
+    bound = math.sqrt(6 / (qkv.shape[0] + qkv.shape[1]))  # xavier-uniform's
+    assert qkv.abs().max() <= bound and qkv.abs().max() > 0.9 * bound
+    assert 0.01 < model.cls_token.std() < 0.03  # normal(0.02); timm's is 1e-6
+    timm_like = pretrain_module.create_vit(mae_config(tmp_path, pos_embed="learned", init="timm"), ["a"], 0.5, 0.25)
+    assert timm_like.pos_embed.requires_grad and timm_like.cls_token.abs().max() < 1e-4
+    supervised = PretrainConfig(data="mnist-5k", output=str(tmp_path))
+    assert (supervised.pos_embed, supervised.init) == ("learned", "timm")
 
 
 def test_mae_pretraining_reads_class_folders_through_the_pil_loader(tmp_path, monkeypatch):
@@ -255,6 +288,10 @@ def test_mae_pretraining_reads_class_folders_through_the_pil_loader(tmp_path, mo
     ({"decoder_dim": 30}, "--decoder-dim 30"),
     ({"decoder_dim": 100}, "--decoder-dim 100"),
     ({"decoder_depth": 0}, "--decoder-depth 0"),
+    ({"pos_embed": "rope"}, "--pos-embed 'rope'"),
+    ({"init": "jax"}, "--init 'jax'"),
+    ({"embed_dim": 30}, "--embed-dim 30 is invalid: expected a multiple of 4 with --pos-embed sincos"),
+    ({"blr": 0}, "--blr 0"),
 ])
 def test_mae_settings_are_checked_once_naming_the_flag(overrides, message, tmp_path):
     with pytest.raises(UserError, match=message):

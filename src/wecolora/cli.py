@@ -17,11 +17,13 @@ from wecolora.config import (
     CACHE_POLICIES,
     DEFAULT_REDUCTION,
     DEVICES,
+    INITS,
     LOSS_NAMES,
     MATCH_NAMES,
     MODE_NAMES,
     MONITORS,
     POOLINGS,
+    POS_EMBEDS,
     PRECISIONS,
     PROBE_OPTIMIZERS,
     PROBE_PROTOCOLS,
@@ -251,9 +253,10 @@ PRETRAIN_EXAMPLES = """examples:
   # a quick smaller one on the CPU
   wecolora pretrain --data mnist-5k --output runs/t-small --depth 6 --epochs 10 --batch-size 128
 
-  # self-supervised (MAE, no labels; kNN top-1 as the monitor), as the bundled-mae teacher; on one GPU
-  wecolora pretrain --objective mae --data fashion-mnist --output runs/teacher-mae \
-      --epochs 400 --warmup-epochs 20 --batch-size 2048 --lr 1.2e-3 --eval-every 50
+  # self-supervised (MAE, no labels; kNN top-1 as the monitor); on one GPU. lr by MAE's rule:
+  # 1.5e-4 x 2048 / 256 = 1.2e-3; fixed sin-cos positions and MAE's init (the shipped bundled-mae: learned, timm)
+  wecolora pretrain --objective mae --data fashion-mnist --output runs/teacher-mae \\
+      --epochs 400 --warmup-epochs 20 --batch-size 2048 --eval-every 50
   # then distill it: wecolora distill --teacher runs/teacher-mae --data fashion-mnist --output runs/mae-r2
 """
 
@@ -284,12 +287,20 @@ def add_pretrain_parser(sub) -> None:
                        ("decoder-dim", "mae: decoder width (default 64)"),
                        ("decoder-depth", "mae: decoder blocks (default 4)")):
         p.add_argument(f"--{name}", type=int, help=what)
-    for name, what in (("lr", "peak AdamW lr, absolute, not scaled with the batch (default 1e-3)"),
+    for name, what in (("lr", "peak AdamW lr, absolute (default: mae: blr x batch x processes / 256, MAE's rule; "
+                               "supervised: 1e-3)"),
+                       ("blr", "mae: base lr of MAE's rule (default 1.5e-4)"),
                        ("weight-decay", "default 0.05"), ("label-smoothing", "supervised: default 0.1"),
                        ("mask-ratio", "mae: share of patches hidden from the encoder (default 0.75)")):
         p.add_argument(f"--{name}", type=float, help=what)
     p.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false", default=None,
                    help="mae: predict raw pixels instead of per-patch normalised ones")
+    p.add_argument("--pos-embed", choices=POS_EMBEDS,
+                   help="encoder positions: sincos (fixed 2-D sine-cosine, MAE's; default for mae) or learned "
+                        "(timm's; default for supervised, and how the shipped bundled-mae was trained)")
+    p.add_argument("--init", choices=INITS,
+                   help="weight init: mae (MAE's xavier-uniform; default for mae) or timm (timm's ViT init; default "
+                        "for supervised, and the shipped bundled-mae's)")
     p.add_argument("--precision", choices=PRECISIONS, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", choices=DEVICES, help="auto (default): cuda when available")
     p.add_argument("--resume", metavar="auto|PATH", help="continue an interrupted run (auto: DIR/checkpoint)")

@@ -38,7 +38,7 @@ from wecolora.export import save_student
 from wecolora.files import atomic_write_text, csv_text
 from wecolora.runtime import loader_workers, make_accelerator, make_scheduler, versions
 from wecolora.train.checkpoint import load_checkpoint, resume_schedule, resume_source, save_checkpoint
-from wecolora.train.mae import MaskedAutoencoder
+from wecolora.train.mae import MaskedAutoencoder, fix_sincos_positions, mae_init
 from wecolora.train.run_folder import check_pretrain
 
 _logger = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ def measure_mean_std(dataset, limit: int = 5000) -> tuple[float, float]:
 
 
 def create_vit(config: PretrainConfig, classes: list[str], mean: float, std: float):
-    """The timm ViT to train (headless for MAE), with its preprocessing metadata in ``pretrained_cfg``."""
+    """The timm ViT to train (headless for MAE), with its preprocessing metadata in ``pretrained_cfg``, initialised
+    as ``config.init`` says and with ``config.pos_embed``'s positions (MAE's by default for MAE)."""
     import timm
 
     num_classes = len(classes) if config.objective == "supervised" else 0
@@ -73,6 +74,10 @@ def create_vit(config: PretrainConfig, classes: list[str], mean: float, std: flo
         model.pretrained_cfg["label_names"] = classes
     else:
         model.pretrained_cfg.pop("label_names", None)
+    if config.init == "mae":
+        mae_init(model)
+    if config.pos_embed == "sincos":  # after the init: fixed, never trained
+        fix_sincos_positions(model)
     return model
 
 
@@ -164,7 +169,8 @@ def pretrain(config: PretrainConfig) -> dict:
     objective = OBJECTIVE_SETUPS[config.objective](config, model, train_set, test_set, accelerator, generator, workers)
     # MAE's AdamW betas (0.9, 0.95); the supervised recipe keeps timm's defaults.
     betas = {"betas": (0.9, 0.95)} if config.objective == "mae" else {}
-    optimizer = create_optimizer_v2(objective.module, "adamw", lr=config.lr, weight_decay=config.weight_decay, **betas)
+    peak_lr = config.peak_lr(accelerator.num_processes)  # MAE: its rule on the effective batch, unless --lr
+    optimizer = create_optimizer_v2(objective.module, "adamw", lr=peak_lr, weight_decay=config.weight_decay, **betas)
     module, optimizer = accelerator.prepare(objective.module, optimizer)
     batches = objective.batches
     if isinstance(batches, DataLoader):
@@ -180,16 +186,19 @@ def pretrain(config: PretrainConfig) -> dict:
     if resume_from is not None and resume_from.is_dir():
         progress = load_checkpoint(resume_from, raw_module, optimizer, scheduler)
         start_epoch, rows = progress["epoch"], progress["rows"]
-        scheduler, updates = resume_schedule(optimizer, scheduler, progress, epochs=config.epochs, lr=config.lr,
+        scheduler, updates = resume_schedule(optimizer, scheduler, progress, epochs=config.epochs, lr=peak_lr,
                                              warmup_epochs=config.warmup_epochs, updates_per_epoch=len(batches))
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output / "config.yaml", to_yaml(config, precision=precision, mean=mean, std=std,
+        atomic_write_text(output / "config.yaml", to_yaml(config, lr=peak_lr, precision=precision, mean=mean, std=std,
                                                           device=str(accelerator.device), versions=versions(),
                                                           world_size=accelerator.num_processes))
-        _logger.info("effective batch %d = %d x %d processes; lr %.3g (absolute: --lr is not scaled with the batch)",
-                     config.batch_size * accelerator.num_processes, config.batch_size, accelerator.num_processes,
-                     config.lr)
+        batch = config.batch_size * accelerator.num_processes
+        rule = ("--lr, absolute" if config.lr is not None else
+                f"MAE's rule: blr {config.blr:g} x {batch} / 256" if config.objective == "mae" else
+                "the supervised recipe's, absolute")
+        _logger.info("effective batch %d = %d x %d processes; lr %.3g (%s); positions %s, init %s", batch,
+                     config.batch_size, accelerator.num_processes, peak_lr, rule, config.pos_embed, config.init)
     bar = tqdm(total=config.epochs * len(batches), initial=start_epoch * len(batches), unit="batch",
                disable=not accelerator.is_main_process, desc=f"pretrain ({config.objective})")
     for epoch in range(start_epoch, config.epochs):
@@ -222,7 +231,7 @@ def pretrain(config: PretrainConfig) -> dict:
         if accelerator.is_main_process:
             atomic_write_text(output / "summary.csv", csv_text(rows, columns))
             save_checkpoint(checkpoint_dir, raw_module, optimizer, scheduler, {"epoch": epoch + 1, "updates": updates, "rows": rows,
-                                                                               "updates_per_epoch": len(batches), "lr": config.lr})
+                                                                               "updates_per_epoch": len(batches), "lr": peak_lr})
         accelerator.wait_for_everyone()
     bar.close()
     if accelerator.is_main_process:
