@@ -36,6 +36,30 @@ def distill(config: DistillConfig | None = None, **settings) -> dict:
     return run(config)
 
 
+def views(count: int, output: str, config: DistillConfig | None = None, **settings) -> list[dict]:
+    """Write the first ``count`` training views a distillation with these settings would show: ``output/view-000.png``
+    ... (8-bit RGB at the teacher's input size, before normalisation) and ``output/views.json`` (per view: the
+    source image, its box ``[top, left, height, width]`` on the original, its flip). See ``wecolora views --help``.
+
+    Args:
+        count: how many views (epoch 1 in the subset's order, then epoch 2, ...).
+        output: the folder to write (new, empty, or holding earlier views, which are replaced).
+        config: a distillation's settings; ``**settings`` builds one instead (``teacher=``, ``data=``, ``ratio=``...).
+
+    Example:
+        >>> records = wecolora.views(16, "/tmp/views", teacher="bundled", data="fashion-mnist")  # doctest: +SKIP
+        >>> records[0]["box"], records[0]["flip"]  # doctest: +SKIP
+        ([3, 1, 21, 24], False)
+    """
+    config = config or build_config(DistillConfig, None, output=output, **settings)
+    check_model_spec(config.teacher)
+    check_dataset(config.data, ("train",))
+    check_writable(output)
+    from wecolora.train.views import write_views
+
+    return write_views(config, count, output)
+
+
 def pretrain(config: PretrainConfig | None = None, **settings) -> dict:
     """Train a ViT teacher from scratch (supervised or MAE); writes ``DIR/model``, a timm folder."""
     config = config or build_config(PretrainConfig, None, **settings)

@@ -17,11 +17,13 @@ from wecolora.config import (
     CACHE_POLICIES,
     DEFAULT_REDUCTION,
     DEVICES,
+    INITS,
     LOSS_NAMES,
     MATCH_NAMES,
     MODE_NAMES,
     MONITORS,
     POOLINGS,
+    POS_EMBEDS,
     PRECISIONS,
     PROBE_OPTIMIZERS,
     PROBE_PROTOCOLS,
@@ -159,6 +161,56 @@ def run_distill(args) -> int:
     return 0
 
 
+VIEWS_EXAMPLES = """examples:
+  # the first 32 views a distillation of the bundled teacher on 1% of Fashion-MNIST shows (epoch 1, in order)
+  wecolora views --teacher bundled --data fashion-mnist --count 32 --output /tmp/views
+
+  # what a run of yours showed: its config.yaml gives every setting
+  wecolora views --config runs/mae-r2/config.yaml --count 64 --output runs/mae-r2/views
+writes DIR/view-000.png ... (8-bit RGB at the teacher's input size, before normalisation) and DIR/views.json:
+[{"image": source path, "box": [top, left, height, width] on the original, "flip": true|false}, ...]
+in the order training shows them; each view is PIL's bicubic antialiased resize of that box of the original.
+"""
+
+
+def add_views_parser(sub) -> None:
+    p = sub.add_parser("views", help="write the first training views a distillation would show, with their boxes",
+                       description="Write, as PNG files, the first N augmented views a `wecolora distill` with the "
+                                   "same data, subset and seed settings shows its teacher and student (epoch 1 in "
+                                   "the subset's order, then epoch 2, ...), and views.json: each view's source "
+                                   "image, crop box on the original and flip. Nothing is trained; the teacher's "
+                                   "weights are not read (its input size and mean/std are).",
+                       epilog=VIEWS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", dest="config_file", metavar="FILE.yaml",
+                   help="a distillation's settings file (a run's config.yaml works); flags override it")
+    p.add_argument("--count", type=int, required=True, metavar="N", help="how many views to write")
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="writes DIR/view-000.png ... and DIR/views.json (a new or empty folder, or earlier views)")
+    p.add_argument("--teacher", help="as distill's --teacher (its input size and mean/std shape the views)")
+    p.add_argument("--img-size", type=int, help="input size (default: the teacher's)")
+    p.add_argument("--data", help="as distill's --data")
+    for name, kind, what in (("ratio", float, "fraction of each class's images used (default 0.01)"),
+                             ("per-class", int, "a fixed number of images per class instead of --ratio"),
+                             ("min-per-class", int, "fail if a class gets fewer images (default 1)"),
+                             ("max-unreadable", float, "share of the chosen images that may be unreadable (default 0.05)"),
+                             ("subset-seed", int, "seed of the per-class shuffle (default 0)"),
+                             ("seed", int, "training seed: the views and their order (default 0)"),
+                             ("epochs", int, "the run's epochs (default 10): with --cache-views, which view each shows"),
+                             ("cache-views", int, "augmented views per image; epoch e shows view e mod K (default: --epochs)"),
+                             ("num-workers", int, "workers decoding the image store (default: min(8, CPU threads))")):
+        p.add_argument(f"--{name}", type=kind, help=what)
+    p.set_defaults(handler=run_views)
+
+
+def run_views(args) -> int:
+    flags = {k: v for k, v in vars(args).items() if k not in ("handler", "config_file", "command", "count")}
+    config = build_config(DistillConfig, args.config_file, **flags)
+    records = api.views(args.count, args.output, config)
+    print(f"wrote {len(records)} views ({config.teacher} on {config.data}, seed {config.seed}) to {args.output}: "
+          f"view-{0:03d}.png ... and views.json")
+    return 0
+
+
 def add_inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="kept blocks and parameter counts of a student, without training",
                        epilog=INSPECT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,9 +253,10 @@ PRETRAIN_EXAMPLES = """examples:
   # a quick smaller one on the CPU
   wecolora pretrain --data mnist-5k --output runs/t-small --depth 6 --epochs 10 --batch-size 128
 
-  # self-supervised (MAE, no labels; kNN top-1 as the monitor), as the bundled-mae teacher; on one GPU
-  wecolora pretrain --objective mae --data fashion-mnist --output runs/teacher-mae \
-      --epochs 400 --warmup-epochs 20 --batch-size 2048 --lr 1.2e-3 --eval-every 50
+  # self-supervised (MAE, no labels; kNN top-1 as the monitor); on one GPU. lr by MAE's rule:
+  # 1.5e-4 x 2048 / 256 = 1.2e-3; fixed sin-cos positions and MAE's init (the shipped bundled-mae: learned, timm)
+  wecolora pretrain --objective mae --data fashion-mnist --output runs/teacher-mae \\
+      --epochs 400 --warmup-epochs 20 --batch-size 2048 --eval-every 50
   # then distill it: wecolora distill --teacher runs/teacher-mae --data fashion-mnist --output runs/mae-r2
 """
 
@@ -234,12 +287,20 @@ def add_pretrain_parser(sub) -> None:
                        ("decoder-dim", "mae: decoder width (default 64)"),
                        ("decoder-depth", "mae: decoder blocks (default 4)")):
         p.add_argument(f"--{name}", type=int, help=what)
-    for name, what in (("lr", "peak AdamW lr, absolute, not scaled with the batch (default 1e-3)"),
+    for name, what in (("lr", "peak AdamW lr, absolute (default: mae: blr x batch x processes / 256, MAE's rule; "
+                               "supervised: 1e-3)"),
+                       ("blr", "mae: base lr of MAE's rule (default 1.5e-4)"),
                        ("weight-decay", "default 0.05"), ("label-smoothing", "supervised: default 0.1"),
                        ("mask-ratio", "mae: share of patches hidden from the encoder (default 0.75)")):
         p.add_argument(f"--{name}", type=float, help=what)
     p.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false", default=None,
                    help="mae: predict raw pixels instead of per-patch normalised ones")
+    p.add_argument("--pos-embed", choices=POS_EMBEDS,
+                   help="encoder positions: sincos (fixed 2-D sine-cosine, MAE's; default for mae) or learned "
+                        "(timm's; default for supervised, and how the shipped bundled-mae was trained)")
+    p.add_argument("--init", choices=INITS,
+                   help="weight init: mae (MAE's xavier-uniform; default for mae) or timm (timm's ViT init; default "
+                        "for supervised, and the shipped bundled-mae's)")
     p.add_argument("--precision", choices=PRECISIONS, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", choices=DEVICES, help="auto (default): cuda when available")
     p.add_argument("--resume", metavar="auto|PATH", help="continue an interrupted run (auto: DIR/checkpoint)")
@@ -527,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     add_distill_parser(sub)
     add_inspect_parser(sub)
+    add_views_parser(sub)
     add_pretrain_parser(sub)
     add_eval_parsers(sub)
     add_ablate_parsers(sub)

@@ -286,6 +286,10 @@ OBJECTIVES = ("supervised", "mae")
 
 MONITORS = {"supervised": "test_top1", "mae": "knn_top1"}  # the label-using score each objective reports
 PRETRAIN_WARMUP_EPOCHS = 5  # the bundled teacher's recipe
+SUPERVISED_LR = 1e-3  # the bundled supervised teacher's peak lr (absolute)
+MAE_BLR = 1.5e-4  # MAE's base lr: peak lr = blr x effective batch / 256 (He et al. 2022, pre-training)
+POS_EMBEDS = ("sincos", "learned")  # sincos: MAE's fixed 2-D sine-cosine; learned: timm's trained embedding
+INITS = ("mae", "timm")  # mae: MAE's initialize_weights (xavier-uniform linears); timm: timm's ViT init
 
 
 @dataclass
@@ -302,7 +306,8 @@ class PretrainConfig:
     num_heads: int = 4
     epochs: int = 100
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float | None = None  # absolute peak lr; default: mae: blr x batch x processes / 256 (MAE's rule), supervised: 1e-3
+    blr: float = MAE_BLR  # mae: base lr of MAE's rule
     warmup_epochs: int | None = None  # default: 5, shortened to fit a run of fewer than 6 epochs
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
@@ -314,6 +319,8 @@ class PretrainConfig:
     decoder_dim: int = 64
     decoder_depth: int = 4
     norm_pix_loss: bool = True
+    pos_embed: str | None = None  # sincos | learned; default: sincos (fixed, MAE's) for mae, learned for supervised
+    init: str | None = None  # mae | timm; default: mae (MAE's initialisation) for mae, timm for supervised
     eval_every: int = 5
     seed: int = 0
     precision: str | None = None
@@ -330,7 +337,15 @@ class PretrainConfig:
         check_setting(self.img_size % self.patch_size == 0, "patch_size", self.patch_size, f"a divisor of --img-size {self.img_size}")
         check_setting(self.embed_dim % self.num_heads == 0, "num_heads", self.num_heads, f"a divisor of --embed-dim {self.embed_dim}")
         self.warmup_epochs = resolve_warmup(self.warmup_epochs, self.epochs, PRETRAIN_WARMUP_EPOCHS)
-        check_setting(self.lr > 0, "lr", self.lr, "a positive number")
+        check_setting(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number")
+        check_setting(self.blr > 0, "blr", self.blr, "a positive number")
+        mae = self.objective == "mae"
+        self.pos_embed = self.pos_embed or ("sincos" if mae else "learned")
+        self.init = self.init or ("mae" if mae else "timm")
+        check_setting(self.pos_embed in POS_EMBEDS, "pos_embed", self.pos_embed, f"one of {', '.join(POS_EMBEDS)}")
+        check_setting(self.init in INITS, "init", self.init, f"one of {', '.join(INITS)}")
+        check_setting(self.pos_embed == "learned" or self.embed_dim % 4 == 0, "embed_dim", self.embed_dim,
+                      "a multiple of 4 with --pos-embed sincos (sine and cosine per axis)")
         check_setting(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "a value in [0, 1)")
         check_setting(self.shift >= 0, "shift", self.shift, "an integer >= 0")
         check_setting(self.precision in (None, *PRECISIONS), "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
@@ -339,6 +354,17 @@ class PretrainConfig:
         check_setting(self.decoder_dim % 4 == 0, "decoder_dim", self.decoder_dim,
                "a multiple of 4 (2-D sine-cosine positions)")
         decoder_heads(self.decoder_dim)  # equal-width decoder heads
+
+    def peak_lr(self, world_size: int = 1) -> float:
+        """Absolute peak lr: ``--lr`` if given; else for MAE its rule, blr x effective batch / 256, and for the
+        supervised objective :data:`SUPERVISED_LR`.
+
+        >>> PretrainConfig("d", "o", objective="mae", batch_size=2048).peak_lr(), PretrainConfig("d", "o").peak_lr()
+        (0.0012, 0.001)
+        """
+        if self.lr is not None:
+            return self.lr
+        return self.blr * self.batch_size * world_size / 256 if self.objective == "mae" else SUPERVISED_LR
 
 
 DECODER_HEAD_DIM = 32  # the encoder's head width at the bundled shape (128 / 4 heads)

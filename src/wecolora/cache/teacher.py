@@ -53,7 +53,7 @@ from wecolora.teachers.vit import model_fingerprint
 
 _logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: views resampled as PIL does from the original (wecolora 0.4); 1: by grid_sample
 FP16_MAX = 65504.0
 
 

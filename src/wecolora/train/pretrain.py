@@ -39,7 +39,7 @@ from wecolora.errors import UserError
 from wecolora.export import save_student
 from wecolora.runtime import loader_workers, make_accelerator, make_scheduler, versions
 from wecolora.train.checkpoint import load_checkpoint, resume_schedule, save_checkpoint
-from wecolora.train.mae import MaskedAutoencoder
+from wecolora.train.mae import MaskedAutoencoder, fix_sincos_positions, mae_init
 from wecolora.train.run_folder import RunFolder, claim_pretrain
 
 _logger = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ def measure_mean_std(dataset, limit: int = 5000) -> tuple[float, float]:
 
 
 def create_vit(config: PretrainConfig, classes: list[str], mean: float, std: float):
-    """The timm ViT to train (headless for MAE), with its preprocessing metadata in ``pretrained_cfg``."""
+    """The timm ViT to train (headless for MAE), with its preprocessing metadata in ``pretrained_cfg``, initialised
+    as ``config.init`` says and with ``config.pos_embed``'s positions (MAE's by default for MAE)."""
     import timm
 
     num_classes = len(classes) if config.objective == "supervised" else 0
@@ -74,6 +75,10 @@ def create_vit(config: PretrainConfig, classes: list[str], mean: float, std: flo
         model.pretrained_cfg["label_names"] = classes
     else:
         model.pretrained_cfg.pop("label_names", None)
+    if config.init == "mae":
+        mae_init(model)
+    if config.pos_embed == "sincos":  # after the init: fixed, never trained
+        fix_sincos_positions(model)
     return model
 
 
@@ -157,12 +162,16 @@ def pretrain(config: PretrainConfig) -> dict:
         job = make_pretraining(config, run, accelerator)
         start_epoch, updates, rows = resume(job)
         if accelerator.is_main_process:
-            run.write_config(to_yaml(config, precision=precision, mean=job.mean, std=job.std,
+            run.write_config(to_yaml(config, lr=job.peak_lr, precision=precision, mean=job.mean, std=job.std,
                                      device=str(accelerator.device), versions=versions(),
                                      world_size=accelerator.num_processes))
-            _logger.info("effective batch %d = %d x %d processes; lr %.3g (absolute: --lr is not scaled with the "
-                         "batch)", config.batch_size * accelerator.num_processes, config.batch_size,
-                         accelerator.num_processes, config.lr)
+            batch = config.batch_size * accelerator.num_processes
+            rule = ("--lr, absolute" if config.lr is not None else
+                    f"MAE's rule: blr {config.blr:g} x {batch} / 256" if config.objective == "mae" else
+                    "the supervised recipe's, absolute")
+            _logger.info("effective batch %d = %d x %d processes; lr %.3g (%s); positions %s, init %s", batch,
+                         config.batch_size, accelerator.num_processes, job.peak_lr, rule, config.pos_embed,
+                         config.init)
         rows = train_epochs(job, start_epoch, updates, rows)
         if accelerator.is_main_process:
             save_student(job.model.float().eval(), run.path / "model")  # for MAE: the encoder alone, headless
@@ -186,6 +195,7 @@ class Pretraining:
     optimizer: torch.optim.Optimizer  # prepared
     scheduler: object
     batches: Iterable  # this process's share of an epoch's batches: len() is the updates per epoch
+    peak_lr: float  # MAE: its rule on the effective batch, unless --lr
 
 
 def make_pretraining(config: PretrainConfig, run: RunFolder, accelerator) -> Pretraining:
@@ -200,14 +210,16 @@ def make_pretraining(config: PretrainConfig, run: RunFolder, accelerator) -> Pre
     objective = OBJECTIVE_SETUPS[config.objective](config, model, train_set, test_set, accelerator, generator, workers)
     # MAE's AdamW betas (0.9, 0.95); the supervised recipe keeps timm's defaults.
     betas = {"betas": (0.9, 0.95)} if config.objective == "mae" else {}
-    optimizer = create_optimizer_v2(objective.module, "adamw", lr=config.lr, weight_decay=config.weight_decay, **betas)
+    peak_lr = config.peak_lr(accelerator.num_processes)  # MAE: its rule on the effective batch, unless --lr
+    optimizer = create_optimizer_v2(objective.module, "adamw", lr=peak_lr, weight_decay=config.weight_decay, **betas)
     module, optimizer = accelerator.prepare(objective.module, optimizer)
     batches = objective.batches
     if isinstance(batches, DataLoader):
         batches = accelerator.prepare(batches)  # shards the batches; the device loader shards itself
     # After prepare, len(batches) is this process's share of the batches: the number of updates per epoch.
     scheduler = make_scheduler(optimizer, config.epochs, config.warmup_epochs, len(batches))
-    return Pretraining(config, run, accelerator, model, mean, std, objective, module, optimizer, scheduler, batches)
+    return Pretraining(config, run, accelerator, model, mean, std, objective, module, optimizer, scheduler, batches,
+                       peak_lr)
 
 
 def resume(job: Pretraining) -> tuple[int, int, list[dict]]:
@@ -217,7 +229,7 @@ def resume(job: Pretraining) -> tuple[int, int, list[dict]]:
         return 0, 0, []
     progress = load_checkpoint(source, job.accelerator.unwrap_model(job.module), job.optimizer, job.scheduler)
     job.scheduler, updates = resume_schedule(job.optimizer, job.scheduler, progress, epochs=job.config.epochs,
-                                             lr=job.config.lr, warmup_epochs=job.config.warmup_epochs,
+                                             lr=job.peak_lr, warmup_epochs=job.config.warmup_epochs,
                                              updates_per_epoch=len(job.batches))
     return progress["epoch"], updates, progress["rows"]
 
@@ -238,7 +250,7 @@ def train_epochs(job: Pretraining, start_epoch: int, updates: int, rows: list[di
             job.run.write_summary(rows, columns)
             save_checkpoint(job.run.checkpoint, accelerator.unwrap_model(job.module), job.optimizer, job.scheduler,
                             {"epoch": epoch + 1, "updates": updates, "rows": rows,
-                             "updates_per_epoch": len(batches), "lr": config.lr})
+                             "updates_per_epoch": len(batches), "lr": job.peak_lr})
         accelerator.wait_for_everyone()
     bar.close()
     return rows
