@@ -286,10 +286,14 @@ def add_eval_parsers(sub) -> None:
                            help="lars (default): MAE's LARS, trust ratio on the weight matrix; sgd: SGD + momentum "
                                 "(the behaviour of wecolora 0.1.0)")
             p.add_argument("--epochs", type=int, help="default 50; the last epoch's test score is reported")
-            p.add_argument("--batch-size", type=int, help="default 512")
+            p.add_argument("--batch-size", type=int,
+                           help="default 512 (segmentation 64); when the lr is swept, at most 1/16 of the training "
+                                "images (at least 32) so that every epoch makes 16 updates")
             p.add_argument("--lr", type=float,
-                           help="default 0.1 x batch / 256 (MAE's rule); on a few thousand images MAE's LARS "
-                                "barely moves the head at that lr: try --lr 4 (see docs/evaluation.md)")
+                           help="fixes the peak lr; default: MAE's rule 0.1 x batch / 256 from 100,000 training images "
+                                "on, else chosen by a sweep (the rule x 1..1024) scored on 20%% of the training images "
+                                "held aside, then trained on all of them; results.json records lr_source and lr_sweep "
+                                "(see docs/evaluation.md)")
             p.add_argument("--warmup-epochs", type=int, help="default min(10, epochs / 5)")
             p.add_argument("--val-fraction", type=float, help="carve a validation split from train (default 0)")
             p.add_argument("--train-per-class", type=int, help="probe on a fixed number of training images per class")
@@ -311,8 +315,11 @@ def run_eval(args) -> int:
     evaluate = api.probe if args.command == "probe" else api.knn
     config = build_config(ProbeConfig if args.command == "probe" else KnnConfig, None, **options)
     results = evaluate(args.model, args.data, args.output, config, device=args.device)
+    lr = {"sweep": f", lr {results['lr']:.3g} chosen by a sweep", "rule": f", lr {results['lr']:.3g} by the rule"}.get(
+        results.get("lr_source"), "")
+    flag = " UNDER-TRAINED (see the warning)" if results.get("under_trained") else ""
     print(f"{args.command} {args.model} on {args.data}: top-1 {100 * results['top1']:.2f}% "
-          f"(n_train {results['n_train']}, n_test {results['n_test']}) -> {args.output}/results.json")
+          f"(n_train {results['n_train']}, n_test {results['n_test']}{lr}){flag} -> {args.output}/results.json")
     return 0
 
 
