@@ -115,12 +115,12 @@ def sweep_lr(candidates: list[float], trial, metric: str) -> tuple[float, list[d
     return best["lr"], records
 
 
-def sweep_holdout(targets: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sweep_holdout(targets: torch.Tensor | int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The sweep's ``(training part, held-aside part)`` of a training split: :data:`SWEEP_HOLDOUT` of each class
-    (of the images, for multi-label or dense targets)."""
+    (of all images for multi-label targets or a number of images; see :func:`split_validation`)."""
     part, held = split_validation(targets, SWEEP_HOLDOUT, seed, empty_hint=None)
     if held is None or len(part) < 2:
-        raise UserError(f"{len(targets)} training images are too few to hold some aside for the lr sweep: give --lr "
+        raise UserError(f"{len(part)} training images are too few to hold some aside for the lr sweep: give --lr "
                         f"(e.g. 4) or more training images")
     return part, held
 
@@ -164,21 +164,23 @@ class EpochBatches:
         yield from order.view(len(self), self.batch_size).tolist()
 
 
-def split_validation(targets: torch.Tensor, fraction: float, seed: int = 0, *,
+def split_validation(targets: torch.Tensor | int, fraction: float, seed: int = 0, *,
                      empty_hint: str | None = "--val-fraction") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Carve a validation split from train: ``round(n_c * fraction)`` images of each class (random for multi-label).
+    """Carve a validation split from train: ``round(n_c * fraction)`` images of each class.
 
     Args:
-        targets: ``[N]`` class indices, or ``[N, C]`` multi-hot (split at random).
+        targets: ``[N]`` class indices (split per class), ``[N, C]`` multi-hot, or a number of images N
+            (split at random: dense targets have no one class an image).
         empty_hint: the option named when no image is left aside (None: return no validation split instead).
 
     Returns:
         ``(train indices, validation indices)``, each sorted; no validation indices (None) for fraction 0.
     """
+    n = targets if isinstance(targets, int) else len(targets)
     if fraction <= 0:
-        return torch.arange(len(targets)), None
+        return torch.arange(n), None
     generator = torch.Generator().manual_seed(seed)
-    groups = [torch.arange(len(targets))] if targets.ndim == 2 else [
+    groups = [torch.arange(n)] if isinstance(targets, int) or targets.ndim != 1 else [
         torch.nonzero(targets == c).flatten() for c in targets.unique()]  # fmt: skip
     val = []
     for idx in groups:
@@ -186,9 +188,9 @@ def split_validation(targets: torch.Tensor, fraction: float, seed: int = 0, *,
     val = torch.cat(val).sort().values
     if len(val) == 0:
         if empty_hint is None:
-            return torch.arange(len(targets)), None
+            return torch.arange(n), None
         raise UserError(f"{empty_hint} {fraction} leaves no validation image; raise it or use 0")
-    keep = torch.ones(len(targets), dtype=torch.bool)
+    keep = torch.ones(n, dtype=torch.bool)
     keep[val] = False
     return torch.nonzero(keep).flatten(), val
 
@@ -448,8 +450,12 @@ def probe(model_spec: str, data: str, output: str, config: ProbeConfig | None = 
     from wecolora.teachers.load import load_model
 
     config = config or probe_config(**settings)
+    if config.task == "segmentation":
+        from wecolora.evaluation.segmentation import segmentation_probe
+
+        return segmentation_probe(model_spec, data, output, config, device=device)
     out, (state, dev) = check_writable(output), join_device(device)
-    model = load_model(model_spec)
+    model = load_model(model_spec, img_size=config.img_size)
     transform = eval_transform(model)
     train_ds, test_ds = open_split(data, "train", transform), open_split(data, "test", transform)
     chosen = None if config.train_per_class is None else few_shot_indices(
