@@ -96,6 +96,13 @@ def segmentation_split_folder(root: Path, split: str, option: str = "--data") ->
     return folder
 
 
+def is_segmentation_set(spec: str) -> bool:
+    """Whether ``spec`` names image + mask pairs: a built-in segmentation set, or a folder whose ``train/``
+    holds ``images/`` and ``masks/``."""
+    root = Path(spec).expanduser()
+    return spec in BUILTIN_SEGMENTATION or ((root / "train" / "images").is_dir() and (root / "train" / "masks").is_dir())
+
+
 def check_segmentation_dataset(spec: str, splits: tuple[str, ...] = ("train", "test"), option: str = "--data") -> None:
     """A built-in segmentation set, or a folder whose splits hold ``images/`` and ``masks/`` with images."""
     if spec in BUILTIN_SEGMENTATION:

@@ -244,6 +244,8 @@ def declared_classes(root: Path, train_masks: list[Path]) -> list[str]:
     for path in train_masks:
         try:
             values = np.unique(read_mask(path))
+        except UserError:
+            raise
         except (OSError, SyntaxError, ValueError):
             continue  # an unreadable mask is skipped (and counted) with its pair
         values = values[values != IGNORE_INDEX]
@@ -262,6 +264,8 @@ def _check_pair(image: Path, mask: Path, num_classes: int, root: Path) -> str | 
         with Image.open(image) as img:
             size = img.size
         values = read_mask(mask)
+    except UserError:
+        raise  # a mask that is not class indices is the set's mistake, not a damaged file
     except (OSError, SyntaxError, ValueError) as err:
         return f"does not decode: {type(err).__name__}"
     if values.shape != (size[1], size[0]):

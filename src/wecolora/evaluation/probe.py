@@ -46,7 +46,9 @@ _logger = logging.getLogger(__name__)
 BASE_LR = 0.1  # MAE's rule: lr = BASE_LR * batch / 256
 DEFAULT_BATCH = 512
 RULE_MIN_TRAIN = 100_000  # training images from which the rule's lr is kept (ImageNet-1K: 1.28M; CIFAR: 50k sweeps)
-SWEEP_FACTORS = (1, 4, 16, 64, 256, 1024)  # the sweep's lrs, as multiples of the rule's lr at the resolved batch
+# The sweep's lrs: MAE's rule at batch 512 (0.2) x 1, 4, 16, 64, 256. Absolute, not scaled with the batch: a LARS
+# step moves the weight matrix by lr x 0.1% of its norm whatever the batch, and a small set makes few updates.
+SWEEP_LRS = (0.2, 0.8, 3.2, 12.8, 51.2)
 SWEEP_HOLDOUT = 0.2  # share of the training split (per class) that scores the sweep
 MIN_UPDATES_PER_EPOCH = 16  # a swept probe's default batch is capped at n_train / 16 ...
 MIN_SWEEP_BATCH = 32  # ... but not below 32 images (BatchNorm statistics)
@@ -66,9 +68,9 @@ def resolve_settings(n_train: int, config: ProbeConfig, *, default_batch: int = 
 
     - ``lr`` given (``lr_source: given``): that lr; the batch (default ``default_batch``) capped at ``n_train``.
     - ``n_train >= RULE_MIN_TRAIN`` (``rule``): MAE's rule 0.1 x batch / 256, the paper's ImageNet setting.
-    - smaller sets with LARS (``sweep``): ``lr`` is None and ``lr_candidates`` lists the rule's lr x
-      :data:`SWEEP_FACTORS` for :func:`sweep_lr`. Without a given batch, the batch is also capped at
-      ``n_train / 16`` (at least 32) so that every epoch makes at least 16 updates.
+    - smaller sets with LARS (``sweep``): ``lr`` is None and ``lr_candidates`` lists :data:`SWEEP_LRS` for
+      :func:`sweep_lr`. Without a given batch, the batch is also capped at ``n_train / 16`` (at least 32)
+      so that every epoch makes at least 16 updates.
     - ``--optimizer sgd`` (no trust ratio) keeps the rule at any size.
 
     Example:
@@ -91,7 +93,7 @@ def resolve_settings(n_train: int, config: ProbeConfig, *, default_batch: int = 
                 "warmup_epochs": config.resolved_warmup, "lr_source": source,
                 "lr": {"given": config.lr, "rule": rule_lr(batch), "sweep": None}[source]}  # fmt: skip
     if source == "sweep":
-        settings["lr_candidates"] = [rule_lr(batch) * factor for factor in SWEEP_FACTORS]
+        settings["lr_candidates"] = list(SWEEP_LRS)
     return settings
 
 
@@ -478,7 +480,7 @@ def probe(model_spec: str, data: str, output: str, config: ProbeConfig | None = 
             fit_ds, train_ds = LabeledSubset(fit_ds, chosen), LabeledSubset(train_ds, chosen)
         metrics = mae_linear_probe(model, fit_ds, test_ds, config=config, eval_train_ds=train_ds,
                                    num_classes=len(train_ds.classes), device=dev)  # fmt: skip
-    results = {**metrics, "protocol": config.protocol, "model": model_spec, "data": data, "pooling": config.pooling,
+    results = {**metrics, "task": "classification", "protocol": config.protocol, "model": model_spec, "data": data, "pooling": config.pooling,
                "augment": config.augment, "train_per_class": config.train_per_class, "seed": config.seed,
                "device": str(dev), "processes": state.num_processes, **unreadable_record(bad_train, bad_test),
                "seconds": time.perf_counter() - start}  # fmt: skip
