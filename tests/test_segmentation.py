@@ -86,7 +86,7 @@ def test_a_head_on_planted_features_reaches_a_known_miou():
     # Tokens that name their class: the upsampled logits' argmax is the nearest token's class on every pixel.
     assert result["miou"] == 1.0 and result["pixel_accuracy"] == 1.0 and not result["under_trained"]
     assert result["lr_source"] == "sweep" and len(result["lr_sweep"]) == 5 and result["sweep_holdout"] == 32
-    assert result["lr"] == max(result["lr_sweep"], key=lambda r: r["miou"])["lr"]
+    assert result["lr"] == max(result["lr_sweep"], key=lambda r: (r["miou"], -r["loss"]))["lr"]
     assert result["token_grid"] == [4, 4] and result["feature_dim"] == 8 and result["n_train"] == 160
 
     # Tokens that carry nothing: the head can only learn the class frequencies (its bias), so it predicts the

@@ -75,13 +75,17 @@ def pixel_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 def score_segmentation(head: nn.Module, tokens: torch.Tensor, masks: torch.Tensor, num_classes: int, *,
                        device: torch.device, class_names: list[str] | None = None, chunk: int = 64) -> dict:
     """mIoU, pixel accuracy and per-class IoU of the head on ``tokens`` against ``masks`` (see
-    :func:`~wecolora.evaluation.metrics.segmentation_metrics`)."""
+    :func:`~wecolora.evaluation.metrics.segmentation_metrics`), and ``loss``: the mean per-pixel cross-entropy."""
     head.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    loss_sum, pixels = 0.0, 0
     for t, m in zip(tokens.split(chunk), masks.split(chunk)):
-        predictions = upsample(head(t.to(device).float()), m.shape[-2:]).argmax(1).cpu()
-        confusion += confusion_matrix(predictions, m, num_classes, IGNORE_INDEX)
-    return segmentation_metrics(confusion, class_names)
+        logits = upsample(head(t.to(device).float()), m.shape[-2:])
+        labelled = int((m != IGNORE_INDEX).sum())
+        loss_sum += F.cross_entropy(logits, m.to(device).long(), ignore_index=IGNORE_INDEX, reduction="sum").item()
+        pixels += labelled
+        confusion += confusion_matrix(logits.argmax(1).cpu(), m, num_classes, IGNORE_INDEX)
+    return {**segmentation_metrics(confusion, class_names), "loss": loss_sum / max(pixels, 1)}
 
 
 def train_segmentation_probe(
@@ -132,14 +136,16 @@ def train_segmentation_probe(
     if resolved["lr"] is None:
         part, held = (fit_idx[i] for i in sweep_holdout(len(fit_idx), config.seed))
 
-        def trial(lr: float) -> float:
+        def trial(lr: float) -> tuple[float, float]:
             head, _ = fit(part, {**resolved, "lr": lr})
-            return score_segmentation(head, train_tokens[held], train_masks[held], num_classes, device=device)["miou"]
+            scores = score_segmentation(head, train_tokens[held], train_masks[held], num_classes, device=device)
+            return scores["miou"], scores["loss"]
 
         resolved["lr"], records = sweep_lr(resolved.pop("lr_candidates"), trial, "miou")
         swept = {"lr_sweep": records, "sweep_holdout": len(held)}
     head, stats = fit(fit_idx, resolved)
     metrics = score_segmentation(head, test_tokens, test_masks, num_classes, device=device, class_names=class_names)
+    metrics["test_loss"] = metrics.pop("loss")
     if val_idx is not None:
         metrics["val_miou"] = score_segmentation(head, train_tokens[val_idx], train_masks[val_idx], num_classes,
                                                  device=device)["miou"]  # fmt: skip
