@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from wecolora.data import augment
-from wecolora.data.views import SIZE_MARGIN, ViewRecipe, short_side_bound, view_params, view_seed
+from wecolora.data.views import ViewRecipe, short_side_bound, view_params, view_seed
 
 from conftest import tiny_vit
 
@@ -20,10 +20,11 @@ def test_view_seed_is_a_stable_63_bit_function_of_its_keys():
     assert view_seed(0, 1, 2) != view_seed(0, 2, 1) != view_seed(1, 0, 2)
 
 
-@pytest.mark.parametrize("size, bound", [(224, 258), ((224, 224), 258), ((28, 28), 33), (16, 19), ((32, 48), 56),
-                                         (384, 442)])
-def test_short_side_bound(size, bound):
-    assert short_side_bound(size) == bound == math.ceil(SIZE_MARGIN * (max(size) if isinstance(size, tuple) else size))
+@pytest.mark.parametrize("size, bound", [(224, 579), ((224, 224), 579), ((28, 28), 73), ((32, 48), 124)])
+def test_short_side_bound_leaves_the_smallest_box_its_input_size(size, bound):
+    """The narrowest box of the recipe (area 0.2, aspect 3/4) spans sqrt(0.2 x 3/4) of the short side."""
+    side = max(size) if isinstance(size, tuple) else size
+    assert short_side_bound(size) == bound == math.ceil(side / math.sqrt(0.2 * 0.75) - 1e-9)
 
 
 SIZES = [[28, 28], [258, 344], [40, 30], [19, 19]]
@@ -74,7 +75,7 @@ def test_a_full_scale_range_gives_the_whole_image():
 
 def test_the_recipe_of_a_model():
     recipe = ViewRecipe.for_model(tiny_vit(img_size=28, patch_size=7))
-    assert recipe.size == (28, 28) and recipe.bound == 33
+    assert recipe.size == (28, 28) and recipe.bound == 73
     assert (recipe.scale, recipe.ratio, recipe.hflip) == (augment.SCALE, augment.RATIO, 0.5)
     assert len(recipe.mean) == len(recipe.std) == 3
     assert "bound=33" in repr(recipe)  # the repr names the views in the teacher cache's key

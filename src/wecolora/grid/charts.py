@@ -1,6 +1,6 @@
 """Charts of an ablation grid: bars by (alpha, r) with seed error bars, or probe top-1 against the lr.
 
-Both take the report's cells (one per model and probe set: ``mean``, ``std``, ``n`` of top-1 in %)
+Both take the report's cells (one per model and probe set: ``mean``, ``std``, ``n`` of top-1 or mIoU in %)
 and draw one panel per probe set. The axis starts just below the lowest bar so that a 1-point
 difference is visible, every bar carries its value, and the legend sits outside the data.
 """
@@ -18,11 +18,11 @@ REFERENCE_COLORS = ("#222222", "#6d4c41", "#a1887f", "#d7ccc8")  # teacher, then
 
 
 def write_chart(cells: list[dict], probe_data: list[str], path: Path, *, settings: list[str] = (),
-                title: str = "") -> None:
+                title: str = "", ylabels: dict[str, str] | None = None) -> None:
     """chart.png: a line chart against the lr when the grid sweeps it, else grouped bars.
 
     ``settings`` names the run settings besides mode, r and alpha that vary in the grid (keep, rank...):
-    they join the method in the bar labels.
+    they join the method in the bar labels. ``ylabels`` names each panel's score (default: linear-probe top-1).
     """
     plt = _pyplot()
     sweep = len({c["lr"] for c in cells if c.get("lr") is not None}) > 1
@@ -35,7 +35,7 @@ def write_chart(cells: list[dict], probe_data: list[str], path: Path, *, setting
         panel = [c for c in cells if c["probe_data"] == data]
         (_draw_sweep if sweep else _draw_bars)(ax, panel)
         ax.set_title(f"probe on {data}")
-        ax.set_ylabel("linear-probe top-1 (%)")
+        ax.set_ylabel((ylabels or {}).get(data, "linear-probe top-1 (%)"))
         ax.grid(axis="y", alpha=0.3)
     handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
     fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
