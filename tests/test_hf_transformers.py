@@ -23,17 +23,20 @@ SIZES = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, interme
 DINO_PREPROCESSING = {"do_resize": True, "size": {"shortest_edge": 40}, "do_center_crop": True,
                       "crop_size": {"height": 32, "width": 32}, "image_mean": [0.1, 0.2, 0.3],
                       "image_std": [0.4, 0.5, 0.6], "resample": 3}
-# model_type, config class, model class saved, extra config, preprocessor_config.json (None: none)
+# model_type, config class, model class saved, extra config, preprocessor_config.json (None: none), input size.
+# Every type runs at a size its config does not say, so its position grid is resized (grown or shrunk) as
+# real checkpoints are (DINOv2's 518 px config at 224 px): vit and vit_mae 4x4 -> 6x6, deit 4x4 -> 2x2,
+# dinov2 6x6 -> 4x4, dinov2_with_registers 8x8 -> 4x4 (the one transformers resizes with antialiasing).
 TEST_CASES = [
-    ("vit", "ViTConfig", "ViTForImageClassification", {"num_labels": 5}, None),
-    ("deit", "DeiTConfig", "DeiTModel", {}, None),
+    ("vit", "ViTConfig", "ViTForImageClassification", {"num_labels": 5}, None, 48),
+    ("deit", "DeiTConfig", "DeiTModel", {}, None, 16),
     ("vit_mae", "ViTMAEConfig", "ViTMAEForPreTraining", {"mask_ratio": 0.0, "decoder_hidden_size": 16,
                                                          "decoder_num_hidden_layers": 1,
-                                                         "decoder_intermediate_size": 32}, None),
+                                                         "decoder_intermediate_size": 32}, None, 48),
     ("dinov2", "Dinov2Config", "Dinov2Model", {"image_size": 48, "mlp_ratio": 3, "layerscale_value": 0.5},
-     DINO_PREPROCESSING),
+     DINO_PREPROCESSING, 32),
     ("dinov2_with_registers", "Dinov2WithRegistersConfig", "Dinov2WithRegistersModel",
-     {"num_register_tokens": 2, "layer_norm_eps": 1e-5}, None),
+     {"num_register_tokens": 2, "layer_norm_eps": 1e-5, "image_size": 64}, None, 32),
 ]
 
 
@@ -57,24 +60,29 @@ def save_transformers_model(folder, config_class, model_class, extra, preprocess
 
 
 def reference_tokens(model, images):
-    """(last block output before the final norm, CLS after it) of a transformers encoder, in input order."""
+    """(last block output before the final norm, CLS after it) of a transformers encoder, in input order, at
+    the images' size (the position embedding interpolated by transformers itself)."""
     kwargs = {}
     if model.config.model_type == "vit_mae":
         # MAE shuffles patches by argsort(noise) before dropping; increasing noise keeps the input order.
-        kwargs["noise"] = torch.arange((model.config.image_size // model.config.patch_size) ** 2,
+        kwargs["noise"] = torch.arange((images.shape[-1] // model.config.patch_size) ** 2,
                                        dtype=torch.float).expand(len(images), -1)
+    if model.config.model_type in ("vit", "deit", "vit_mae"):  # DINOv2 models always interpolate
+        kwargs["interpolate_pos_encoding"] = True
     out = model(pixel_values=images, output_hidden_states=True, **kwargs)
     return out.hidden_states[-1], out.last_hidden_state[:, 0]
 
 
-@pytest.mark.parametrize("model_type, config_class, model_class, extra, preprocessor", TEST_CASES,
+@pytest.mark.parametrize("model_type, config_class, model_class, extra, preprocessor, size", TEST_CASES,
                          ids=[case[0] for case in TEST_CASES])
 def test_converted_teacher_computes_what_transformers_computes(tmp_path, model_type, config_class, model_class, extra,
-                                                               preprocessor):
+                                                               preprocessor, size):
     reference = save_transformers_model(tmp_path, config_class, model_class, extra, preprocessor)
     assert transformers_folder(str(tmp_path)) == tmp_path
-    teacher = load_model(str(tmp_path))
-    images = torch.randn(2, 3, 32, 32)
+    assert size != reference.config.image_size  # the position grid is resized
+    teacher = load_model(str(tmp_path), img_size=None if preprocessor else size)  # DINOv2's size: its preprocessing
+    assert teacher.patch_embed.img_size == (size, size)
+    images = torch.randn(2, 3, size, size)
     with torch.no_grad():
         tokens, cls = reference_tokens(reference, images)
         converted = last_block_tokens(teacher, images)[0]
@@ -83,7 +91,7 @@ def test_converted_teacher_computes_what_transformers_computes(tmp_path, model_t
     torch.testing.assert_close(converted, tokens, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(converted_cls, cls, rtol=1e-5, atol=1e-5)
     # the student path rebuilds the architecture from the name and arguments alone
-    meta = model_shape(str(tmp_path))
+    meta = model_shape(str(tmp_path), img_size=None if preprocessor else size)
     assert [p.shape for p in meta.parameters()] == [p.shape for p in teacher.parameters()]
     assert teacher.num_classes == 0
 

@@ -3,11 +3,12 @@ import math
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import wecolora.train.pretrain as pretrain_module
 from wecolora.cli import main
-from wecolora.data.augment import DeviceCropLoader, crop_resize, resize_normalize, sample_crop_boxes, stream_seed
+from wecolora.data.augment import DeviceCropLoader, resize_normalize, sample_crop_boxes, stream_seed
 from wecolora.data.transforms import eval_transform
 from wecolora.errors import UserError
 from wecolora.teachers import specs
@@ -159,24 +160,6 @@ def test_sincos_positions_are_distinct_and_bounded():
 # ---------------------------------------------------------------- device augmentation
 
 
-def test_a_full_image_box_returns_the_image_and_a_flip_mirrors_it():
-    images = torch.rand(2, 1, 28, 28)
-    full = torch.tensor([[0.0, 0.0, 28.0, 28.0]] * 2)
-    torch.testing.assert_close(crop_resize(images, full, 28), images, atol=1e-5, rtol=0)
-    flipped = crop_resize(images, full, 28, flip=torch.tensor([True, False]))
-    torch.testing.assert_close(flipped[0], images[0].flip(-1), atol=1e-5, rtol=0)
-    torch.testing.assert_close(flipped[1], images[1], atol=1e-5, rtol=0)
-
-
-def test_a_box_is_cut_from_where_it_says_and_scaled_to_the_output():
-    images = torch.rand(1, 3, 28, 28)
-    box = torch.tensor([[7.0, 14.0, 14.0, 10.0]])  # top 7, left 14, 14 high, 10 wide
-    out = crop_resize(images, box, (14, 10), mode="nearest")
-    torch.testing.assert_close(out, images[:, :, 7:21, 14:24], atol=1e-6, rtol=0)
-    doubled = crop_resize(images, box, (28, 20), mode="nearest")  # each source pixel twice
-    torch.testing.assert_close(doubled[:, :, ::2, ::2], images[:, :, 7:21, 14:24], atol=1e-6, rtol=0)
-
-
 def test_crop_boxes_are_seeded_inside_the_image_and_within_the_area_range():
     boxes = sample_crop_boxes(5000, 28, 20, generator=torch.Generator().manual_seed(0))
     again = sample_crop_boxes(5000, 28, 20, generator=torch.Generator().manual_seed(0))
@@ -236,6 +219,12 @@ def test_mae_pretraining_writes_a_headless_encoder_and_resumes_exactly(tmp_path,
     assert load_model(str(tmp_path / "whole")).pretrained_cfg["mean"] == model.pretrained_cfg["mean"]
     mean = model.pretrained_cfg["mean"][0]
     assert 0.1 < mean < 0.15  # measured on mnist-5k's train images, not a constant
+    # MAE's recipe by default: fixed sin-cos positions (untouched by training), lr by its rule, recorded.
+    expected = torch.cat([torch.zeros(1, 32), sincos_pos_embed((4, 4), 32)])[None]
+    torch.testing.assert_close(model.pos_embed, expected, atol=1e-6, rtol=0)
+    resolved = yaml.safe_load((tmp_path / "whole" / "config.yaml").read_text())
+    assert resolved["resolved"]["lr"] == pytest.approx(1.5e-4 * 1024 / 256)
+    assert (resolved["settings"]["pos_embed"], resolved["settings"]["init"]) == ("sincos", "mae")
 
     with interrupted_after_first_checkpoint(monkeypatch, pretrain_module):
         pretrain(mae_config(tmp_path / "cut"))
@@ -249,6 +238,32 @@ def test_mae_pretraining_writes_a_headless_encoder_and_resumes_exactly(tmp_path,
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_maes_lr_rule_scales_with_the_effective_batch_unless_lr_is_given(tmp_path):
+    assert mae_config(tmp_path, batch_size=512).peak_lr() == pytest.approx(3e-4)  # 1.5e-4 x 512 / 256
+    assert mae_config(tmp_path, batch_size=512).peak_lr(world_size=4) == pytest.approx(1.2e-3)
+    assert mae_config(tmp_path, batch_size=512, blr=1e-4).peak_lr() == pytest.approx(2e-4)
+    assert mae_config(tmp_path, batch_size=512, lr=5e-4).peak_lr(world_size=4) == 5e-4  # absolute
+    assert PretrainConfig(data="mnist-5k", output=str(tmp_path), batch_size=512).peak_lr() == 1e-3  # supervised
+
+
+def test_mae_encoders_get_fixed_sincos_positions_and_maes_init_by_default(tmp_path):
+    config = mae_config(tmp_path, embed_dim=32, num_heads=2)
+    model = pretrain_module.create_vit(config, ["a", "b"], 0.5, 0.25)
+    grid = tuple(model.patch_embed.grid_size)
+    torch.testing.assert_close(model.pos_embed[0, 1:], sincos_pos_embed(grid, 32))
+    assert not model.pos_embed[0, 0].any() and not model.pos_embed.requires_grad  # the CLS position: zeros, fixed
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(not m.bias.any() for m in linears)  # MAE: zero biases (timm: trunc-normal weights, zero biases too)
+    qkv = model.blocks[0].attn.qkv.weight
+    bound = math.sqrt(6 / (qkv.shape[0] + qkv.shape[1]))  # xavier-uniform's
+    assert qkv.abs().max() <= bound and qkv.abs().max() > 0.9 * bound
+    assert 0.01 < model.cls_token.std() < 0.03  # normal(0.02); timm's is 1e-6
+    timm_like = pretrain_module.create_vit(mae_config(tmp_path, pos_embed="learned", init="timm"), ["a"], 0.5, 0.25)
+    assert timm_like.pos_embed.requires_grad and timm_like.cls_token.abs().max() < 1e-4
+    supervised = PretrainConfig(data="mnist-5k", output=str(tmp_path))
+    assert (supervised.pos_embed, supervised.init) == ("learned", "timm")
 
 
 def test_mae_pretraining_reads_class_folders_through_the_pil_loader(tmp_path, monkeypatch):
@@ -273,6 +288,10 @@ def test_mae_pretraining_reads_class_folders_through_the_pil_loader(tmp_path, mo
     ({"decoder_dim": 30}, "--decoder-dim 30"),
     ({"decoder_dim": 100}, "--decoder-dim 100"),
     ({"decoder_depth": 0}, "--decoder-depth 0"),
+    ({"pos_embed": "rope"}, "--pos-embed 'rope'"),
+    ({"init": "jax"}, "--init 'jax'"),
+    ({"embed_dim": 30}, "--embed-dim 30 is invalid: expected a multiple of 4 with --pos-embed sincos"),
+    ({"blr": 0}, "--blr 0"),
 ])
 def test_mae_settings_are_checked_once_naming_the_flag(overrides, message, tmp_path):
     with pytest.raises(UserError, match=message):

@@ -25,6 +25,7 @@ from wecolora.api import (
     probe,
     report,
     select_blocks,
+    views,
 )
 from wecolora.config import DistillConfig, KnnConfig, PretrainConfig, ProbeConfig
 from wecolora.errors import UserError
@@ -42,4 +43,4 @@ def __getattr__(name: str):
 
 __all__ = ["ablate", "bench", "build_student", "cache_entries", "clear_cache", "distill", "export", "inspect", "knn",
            "load_ablation", "load_model", "merge", "plan_student", "pretrain", "probe", "report", "select_blocks",
-           "DistillConfig", "KnnConfig", "PretrainConfig", "ProbeConfig", "UserError", "MODES"]
+           "views", "DistillConfig", "KnnConfig", "PretrainConfig", "ProbeConfig", "UserError", "MODES"]

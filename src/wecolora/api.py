@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from wecolora.config import DEFAULT_REDUCTION, DistillConfig, KnnConfig, PretrainConfig, ProbeConfig, build_config
-from wecolora.data.layout import check_dataset
+from wecolora.data.layout import check_dataset, check_segmentation_dataset
 from wecolora.files import check_writable
 from wecolora.teachers.specs import check_model_spec
 from wecolora.train.run_folder import check_distill, check_pretrain
@@ -36,6 +36,30 @@ def distill(config: DistillConfig | None = None, **settings) -> dict:
     return run(config)
 
 
+def views(count: int, output: str, config: DistillConfig | None = None, **settings) -> list[dict]:
+    """Write the first ``count`` training views a distillation with these settings would show: ``output/view-000.png``
+    ... (8-bit RGB at the teacher's input size, before normalisation) and ``output/views.json`` (per view: the
+    source image, its box ``[top, left, height, width]`` on the original, its flip). See ``wecolora views --help``.
+
+    Args:
+        count: how many views (epoch 1 in the subset's order, then epoch 2, ...).
+        output: the folder to write (new, empty, or holding earlier views, which are replaced).
+        config: a distillation's settings; ``**settings`` builds one instead (``teacher=``, ``data=``, ``ratio=``...).
+
+    Example:
+        >>> records = wecolora.views(16, "/tmp/views", teacher="bundled", data="fashion-mnist")  # doctest: +SKIP
+        >>> records[0]["box"], records[0]["flip"]  # doctest: +SKIP
+        ([3, 1, 21, 24], False)
+    """
+    config = config or build_config(DistillConfig, None, output=output, **settings)
+    check_model_spec(config.teacher)
+    check_dataset(config.data, ("train",))
+    check_writable(output)
+    from wecolora.train.views import write_views
+
+    return write_views(config, count, output)
+
+
 def pretrain(config: PretrainConfig | None = None, **settings) -> dict:
     """Train a ViT teacher from scratch (supervised or MAE); writes ``DIR/model``, a timm folder."""
     config = config or build_config(PretrainConfig, None, **settings)
@@ -45,12 +69,15 @@ def pretrain(config: PretrainConfig | None = None, **settings) -> dict:
     return run(config)
 
 
-def check_evaluation(model: str, data: str, output: str, *, test_data: str | None = None,
-                     options: dict | None = None) -> Path:
+def check_evaluation(model: str, data: str, output: str, task: str = "classification", *,
+                     test_data: str | None = None, options: dict | None = None) -> Path:
     """Path-level checks of ``probe``/``knn``: the model spec, a labelled source with a test split (its own, or
-    ``test_data``), the output."""
+    ``test_data``; image + mask pairs for ``task="segmentation"``), the output."""
     check_model_spec(model, "--model")
-    check_dataset(data, ("train", "test"), test_data=test_data, need_labels=True, **(options or {}))
+    if task == "segmentation":
+        check_segmentation_dataset(data, ("train", "test"))
+    else:
+        check_dataset(data, ("train", "test"), test_data=test_data, need_labels=True, **(options or {}))
     return check_writable(output)
 
 
@@ -60,13 +87,16 @@ def probe(model: str, data: str, output: str, config: ProbeConfig | None = None,
 
     ``test_data``: the test images when ``data`` has no test split (a csv list, shards...). A multi-label source
     (a csv label column of ``A|B`` values, or several 0/1 columns) trains one binary cross-entropy per label
-    and reports ``auc``, the mean ROC-AUC.
+    and reports ``auc``, the mean ROC-AUC. ``task="segmentation"`` probes the patch tokens instead (a 1x1
+    head, per-pixel cross-entropy) on image + mask pairs and reports ``miou``, ``pixel_accuracy`` and
+    ``per_class_iou``.
 
     Example:
         >>> wecolora.probe("runs/fm-r2", "mnist-5k", "runs/fm-r2/probe", epochs=90)["top1"]  # doctest: +SKIP
+        >>> wecolora.probe("runs/fm-r2", "fashion-mnist-seg", "runs/fm-r2/seg", task="segmentation")["miou"]  # doctest: +SKIP
     """
     config = config or build_config(ProbeConfig, None, **settings)
-    check_evaluation(model, data, output, test_data=test_data, options=config.source_options())
+    check_evaluation(model, data, output, config.task, test_data=test_data, options=config.source_options())
     from wecolora.evaluation.probe import probe as run
 
     return run(model, data, output, config, device=device, test_data=test_data)
@@ -104,8 +134,12 @@ def check_ablation(grid, output: str) -> Path:
     check_model_spec(grid.teacher)
     source = {k: grid.distill[k] for k in ("folder_layout", "image_column", "label_column") if k in grid.distill}
     check_dataset(grid.distill_data, ("train",), **source)
-    for data in grid.probe_data:
-        check_dataset(data, ("train", "test"), "--probe-data", need_labels=True)
+    for probe_set in grid.probe_sets:
+        if probe_set.config.task == "segmentation":
+            check_segmentation_dataset(probe_set.data, ("train", "test"), "--probe-data")
+        else:
+            check_dataset(probe_set.data, ("train", "test"), "--probe-data", need_labels=True,
+                          **probe_set.config.source_options())
     return check_writable(output)
 
 

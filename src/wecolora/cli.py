@@ -18,15 +18,18 @@ from wecolora.config import (
     CORESET_METHODS,
     DEFAULT_REDUCTION,
     DEVICES,
+    INITS,
     LOSS_NAMES,
     MATCH_NAMES,
     MODE_NAMES,
     MONITORS,
     POOLINGS,
     FOLDER_LAYOUTS,
+    POS_EMBEDS,
     PRECISIONS,
     PROBE_OPTIMIZERS,
     PROBE_PROTOCOLS,
+    PROBE_TASKS,
     SUBSET_RULES,
     DistillConfig,
     KnnConfig,
@@ -203,6 +206,56 @@ def run_distill(args) -> int:
     return 0
 
 
+VIEWS_EXAMPLES = """examples:
+  # the first 32 views a distillation of the bundled teacher on 1% of Fashion-MNIST shows (epoch 1, in order)
+  wecolora views --teacher bundled --data fashion-mnist --count 32 --output /tmp/views
+
+  # what a run of yours showed: its config.yaml gives every setting
+  wecolora views --config runs/mae-r2/config.yaml --count 64 --output runs/mae-r2/views
+writes DIR/view-000.png ... (8-bit RGB at the teacher's input size, before normalisation) and DIR/views.json:
+[{"image": source path, "box": [top, left, height, width] on the original, "flip": true|false}, ...]
+in the order training shows them; each view is PIL's bicubic antialiased resize of that box of the original.
+"""
+
+
+def add_views_parser(sub) -> None:
+    p = sub.add_parser("views", help="write the first training views a distillation would show, with their boxes",
+                       description="Write, as PNG files, the first N augmented views a `wecolora distill` with the "
+                                   "same data, subset and seed settings shows its teacher and student (epoch 1 in "
+                                   "the subset's order, then epoch 2, ...), and views.json: each view's source "
+                                   "image, crop box on the original and flip. Nothing is trained; the teacher's "
+                                   "weights are not read (its input size and mean/std are).",
+                       epilog=VIEWS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", dest="config_file", metavar="FILE.yaml",
+                   help="a distillation's settings file (a run's config.yaml works); flags override it")
+    p.add_argument("--count", type=int, required=True, metavar="N", help="how many views to write")
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="writes DIR/view-000.png ... and DIR/views.json (a new or empty folder, or earlier views)")
+    p.add_argument("--teacher", help="as distill's --teacher (its input size and mean/std shape the views)")
+    p.add_argument("--img-size", type=int, help="input size (default: the teacher's)")
+    p.add_argument("--data", help="as distill's --data")
+    for name, kind, what in (("ratio", float, "fraction of each class's images used (default 0.01)"),
+                             ("per-class", int, "a fixed number of images per class instead of --ratio"),
+                             ("min-per-class", int, "fail if a class gets fewer images (default 1)"),
+                             ("max-unreadable", float, "share of the chosen images that may be unreadable (default 0.05)"),
+                             ("subset-seed", int, "seed of the per-class shuffle (default 0)"),
+                             ("seed", int, "training seed: the views and their order (default 0)"),
+                             ("epochs", int, "the run's epochs (default 10): with --cache-views, which view each shows"),
+                             ("cache-views", int, "augmented views per image; epoch e shows view e mod K (default: --epochs)"),
+                             ("num-workers", int, "workers decoding the image store (default: min(8, CPU threads))")):
+        p.add_argument(f"--{name}", type=kind, help=what)
+    p.set_defaults(handler=run_views)
+
+
+def run_views(args) -> int:
+    flags = {k: v for k, v in vars(args).items() if k not in ("handler", "config_file", "command", "count")}
+    config = build_config(DistillConfig, args.config_file, **flags)
+    records = api.views(args.count, args.output, config)
+    print(f"wrote {len(records)} views ({config.teacher} on {config.data}, seed {config.seed}) to {args.output}: "
+          f"view-{0:03d}.png ... and views.json")
+    return 0
+
+
 def add_inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="kept blocks and parameter counts of a student, without training",
                        epilog=INSPECT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,9 +298,10 @@ PRETRAIN_EXAMPLES = """examples:
   # a quick smaller one on the CPU
   wecolora pretrain --data mnist-5k --output runs/t-small --depth 6 --epochs 10 --batch-size 128
 
-  # self-supervised (MAE, no labels; kNN top-1 as the monitor), as the bundled-mae teacher; on one GPU
-  wecolora pretrain --objective mae --data fashion-mnist --output runs/teacher-mae \
-      --epochs 400 --warmup-epochs 20 --batch-size 2048 --lr 1.2e-3 --eval-every 50
+  # self-supervised (MAE, no labels; kNN top-1 as the monitor); on one GPU. lr by MAE's rule:
+  # 1.5e-4 x 2048 / 256 = 1.2e-3; fixed sin-cos positions and MAE's init (the shipped bundled-mae: learned, timm)
+  wecolora pretrain --objective mae --data fashion-mnist --output runs/teacher-mae \\
+      --epochs 400 --warmup-epochs 20 --batch-size 2048 --eval-every 50
   # then distill it: wecolora distill --teacher runs/teacher-mae --data fashion-mnist --output runs/mae-r2
 """
 
@@ -280,12 +334,20 @@ def add_pretrain_parser(sub) -> None:
                        ("decoder-dim", "mae: decoder width (default 64)"),
                        ("decoder-depth", "mae: decoder blocks (default 4)")):
         p.add_argument(f"--{name}", type=int, help=what)
-    for name, what in (("lr", "peak AdamW lr, absolute, not scaled with the batch (default 1e-3)"),
+    for name, what in (("lr", "peak AdamW lr, absolute (default: mae: blr x batch x processes / 256, MAE's rule; "
+                               "supervised: 1e-3)"),
+                       ("blr", "mae: base lr of MAE's rule (default 1.5e-4)"),
                        ("weight-decay", "default 0.05"), ("label-smoothing", "supervised: default 0.1"),
                        ("mask-ratio", "mae: share of patches hidden from the encoder (default 0.75)")):
         p.add_argument(f"--{name}", type=float, help=what)
     p.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false", default=None,
                    help="mae: predict raw pixels instead of per-patch normalised ones")
+    p.add_argument("--pos-embed", choices=POS_EMBEDS,
+                   help="encoder positions: sincos (fixed 2-D sine-cosine, MAE's; default for mae) or learned "
+                        "(timm's; default for supervised, and how the shipped bundled-mae was trained)")
+    p.add_argument("--init", choices=INITS,
+                   help="weight init: mae (MAE's xavier-uniform; default for mae) or timm (timm's ViT init; default "
+                        "for supervised, and the shipped bundled-mae's)")
     p.add_argument("--precision", choices=PRECISIONS, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", choices=DEVICES, help="auto (default): cuda when available")
     p.add_argument("--resume", metavar="auto|PATH", help="continue an interrupted run (auto: DIR/checkpoint)")
@@ -310,6 +372,9 @@ EVAL_EXAMPLES = """examples:
   wecolora probe --model runs/student --data train.csv --test-data test.csv --image-column 'Image Index' \
       --label-column 'Finding Labels' --output runs/student/probe-cxr
   wecolora probe --model bundled --data mnist-5k --output runs/teacher-probe --protocol mae --epochs 50 --lr 4
+  # the dense probe: patch tokens, a 1x1 head, mIoU (built-in canvases of Fashion-MNIST items, or a folder
+  # D/train/images/*.png + D/train/masks/*.png, the same under D/val or D/test; 255 = ignore)
+  wecolora probe --task segmentation --model runs/student --data fashion-mnist-seg --output runs/student/seg
   wecolora knn --model runs/student --data mnist-5k --output runs/student/knn --k 20
   wecolora report runs/student/probe-fm runs/teacher-probe --output runs/report
 """
@@ -321,7 +386,9 @@ def add_eval_parsers(sub) -> None:
         p.add_argument("--model", required=True, help="run folder, student/ folder, or teacher spec (e.g. bundled, bundled-mae)")
         p.add_argument("--data", required=True, help="a labelled source with train and test splits (class folders, a "
                                                      "datasets folder with a test split, fashion-mnist, mnist-5k), "
-                                                     "or the training images with --test-data")
+                                                     "or the training images with --test-data"
+                       + ("; with --task segmentation: image + mask pairs, or fashion-mnist-seg, mnist-5k-seg"
+                          if command == "probe" else ""))
         p.add_argument("--test-data", metavar="SPEC",
                        help="the test images, when --data has no test split (a csv list, shards, a folder...); "
                             "labels are matched to --data's by name")
@@ -337,16 +404,27 @@ def add_eval_parsers(sub) -> None:
         p.add_argument("--max-unreadable", type=float, default=None if command == "probe" else 0.05,
                        help="share of a split's images that may be unreadable, skipped and counted (default 0.05)")
         if command == "probe":
+            p.add_argument("--task", choices=PROBE_TASKS,
+                           help="classification (default): CLS features, top-1; segmentation: a 1x1 head on the patch "
+                                "tokens after the final norm, per-pixel cross-entropy, mIoU, pixel accuracy and "
+                                "per-class IoU")
+            p.add_argument("--img-size", type=int,
+                           help="run the model at this input size (timm resizes the position embedding); default: "
+                                "its own, or the canvas of a built-in segmentation set (56)")
             p.add_argument("--protocol", choices=PROBE_PROTOCOLS,
                            help="cached: head on cached features (default, fast); mae: the paper's, backbone every epoch")
             p.add_argument("--optimizer", choices=PROBE_OPTIMIZERS,
                            help="lars (default): MAE's LARS, trust ratio on the weight matrix; sgd: SGD + momentum "
                                 "(the behaviour of wecolora 0.1.0)")
             p.add_argument("--epochs", type=int, help="default 50; the last epoch's test score is reported")
-            p.add_argument("--batch-size", type=int, help="default 512")
+            p.add_argument("--batch-size", type=int,
+                           help="default 512 (segmentation 64); when the lr is swept, at most 1/16 of the training "
+                                "images (at least 32) so that every epoch makes 16 updates")
             p.add_argument("--lr", type=float,
-                           help="default 0.1 x batch / 256 (MAE's rule); on a few thousand images MAE's LARS "
-                                "barely moves the head at that lr: try --lr 4 (see docs/evaluation.md)")
+                           help="fixes the peak lr; default: MAE's rule 0.1 x batch / 256 from 100,000 training images "
+                                "on, else chosen by a sweep (0.2, 0.8, 3.2, 12.8, 51.2) scored on 20%% of the training images "
+                                "held aside, then trained on all of them; results.json records lr_source and lr_sweep "
+                                "(see docs/evaluation.md)")
             p.add_argument("--warmup-epochs", type=int, help="default min(10, epochs / 5)")
             p.add_argument("--val-fraction", type=float, help="carve a validation split from train (default 0)")
             p.add_argument("--train-per-class", type=int, help="probe on a fixed number of training images per class")
@@ -369,10 +447,15 @@ def run_eval(args) -> int:
     evaluate = api.probe if args.command == "probe" else api.knn
     config = build_config(ProbeConfig if args.command == "probe" else KnnConfig, None, **options)
     results = evaluate(args.model, args.data, args.output, config, device=args.device, test_data=args.test_data)
-    score = (f"mean ROC-AUC {100 * results['auc']:.2f}% over {results['labels']} labels" if "auc" in results
+    lr = {"sweep": f", lr {results['lr']:.3g} chosen by a sweep", "rule": f", lr {results['lr']:.3g} by the rule"}.get(
+        results.get("lr_source"), "")
+    flag = " UNDER-TRAINED (see the warning)" if results.get("under_trained") else ""
+    score = (f"mIoU {100 * results['miou']:.2f}%, pixel accuracy {100 * results['pixel_accuracy']:.2f}%"
+             if "miou" in results else
+             f"mean ROC-AUC {100 * results['auc']:.2f}% over {results['labels']} labels" if "auc" in results
              else f"top-1 {100 * results['top1']:.2f}%")
     print(f"{args.command} {args.model} on {args.data}: {score} "
-          f"(n_train {results['n_train']}, n_test {results['n_test']}) -> {args.output}/results.json")
+          f"(n_train {results['n_train']}, n_test {results['n_test']}{lr}){flag} -> {args.output}/results.json")
     return 0
 
 
@@ -386,9 +469,13 @@ ABLATE_EXAMPLES = """examples:
   wecolora ablate --preset lr-sweep --output runs/lr-sweep           # probe top-1 against the peak lr, 3 seeds
   wecolora ablate --preset lr-sweep --quick --output /tmp/lr-sweep
   wecolora ablate --preset paper-table-a-toy --output runs/table-a-toy  # the MAE teacher (bundled-mae), 3 seeds
+  wecolora ablate --preset dense-study --output runs/dense             # CLS top-1 beside segmentation mIoU
+  wecolora ablate --preset demo --probe-data fashion-mnist mnist-5k fashion-mnist-seg --output runs/demo-dense
   wecolora ablate --preset paper-table-a --data /data/imagenet --probe-data /data/imagenet /data/cifar100 --output runs/table-a
   wecolora ablate --config my-grid.yaml --output runs/grid
 a grid file holds teacher, distill_data, probe_data, distill: {...}, probe: {...}, reference: [teacher, copy],
+(a probe_data entry may be a segmentation set, e.g. fashion-mnist-seg or {data: D, task: segmentation, epochs: 20}:
+its column is the dense probe's mIoU)
 seeds: [0, 1, 2] (each run once per seed; cells are mean ± std) and runs: [{mode, reduction, ratio, ...}]
 (any distill setting per run, e.g. lr; a run may give its own seeds). See the presets' files.
 the grid's runs share the teacher cache (one entry per teacher, subset and seed; `teacher_cache: off` under
@@ -437,7 +524,7 @@ def run_ablate(args) -> int:
         return 0
     from wecolora.grid.ablate import markdown_table
 
-    print(f"\n{markdown_table(rows, grid.probe_data)}\n\nreport: {args.output}/report.md, results.csv, chart.png")
+    print(f"\n{markdown_table(rows)}\n\nreport: {args.output}/report.md, results.csv, chart.png")
     return 0
 
 
@@ -587,6 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     add_distill_parser(sub)
     add_inspect_parser(sub)
+    add_views_parser(sub)
     add_pretrain_parser(sub)
     add_eval_parsers(sub)
     add_ablate_parsers(sub)

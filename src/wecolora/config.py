@@ -16,9 +16,9 @@ from wecolora.errors import UserError
 
 _logger = logging.getLogger(__name__)
 
-MODE_NAMES = ("wecolora", "lora-qv", "weco-kd", "scratch-kd")  # registry: student.MODES
-LOSS_NAMES = ("l1", "mse")  # registry: losses.LOSSES
-MATCH_NAMES = ("last", "last-norm", "per-block")  # registry: losses.MATCHES
+MODE_NAMES = ("wecolora", "lora-qv", "weco-kd", "scratch-kd")  # registry: method.plan.MODES (tests/test_layers.py checks they agree)
+LOSS_NAMES = ("l1", "mse")  # registry: method.losses.LOSSES
+MATCH_NAMES = ("last", "last-norm", "per-block")  # registry: method.losses.MATCHES
 KEEP_RULES = ("first", "last")  # fixed positions (method.blocks.select_blocks)
 KEEP_SEARCHES = ("auto", "greedy", "influence")  # chosen from images (method.block_search.choose_blocks)
 KEEP_NAMES = KEEP_RULES + KEEP_SEARCHES  # the one keep vocabulary
@@ -28,6 +28,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PROBE_PROTOCOLS = ("cached", "mae")
 PROBE_OPTIMIZERS = ("lars", "sgd")  # lars: MAE's rule (trust ratio on >1-D params); sgd: momentum SGD (0.1.0)
 POOLINGS = ("cls", "mean")
+PROBE_TASKS = ("classification", "segmentation")  # segmentation: a 1x1 head on the patch tokens (evaluation.segmentation)
 CACHE_POLICIES = ("auto", "on", "off")  # teacher cache; auto: on in an ablate grid or with --teacher-cache DIR
 SUBSET_RULES = ("per-class", "random", "coreset")  # how the few-shot subset is drawn (data.subset)
 CORESET_METHODS = ("kcenter", "kmeans++")  # coreset picks from the teacher's features (data.subset)
@@ -228,21 +229,26 @@ class DistillConfig(SourceSettings):
 
 @dataclass
 class ProbeConfig(SourceSettings):
-    """A linear probe (``wecolora probe``, the ablation grids' ``probe:`` section): MAE's recipe by default.
+    """A linear probe (``wecolora probe``, the ablation grids' ``probe:`` section): MAE's head and LARS.
 
-    The head is MAE's (BatchNorm without affine + Linear), trained with LARS at lr = 0.1 x batch / 256,
-    weight decay 0, linear warmup then a per-iteration cosine; the LAST epoch's test score is reported.
+    The head is MAE's (BatchNorm without affine + Linear; for ``task: segmentation`` a BatchNorm2d + 1x1
+    convolution on the patch tokens), trained with LARS at weight decay 0, linear warmup then a
+    per-iteration cosine; the LAST epoch's test score is reported. Left out, the lr is MAE's rule
+    0.1 x batch / 256 on ImageNet-sized training sets and is chosen by a sweep scored on held-aside
+    training images on smaller ones (``evaluation.probe.resolve_settings``); the choice is recorded.
     """
+    task: str = "classification"  # classification: CLS features, top-1; segmentation: patch tokens, mIoU
     protocol: str = "cached"  # cached: head on features extracted once; mae: backbone run every epoch
     optimizer: str = "lars"  # lars: MAE's LARS; sgd: SGD + momentum 0.9 (what timm's Lars does at weight decay 0)
     epochs: int = 50  # the paper's recipe for downstream sets (90 for ImageNet)
-    batch_size: int = 512
-    lr: float | None = None  # absolute peak lr; default 0.1 x batch / 256
+    batch_size: int | None = None  # default 512 (segmentation 64), capped to 1/16 of a small set when the lr is swept
+    lr: float | None = None  # absolute peak lr; default: MAE's rule on ImageNet-sized sets, else a sweep
     warmup_epochs: int | None = None  # default min(10, epochs // 5)
     pooling: str = "cls"  # cls: CLS token after the final norm; mean: mean of the patch tokens
     val_fraction: float = 0.0
     augment: bool = False  # mae protocol only: train the head on augmented images
     train_per_class: int | None = None  # probe on this many training images per class (seeded); default all
+    img_size: int | None = None  # run the model at this input size; default its own (a built-in dense set's canvas)
     seed: int = 0
     num_workers: int = 0
     extract_batch_size: int = 256
@@ -251,11 +257,12 @@ class ProbeConfig(SourceSettings):
 
     def __post_init__(self):
         super().__post_init__()
+        check_setting(self.task in PROBE_TASKS, "task", self.task, f"one of {', '.join(PROBE_TASKS)}")
         check_setting(self.protocol in PROBE_PROTOCOLS, "protocol", self.protocol, f"one of {', '.join(PROBE_PROTOCOLS)}")
         check_setting(self.optimizer in PROBE_OPTIMIZERS, "optimizer", self.optimizer, f"one of {', '.join(PROBE_OPTIMIZERS)}")
         check_setting(self.pooling in POOLINGS, "pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
         check_setting(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
-        check_setting(self.batch_size >= 2, "batch_size", self.batch_size, "an integer >= 2")
+        check_setting(self.batch_size is None or self.batch_size >= 2, "batch_size", self.batch_size, "an integer >= 2")
         check_setting(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number")
         check_setting(self.warmup_epochs is None or 0 <= self.warmup_epochs < self.epochs, "warmup_epochs",
                self.warmup_epochs, f"an integer in [0, epochs={self.epochs})")
@@ -264,9 +271,15 @@ class ProbeConfig(SourceSettings):
                "only with --protocol mae (cached features are fixed)")
         check_setting(self.train_per_class is None or self.train_per_class >= 1, "train_per_class", self.train_per_class,
                "an integer >= 1")
+        check_setting(self.img_size is None or (isinstance(self.img_size, int) and self.img_size >= 1), "img_size",
+                      self.img_size, "an integer >= 1 (pixels)")
         check_setting(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
         check_setting(self.extract_batch_size >= 1, "extract_batch_size", self.extract_batch_size, "an integer >= 1")
         check_setting(0 <= self.max_unreadable < 1, "max_unreadable", self.max_unreadable, "a fraction in [0, 1)")
+        if self.task == "segmentation":  # the dense probe trains on cached patch tokens of every training image
+            check_setting(self.protocol == "cached", "protocol", self.protocol, "cached with --task segmentation")
+            check_setting(self.train_per_class is None, "train_per_class", self.train_per_class,
+                          "none with --task segmentation (its images have no single class)")
 
     @property
     def resolved_warmup(self) -> int:
@@ -332,6 +345,10 @@ OBJECTIVES = ("supervised", "mae")
 
 MONITORS = {"supervised": "test_top1", "mae": "knn_top1"}  # the label-using score each objective reports
 PRETRAIN_WARMUP_EPOCHS = 5  # the bundled teacher's recipe
+SUPERVISED_LR = 1e-3  # the bundled supervised teacher's peak lr (absolute)
+MAE_BLR = 1.5e-4  # MAE's base lr: peak lr = blr x effective batch / 256 (He et al. 2022, pre-training)
+POS_EMBEDS = ("sincos", "learned")  # sincos: MAE's fixed 2-D sine-cosine; learned: timm's trained embedding
+INITS = ("mae", "timm")  # mae: MAE's initialize_weights (xavier-uniform linears); timm: timm's ViT init
 
 
 @dataclass
@@ -348,7 +365,8 @@ class PretrainConfig(SourceSettings):
     num_heads: int = 4
     epochs: int = 100
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float | None = None  # absolute peak lr; default: mae: blr x batch x processes / 256 (MAE's rule), supervised: 1e-3
+    blr: float = MAE_BLR  # mae: base lr of MAE's rule
     warmup_epochs: int | None = None  # default: 5, shortened to fit a run of fewer than 6 epochs
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
@@ -360,6 +378,8 @@ class PretrainConfig(SourceSettings):
     decoder_dim: int = 64
     decoder_depth: int = 4
     norm_pix_loss: bool = True
+    pos_embed: str | None = None  # sincos | learned; default: sincos (fixed, MAE's) for mae, learned for supervised
+    init: str | None = None  # mae | timm; default: mae (MAE's initialisation) for mae, timm for supervised
     eval_every: int = 5
     seed: int = 0
     precision: str | None = None
@@ -377,7 +397,15 @@ class PretrainConfig(SourceSettings):
         check_setting(self.img_size % self.patch_size == 0, "patch_size", self.patch_size, f"a divisor of --img-size {self.img_size}")
         check_setting(self.embed_dim % self.num_heads == 0, "num_heads", self.num_heads, f"a divisor of --embed-dim {self.embed_dim}")
         self.warmup_epochs = resolve_warmup(self.warmup_epochs, self.epochs, PRETRAIN_WARMUP_EPOCHS)
-        check_setting(self.lr > 0, "lr", self.lr, "a positive number")
+        check_setting(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number")
+        check_setting(self.blr > 0, "blr", self.blr, "a positive number")
+        mae = self.objective == "mae"
+        self.pos_embed = self.pos_embed or ("sincos" if mae else "learned")
+        self.init = self.init or ("mae" if mae else "timm")
+        check_setting(self.pos_embed in POS_EMBEDS, "pos_embed", self.pos_embed, f"one of {', '.join(POS_EMBEDS)}")
+        check_setting(self.init in INITS, "init", self.init, f"one of {', '.join(INITS)}")
+        check_setting(self.pos_embed == "learned" or self.embed_dim % 4 == 0, "embed_dim", self.embed_dim,
+                      "a multiple of 4 with --pos-embed sincos (sine and cosine per axis)")
         check_setting(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "a value in [0, 1)")
         check_setting(self.shift >= 0, "shift", self.shift, "an integer >= 0")
         check_setting(self.precision in (None, *PRECISIONS), "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
@@ -386,6 +414,17 @@ class PretrainConfig(SourceSettings):
         check_setting(self.decoder_dim % 4 == 0, "decoder_dim", self.decoder_dim,
                "a multiple of 4 (2-D sine-cosine positions)")
         decoder_heads(self.decoder_dim)  # equal-width decoder heads
+
+    def peak_lr(self, world_size: int = 1) -> float:
+        """Absolute peak lr: ``--lr`` if given; else for MAE its rule, blr x effective batch / 256, and for the
+        supervised objective :data:`SUPERVISED_LR`.
+
+        >>> PretrainConfig("d", "o", objective="mae", batch_size=2048).peak_lr(), PretrainConfig("d", "o").peak_lr()
+        (0.0012, 0.001)
+        """
+        if self.lr is not None:
+            return self.lr
+        return self.blr * self.batch_size * world_size / 256 if self.objective == "mae" else SUPERVISED_LR
 
 
 DECODER_HEAD_DIM = 32  # the encoder's head width at the bundled shape (128 / 4 heads)

@@ -2,22 +2,25 @@
 
 A per-image PIL pipeline (decode, RandomResizedCrop, flip, in DataLoader workers) feeds a GPU at a fraction of what
 it trains at. As FFCV does, the subset is instead decoded ONCE into a store of bounded size: each image in RGB,
-shrunk (antialiased, never enlarged) so that its short side is at most a little above the model's input size, and
-kept at that size. A training batch is a few images read from the memory map, each placed on a canvas all images
-share (so every batch has one shape, as ``torch.compile(dynamic=False)`` needs), then cropped, resized and flipped
-on the device by one ``grid_sample`` call (:mod:`wecolora.augment`), with each image's box and flip drawn as
-torchvision draws them from a generator seeded by (seed, view, image): view ``v`` of image ``i`` is the same in any
-batch, order, worker or process, so the teacher cache stores tokens only.
+shrunk (antialiased, never enlarged) only if its short side exceeds the recipe's bound
+(:func:`wecolora.data.views.short_side_bound`: 579 px for 224 px views, so that even the smallest crop keeps 224
+stored pixels a side; a 500 x 375 photo is stored whole), and kept at that size. A training batch is a few images
+read from the memory map, each placed on a canvas all images share (so every batch has one shape, as
+``torch.compile(dynamic=False)`` needs), then cropped, resized and flipped on the device as PIL would from the
+original (:func:`wecolora.data.augment.resized_crops`), with each image's box and flip drawn on its ORIGINAL size
+as torchvision draws them, from a generator seeded by (seed, view, image): view ``v`` of image ``i`` is the same
+in any batch, order, worker or process, so the teacher cache stores tokens only.
 
 Layout: ``ROOT/<data fingerprint>-<bound>px/`` holds ``pixels.npy`` (1-D uint8: the subset's ``[3, h, w]`` images
 one after the other, in subset order, each at its own stored size, as FFCV stores them), ``offsets.npy``
 (``[n + 1]`` int64: image ``p`` is ``pixels[offsets[p]:offsets[p + 1]]``), ``sizes.npy`` (``[n, 2]``, each
-image's stored height and width) and ``meta.json`` (``canvas``: the largest stored height and width). Only a
+image's stored height and width), ``originals.npy`` (``[n, 2]``, its height and width in the file: the boxes
+are drawn there) and ``meta.json`` (``canvas``: the largest stored height and width). Only a
 batch read pads its images to the canvas (:meth:`ImageStore.rows`): a mixed-orientation subset (4:3 and 3:4
 photos) would otherwise pay a square canvas per image, about 1.3x its pixels, on disk and in the page cache. The
 folder is built under a temporary name and renamed once complete, so a half-written store is never read, and every
 later run on the same subset (an ablation grid, a rerun) reuses it. A process reading a store holds a shared lock
-on its ``meta.json``, so ``wecolora cache clear`` leaves it alone (:mod:`wecolora.cache_admin`). Stores count
+on its ``meta.json``, so ``wecolora cache clear`` leaves it alone (:mod:`wecolora.cache.admin`). Stores count
 towards the cache cap with the teacher cache's entries: building one evicts the least recently used entries not in
 use.
 """
@@ -55,24 +58,24 @@ from wecolora.cache.admin import (
 from wecolora.data.datasets import PIL_ERRORS, no_longer_readable, to_rgb
 from wecolora.data.sources import item_reader
 from wecolora.data.subset import fingerprint_data
-from wecolora.data.views import ViewRecipe
+from wecolora.data.views import ViewRecipe, stored_boxes
 from wecolora.errors import UserError
 from wecolora.files import CACHE_ENV, cache_folder
 
 _logger = logging.getLogger(__name__)
 
-STORE_FORMAT = 2  # 1: every image on a canvas-sized row of a [n, 3, Hc, Wc] array
+STORE_FORMAT = 3  # 1: every image on a canvas-sized row of a [n, 3, Hc, Wc] array; 2: no originals.npy
 LONG_SIDE_LIMIT = 2  # x the bound: one panorama would otherwise widen every row of the shared canvas
 BUILDING = re.compile(r"\.[^.]+\.(.+)\.[^.]+\.tmp")  # .NAME.HOST-PID.XXXX.tmp: a store being built
-PIXELS, OFFSETS, SIZES, META = "pixels.npy", "offsets.npy", "sizes.npy", "meta.json"
+PIXELS, OFFSETS, SIZES, ORIGINALS, META = "pixels.npy", "offsets.npy", "sizes.npy", "originals.npy", "meta.json"
 
 
 def stored_size(height: int, width: int, bound: int) -> tuple[int, int]:
     """An image's size in the store: shrunk, never enlarged, to a short side of at most ``bound`` and a long
     side of at most ``LONG_SIDE_LIMIT * bound``, keeping its aspect.
 
-    >>> stored_size(400, 300, 258), stored_size(28, 28, 258), stored_size(100, 1000, 50)
-    ((344, 258), (28, 28), (10, 100))
+    >>> stored_size(800, 600, 579), stored_size(375, 500, 579), stored_size(100, 1000, 50)
+    ((772, 579), (375, 500), (10, 100))
     """
     factor = min(1.0, bound / min(height, width), LONG_SIDE_LIMIT * bound / max(height, width))
     if factor == 1.0:
@@ -95,13 +98,15 @@ def image_offsets(sizes: np.ndarray) -> np.ndarray:
 
 class ImageStore:
     """A complete store: ``pixels`` (1-D uint8, memory-mapped in each process on first use), ``offsets``
-    (``[n + 1]``, where each image starts), ``sizes`` (``[n, 2]`` stored height and width), ``canvas`` (Hc, Wc)
-    and the short-side ``bound``. Read images with :meth:`image` or, padded to the canvas, :meth:`rows`."""
+    (``[n + 1]``, where each image starts), ``sizes`` (``[n, 2]`` stored height and width), ``originals``
+    (``[n, 2]`` height and width in the file), ``canvas`` (Hc, Wc) and the short-side ``bound``. Read images with
+    :meth:`image` or, padded to the canvas, :meth:`rows`."""
 
     def __init__(self, folder: Path, meta: dict):
         self.folder, self.meta = Path(folder), meta
         self.canvas, self.bound = tuple(meta["canvas"]), meta["bound"]
         self.sizes = np.load(self.folder / SIZES)
+        self.originals = np.load(self.folder / ORIGINALS)
         self.offsets = np.load(self.folder / OFFSETS)
         self._pixels = None
 
@@ -121,8 +126,8 @@ class ImageStore:
 
     def rows(self, positions) -> np.ndarray:
         """The images at ``positions`` on the store's canvas, uint8 ``[B, 3, Hc, Wc]``: each at the top left, the
-        rest repeating its last row and column, so that the bicubic taps at its border read the border, as
-        ``grid_sample``'s ``padding_mode="border"`` does (:meth:`ViewRecipe.apply` crops inside the image)."""
+        rest repeating its last row and column (:meth:`ViewRecipe.apply` resamples inside each box: the padding
+        is never a tap)."""
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         rows = np.empty((len(positions), 3, *self.canvas), dtype=np.uint8)
         for row, position in zip(rows, positions):
@@ -148,12 +153,12 @@ def open_store(dataset, indices, *, bound: int, cache_dir: str | os.PathLike | N
     """The subset's store, built first (each image decoded once, in ``num_workers`` loader workers) if missing.
 
     Before a build, room for the store is made under the cap of the image stores and teacher entries together
-    (:func:`wecolora.cache_admin.make_room`); a store that cannot fit is built anyway, with a warning.
+    (:func:`wecolora.cache.admin.make_room`); a store that cannot fit is built anyway, with a warning.
 
     Args:
         dataset: an image folder (``samples``: JPEGs decode with ``torchvision.io.decode_jpeg``, anything else
             with PIL) or an in-memory dataset (``images``, grey uint8 ``[N, H, W]``: stored without decoding).
-        indices: the few-shot subset, its unreadable images already dropped (:func:`wecolora.data.drop_unreadable`).
+        indices: the few-shot subset, its unreadable images already dropped (:func:`wecolora.data.subset.drop_unreadable`).
         bound: the largest stored short side (:func:`short_side_bound`); part of the store's key.
         cache_dir: the folder of stores (default ``$WECOLORA_CACHE_DIR/images``, else ``~/.cache/wecolora/images``).
         progress: show a progress bar while building.
@@ -162,7 +167,7 @@ def open_store(dataset, indices, *, bound: int, cache_dir: str | os.PathLike | N
             ``$WECOLORA_CACHE_MAX_GB``, else 50 GB, over ``teacher_cache_dir`` and this store's folder).
 
     Example:
-        >>> store = open_store(open_dataset("mnist-5k"), range(100), bound=33)  # doctest: +SKIP
+        >>> store = open_store(open_dataset("mnist-5k"), range(100), bound=73)  # doctest: +SKIP
         >>> store.rows([0, 1]).shape, store.image(0).shape  # doctest: +SKIP
         ((2, 3, 28, 28), (3, 28, 28))
     """
@@ -192,7 +197,7 @@ def _open(folder: Path, images: int, bound: int) -> ImageStore | None:
             return None
         else:
             store = ImageStore(folder, meta)
-            complete = (store.bound == bound and store.sizes.shape == (images, 2)
+            complete = (store.bound == bound and store.sizes.shape == (images, 2) == store.originals.shape
                         and np.array_equal(store.offsets, image_offsets(store.sizes))
                         and store.pixels.shape == (store.offsets[-1],))
             problem = None if complete else "its files do not match its meta.json"
@@ -208,7 +213,7 @@ def _open(folder: Path, images: int, bound: int) -> ImageStore | None:
 
 def _hold(store: ImageStore) -> None:
     """Lock the store (shared, on its ``meta.json``) while this process may read it, and stamp it used:
-    ``wecolora cache clear`` leaves a locked entry alone and orders the others by that stamp (:mod:`wecolora.cache_admin`)."""
+    ``wecolora cache clear`` leaves a locked entry alone and orders the others by that stamp (:mod:`wecolora.cache.admin`)."""
     fd = os.open(store.folder / META, os.O_RDONLY)
     with contextlib.suppress(OSError):  # a file system without locks: the store is not protected
         fcntl.flock(fd, fcntl.LOCK_SH)
@@ -269,6 +274,7 @@ def _write(tmp: Path, source: _Decoder, meta: dict, *, num_workers: int, progres
     del pixels
     np.save(tmp / OFFSETS, offsets)
     np.save(tmp / SIZES, source.sizes)
+    np.save(tmp / ORIGINALS, source.originals)
     (tmp / META).write_text(json.dumps(meta, indent=1))
     for path in tmp.iterdir():
         with open(path, "rb") as f:
@@ -295,6 +301,7 @@ class _Decoder(torch.utils.data.Dataset):
             with ThreadPoolExecutor(max_workers=8) as pool:
                 headers = list(pool.map(self._header, range(len(indices))))
         self.jpeg = [jpeg for _, _, jpeg in headers]
+        self.originals = np.array([(h, w) for h, w, _ in headers], dtype=np.int64).reshape(-1, 2)
         self.sizes = np.array([stored_size(h, w, bound) for h, w, _ in headers], dtype=np.int64).reshape(-1, 2)
         self.canvas = tuple(int(s) for s in self.sizes.max(axis=0)) if len(headers) else (1, 1)
         self.offsets = image_offsets(self.sizes)
@@ -361,7 +368,8 @@ class StoreBatches(torch.utils.data.Dataset):
     """One view of the subset, indexed by a LIST of subset positions (one call per batch, in a loader worker).
 
     An item is a dict: ``pixels`` (uint8 canvas rows ``[B, 3, Hc, Wc]``), ``positions`` ``[B]``, ``boxes``
-    ``[B, 4]`` and ``flips`` ``[B]`` (the view, cut on the device by :meth:`ViewRecipe.apply`) and, when the
+    ``[B, 4]`` (drawn on the originals, given on the stored copies) and ``flips`` ``[B]`` (the view, cut on the
+    device by :meth:`ViewRecipe.apply`) and, when the
     view is in the teacher ``cache``, ``tokens`` (one ``[B, N, D]`` tensor per matched block, in the cache dtype).
     """
 
@@ -374,9 +382,10 @@ class StoreBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, positions) -> dict:
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)  # accelerate nests the sampler's list once more
-        boxes, flips = self.recipe.params(self.seed, self.view, self.indices[positions], self.store.sizes[positions])
+        originals, sizes = self.store.originals[positions], self.store.sizes[positions]
+        boxes, flips = self.recipe.params(self.seed, self.view, self.indices[positions], originals)
         batch = {"pixels": torch.from_numpy(self.store.rows(positions)), "positions": torch.from_numpy(positions),
-                 "boxes": boxes, "flips": flips}
+                 "boxes": stored_boxes(boxes, originals, sizes), "flips": flips}
         if self.cache is not None:
             batch["tokens"] = self.cache.tokens(self.view, batch["positions"])
         return batch

@@ -2,8 +2,9 @@
 
 A PIL data loader crops one image at a time on the CPU (about 16k images/s for 28 px images), far below
 what a tiny ViT trains at on a GPU. A dataset held in memory (the built-ins) is instead put on the device
-once as a uint8 tensor, and each batch is cropped, resized and flipped by one ``grid_sample`` call with
-per-image boxes drawn as torchvision draws them.
+once as a uint8 tensor, and each batch is cropped, resized and flipped there (:func:`resized_crops`: PIL's
+antialiased bicubic resampling of each box, as two batched matrix products) with per-image boxes drawn as
+torchvision draws them.
 """
 from __future__ import annotations
 
@@ -79,34 +80,104 @@ def boxes_from_draws(area: torch.Tensor, log_ratio: torch.Tensor, offsets: torch
     return torch.stack([top, left, h, w], dim=1)
 
 
-def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int, int], *,
-                flip: torch.Tensor | None = None, mode: str = "bicubic") -> torch.Tensor:
-    """Each image's box resized to ``size`` (pixel-centre aligned, as torchvision's resize), optionally flipped.
+def bicubic_filter(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    """PIL's (and torch's antialiased) bicubic kernel, ``a = -0.5``: 1 at 0, 0 at every other integer and beyond 2."""
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resample_weights(start: torch.Tensor, length: torch.Tensor, pixels: int, out: int, *,
+                     reverse: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image matrices that resample the span ``[start, start + length)`` of ``pixels`` source pixels to ``out``
+    pixels along one axis, as PIL's ``crop(box).resize(size, BICUBIC)`` does.
+
+    PIL's separable resampling (``ImagingResample``): output pixel ``i`` is centred at ``start + (i + 0.5) * s`` with
+    ``s = length / out``; its taps are the source pixels of the span (none outside it: PIL resamples the crop
+    alone) within ``2 * max(s, 1)`` of that centre, weighted by the bicubic kernel stretched by ``max(s, 1)``
+    (so a downscale averages every source pixel it covers: antialiasing), and normalised to sum to 1. A span
+    with a fractional start or length (a box on a shrunk stored copy) is resampled the same way.
 
     Args:
-        images: ``[B, C, H, W]`` float images.
-        boxes: ``[B, 4]`` ``(top, left, height, width)`` in pixels.
+        start, length: ``[B]`` span of each image in source pixels (float).
+        pixels: source pixels along the axis (the canvas side); pixels past an image's own size are never taps.
+        out: output pixels.
+        reverse: ``[B]`` bool; True mirrors that image's output (a horizontal flip on the width axis).
+
+    Returns:
+        ``[B, out, pixels]`` float32 weights, on ``start``'s device.
+    """
+    start, length = start.float(), length.float()
+    scale = length / out  # [B] source pixels per output pixel
+    stretch = scale.clamp(min=1.0)[:, None, None]
+    device = start.device
+    centre = start[:, None] + (torch.arange(out, device=device) + 0.5) * scale[:, None]  # [B, out]
+    # The taps of output i: at most 4 * stretch + 1 source pixels from floor(centre - 2 * stretch) on. The bound
+    # takes the longest possible span (the whole axis), so no value is read back from the device.
+    taps = 4 * math.ceil(max(1.0, pixels / out)) + 2
+    first = (centre - 2 * stretch[:, :, 0]).floor()
+    j = first[:, :, None] + torch.arange(taps, device=device)  # [B, out, taps] source pixel indices
+    inside = (j + 0.5 > start[:, None, None]) & (j + 0.5 < (start + length)[:, None, None])  # the span's pixels only
+    weights = bicubic_filter((j + 0.5 - centre[:, :, None]) / stretch) * inside
+    weights = weights / weights.sum(dim=2, keepdim=True).clamp(min=1e-12)
+    if reverse is not None:  # output i takes the taps of output out - 1 - i
+        reverse = reverse.to(device)[:, None, None]
+        j, weights = torch.where(reverse, j.flip(1), j), torch.where(reverse, weights.flip(1), weights)
+    dense = torch.zeros(len(start), out, pixels, device=device)
+    return dense.scatter_add_(2, j.long().clamp_(0, pixels - 1), weights)  # taps outside [0, pixels) weigh 0
+
+
+DENSE_PIXELS = 128 * 128  # canvases up to this size are resampled by batched products on the CPU too
+
+
+def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int, int], *,
+                  flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Each image's box resized to ``size`` as torchvision's ``resized_crop(img, *box, size, BICUBIC)`` does on a
+    PIL image (crop, then PIL's antialiased bicubic resize), optionally flipped.
+
+    Unlike one ``grid_sample`` call (4 x 4 taps per output pixel, so a crop shrunk by more than about 2x skips
+    source pixels and aliases: wecolora 0.3's views), every source pixel under a shrinking output pixel counts,
+    and taps never reach outside the box. On an accelerator (and for small canvases) the whole batch is two batched
+    matrix products with :func:`resample_weights`; on the CPU each image's box is resized alone (its cost is
+    the box's, not the canvas's): an integer box by ``F.interpolate(antialias=True)``, PIL's algorithm in torch,
+    a fractional one (a box on a shrunk stored copy) by its two products over the box.
+
+    Args:
+        images: ``[B, C, H, W]`` images, float or uint8 (each may fill only the top left of its canvas).
+        boxes: ``[B, 4]`` ``(top, left, height, width)`` in pixels, inside each image.
         size: output size (an int for square).
         flip: ``[B]`` bool, True mirrors that image left-right.
 
     Returns:
-        ``[B, C, size, size]``; bicubic overshoot is left to the caller to clamp.
+        ``[B, C, *size]`` float32 on ``images``' device; bicubic overshoot is left to the caller to clamp.
+
+    Example:
+        >>> x = torch.rand(2, 3, 375, 500)
+        >>> resized_crops(x, torch.tensor([[10., 20., 200., 260.], [0., 0., 375., 500.]]), 224).shape
+        torch.Size([2, 3, 224, 224])
     """
-    b, _, height, width = images.shape
     out_h, out_w = (size, size) if isinstance(size, int) else size
-    top, left, h, w = boxes.to(images.dtype).unbind(dim=1)
-    # Output pixel u (normalised x_out in [-1, 1], align_corners=False) samples source pixel
-    # left + (u + 0.5) * w / out_w - 0.5, i.e. normalised x_src = (w / W) * x_out + (2 * left + w) / W - 1.
-    theta = torch.zeros(b, 2, 3, dtype=images.dtype, device=images.device)
-    theta[:, 0, 0] = w / width
-    theta[:, 0, 2] = (2 * left + w) / width - 1
-    theta[:, 1, 1] = h / height
-    theta[:, 1, 2] = (2 * top + h) / height - 1
-    if flip is not None:
-        theta[:, 0, 0] = torch.where(flip, -theta[:, 0, 0], theta[:, 0, 0])  # x_out -> -x_out mirrors the output
-    grid = F.affine_grid(theta, [b, images.shape[1], out_h, out_w], align_corners=False)
-    # Boxes lie inside the image; border padding only serves the bicubic taps one or two pixels outside it.
-    return F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
+    boxes = boxes.to(images.device).float()
+    top, left, height, width = boxes.unbind(dim=1)
+    if images.device.type != "cpu" or images.shape[2] * images.shape[3] <= DENSE_PIXELS:
+        rows = resample_weights(top, height, images.shape[2], out_h)  # [B, out_h, H]
+        cols = resample_weights(left, width, images.shape[3], out_w, reverse=flip).transpose(1, 2)  # [B, W, out_w]
+        # [B, 1, out_h, H] @ [B, C, H, W] @ [B, 1, W, out_w]: the vertical pass, then the horizontal one.
+        return torch.matmul(torch.matmul(rows[:, None], images.float()), cols[:, None])
+    views = []
+    for b, (t, l, h, w) in enumerate(boxes.tolist()):
+        r0, c0 = math.floor(t), math.floor(l)
+        r1, c1 = min(math.ceil(t + h), images.shape[2]), min(math.ceil(l + w), images.shape[3])
+        crop = images[b:b + 1, :, r0:r1, c0:c1].float()
+        if (r1 - r0, c1 - c0) == (h, w):  # an integer box: exactly PIL's resampling of the crop
+            view = F.interpolate(crop, size=(out_h, out_w), mode="bicubic", antialias=True, align_corners=False)[0]
+        else:
+            rows = resample_weights(top[b:b + 1] - r0, height[b:b + 1], r1 - r0, out_h)[0]
+            cols = resample_weights(left[b:b + 1] - c0, width[b:b + 1], c1 - c0, out_w)[0]
+            view = rows @ crop[0] @ cols.T
+        views.append(view.flip(-1) if flip is not None and bool(flip[b]) else view)
+    return torch.stack(views)
 
 
 def normalize(images: torch.Tensor, mean, std, channels: int = 3) -> torch.Tensor:
@@ -176,7 +247,7 @@ class DeviceCropLoader:
         b, _, height, width = images.shape
         boxes = sample_crop_boxes(b, height, width, scale=self.scale, ratio=self.ratio, generator=self.augment)
         flip = torch.rand(b, device=images.device, generator=self.augment) < self.hflip
-        x = crop_resize(images.float() / 255, boxes, self.size, flip=flip).clamp_(0, 1)
+        x = resized_crops(images, boxes, self.size, flip=flip).div_(255).clamp_(0, 1)
         return normalize(x, self.mean, self.std, self.channels)
 
     def __iter__(self):

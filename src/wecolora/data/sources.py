@@ -31,7 +31,6 @@ from wecolora.data.layout import (
     csv_columns,
     is_image_name,
     is_saved_dataset,
-    list_path,
     missing_extra,
     resolve_folder_layout,
     shard_paths,
@@ -259,7 +258,7 @@ class FileListDataset(SourceDataset):
         self.samples = _Paths(str(base), ids, self.targets)
 
     def load(self, i: int) -> Image.Image:
-        from wecolora.data.datasets import load_rgb
+        from wecolora.data.images import load_rgb
 
         return load_rgb(self.samples[i][0])
 
@@ -276,7 +275,7 @@ class EncodedDataset(SourceDataset):
                              [self.identity(i) for i in indices], self.fetcher(indices))
 
     def load(self, i: int) -> Image.Image:
-        from wecolora.data.datasets import PIL_ERRORS, no_longer_readable, to_rgb
+        from wecolora.data.images import PIL_ERRORS, no_longer_readable, to_rgb
 
         try:
             return to_rgb(Image.open(io.BytesIO(self.read_bytes(i))))
@@ -301,9 +300,9 @@ def walk_images(folder: Path) -> list[str]:
 
 def open_folder(source: Source, split: str, *, folder_layout: str = "auto", classes: list[str] | None = None,
                 transform=None):
-    """A folder's split: class folders (:class:`~wecolora.data.datasets.ImageFolderSplit`) or unlabeled images at
+    """A folder's split: class folders (:class:`~wecolora.data.images.ImageFolderSplit`) or unlabeled images at
     any depth; which one is logged, and ``--folder-layout`` overrides it."""
-    from wecolora.data.datasets import ImageFolderSplit, class_folder_split
+    from wecolora.data.images import class_folder_split
 
     root = Path(source.path).expanduser()
     folder = split_folder(root, split)

@@ -1,13 +1,19 @@
-"""Frozen-feature evaluation of any student or teacher: linear probes and weighted kNN (reports: ``reports.py``).
+"""Frozen-feature evaluation of any student or teacher: linear probes (the dense one: ``segmentation.py``).
 
 Two linear-probe protocols train the same head (MAE's: BatchNorm without affine + Linear, MAE's LARS,
-lr = 0.1 * batch / 256, warmup + cosine per iteration) and report the LAST epoch's test score:
+warmup + cosine per iteration) and report the LAST epoch's test score:
 
 - ``cached`` (default): on features extracted once and cached on disk; many epochs in seconds.
 - ``mae``: the paper's online protocol, running the frozen backbone on the images every epoch
   (optionally with the training augmentation).
 
 Both draw the same seeded batches, so without augmentation they differ only by float rounding.
+
+The lr, left out, is settled by :func:`resolve_settings`: MAE's rule 0.1 x batch / 256 on ImageNet-sized
+training sets (:data:`RULE_MIN_TRAIN` images or more), where it was tuned; on smaller sets the rule barely
+moves a LARS head (each step moves the weight matrix by about lr x 0.1% of its norm), so the lr is chosen
+by a sweep (:func:`sweep_lr`) scored on training images held aside, and the head is then trained on the
+whole training split. A head whose training loss ends near where it began is flagged ``under_trained``.
 """
 from __future__ import annotations
 
@@ -21,6 +27,26 @@ from wecolora.config import ProbeConfig, build_config
 from wecolora.distributed import gather_rows, process_state
 from wecolora.errors import UserError
 from wecolora.evaluation.features import extract_features, pool_tokens
+from wecolora.evaluation.heads import (  # re-exported: the probe's settings and head trainer
+    EpochBatches,
+    BASE_LR,
+    DEFAULT_BATCH,
+    MIN_SWEEP_BATCH,
+    MIN_UPDATES_PER_EPOCH,
+    RULE_MIN_TRAIN,
+    SWEEP_HOLDOUT,
+    SWEEP_LRS,
+    UNDER_TRAINED_RATIO,
+    check_training,
+    linear_head,
+    probe_optimizer,
+    resolve_settings,
+    rule_lr,
+    split_validation,
+    sweep_holdout,
+    sweep_lr,
+    train_head,
+)
 from wecolora.evaluation.metrics import classification_metrics
 from wecolora.evaluation.splits import (
     LabeledSubset,
@@ -35,125 +61,74 @@ from wecolora.evaluation.splits import (
     unreadable_record,
 )
 from wecolora.files import check_writable
-from wecolora.runtime import make_scheduler
 
 _logger = logging.getLogger(__name__)
 
-BASE_LR = 0.1  # lr = BASE_LR * batch / 256
+__all__ = [
+    "BASE_LR",
+    "DEFAULT_BATCH",
+    "EpochBatches",
+    "MIN_SWEEP_BATCH",
+    "MIN_UPDATES_PER_EPOCH",
+    "RULE_MIN_TRAIN",
+    "SWEEP_HOLDOUT",
+    "SWEEP_LRS",
+    "UNDER_TRAINED_RATIO",
+    "check_training",
+    "linear_head",
+    "mae_linear_probe",
+    "probe",
+    "probe_config",
+    "probe_optimizer",
+    "resolve_settings",
+    "rule_lr",
+    "split_validation",
+    "sweep_holdout",
+    "sweep_lr",
+    "train_head",
+    "train_linear_probe",
+]
+
+# The settings, the head and its training: evaluation/heads.py (shared with the dense probe).
 
 
-# ---------------------------------------------------------------- metrics
+def _classification_loss(multilabel: bool) -> nn.Module:
+    return nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
 
 
-# ---------------------------------------------------------------- linear probe
+def _train_on_features(features: torch.Tensor, targets: torch.Tensor, settings: dict, *, num_outputs: int,
+                       seed: int, device: torch.device) -> tuple[nn.Module, dict]:
+    """A linear head trained on fixed ``[N, D]`` features (already on ``device``)."""
+    sampler = EpochBatches(len(features), min(settings["batch_size"], len(features)), seed)
+    return train_head(lambda: linear_head(features.shape[1], num_outputs),
+                      lambda: ((features[idx], targets[idx]) for idx in sampler), steps_per_epoch=len(sampler),
+                      settings=settings, loss_fn=_classification_loss(targets.ndim == 2), seed=seed, device=device)
 
 
-def linear_head(dim: int, num_outputs: int) -> nn.Sequential:
-    """MAE's probe head: BatchNorm1d without affine (normalises the features) + Linear (std 0.01, bias 0)."""
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_outputs))
-    nn.init.trunc_normal_(head[1].weight, std=0.01)
-    nn.init.zeros_(head[1].bias)
-    return head
+def _sweep_on_features(features: torch.Tensor, targets: torch.Tensor, settings: dict, *, num_outputs: int,
+                       seed: int, device: torch.device) -> tuple[float, list[dict], int]:
+    """The swept lr for a classification head on fixed features: ``(lr, records, held-aside images)``."""
+    part, held = sweep_holdout(targets.cpu(), seed)
+    metric = "auc" if targets.ndim == 2 else "top1"
+
+    def trial(lr: float) -> tuple[float, float]:
+        head, _ = _train_on_features(features[part], targets[part], {**settings, "lr": lr}, num_outputs=num_outputs,
+                                     seed=seed, device=device)
+        with torch.no_grad():
+            loss = _classification_loss(targets.ndim == 2)(head(features[held]), targets[held]).item()
+        return _score(head, (features[held].cpu(), targets[held].cpu()), None, device)[metric], loss
+
+    lr, records = sweep_lr(settings["lr_candidates"], trial, metric)
+    return lr, records, len(held)
 
 
-class EpochBatches:
-    """Batch sampler: a fresh seeded permutation per pass, the incomplete last batch dropped.
-
-    Dropping it keeps every BatchNorm batch larger than one, as MAE's ``drop_last=True`` does.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size = n, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return self.n // self.batch_size
-
-    def __iter__(self):
-        order = torch.randperm(self.n, generator=self.generator)[: len(self) * self.batch_size]
-        yield from order.view(len(self), self.batch_size).tolist()
-
-
-def split_validation(targets: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Carve a validation split from train: ``round(n_c * fraction)`` images of each class (random for multi-label).
-
-    Returns:
-        ``(train indices, validation indices)``, each sorted; no validation indices (None) for fraction 0.
-    """
-    if fraction <= 0:
-        return torch.arange(len(targets)), None
-    generator = torch.Generator().manual_seed(seed)
-    groups = [torch.arange(len(targets))] if targets.ndim == 2 else [
-        torch.nonzero(targets == c).flatten() for c in targets.unique()]  # fmt: skip
-    val = []
-    for idx in groups:
-        val.append(idx[torch.randperm(len(idx), generator=generator)[: round(len(idx) * fraction)]])
-    val = torch.cat(val).sort().values
-    if len(val) == 0:
-        raise UserError(f"--val-fraction {fraction} leaves no validation image; raise it or use 0")
-    keep = torch.ones(len(targets), dtype=torch.bool)
-    keep[val] = False
-    return torch.nonzero(keep).flatten(), val
-
-
-def probe_optimizer(head: nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
-    """The probe head's optimizer, momentum 0.9 and weight decay 0 as in MAE's ``main_linprobe``.
-
-    ``lars`` is MAE's LARS: every parameter with more than one dimension has its update scaled by the
-    trust ratio 0.001 x |w| / |g| (even at weight decay 0), biases get plain SGD. timm's ``Lars`` skips
-    the trust ratio at weight decay 0 unless ``always_adapt`` (which would adapt biases too), hence two
-    groups. ``sgd`` is SGD with momentum for every parameter (what 0.1.0 ran).
-    """
-    from timm.optim import Lars
-
-    params = [p for p in head.parameters() if p.requires_grad]
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.0)
-    if name != "lars":
-        raise UserError(f"--optimizer {name!r} is invalid: expected lars or sgd")
-    groups = [{"params": [p for p in params if p.ndim > 1], "always_adapt": True},
-              {"params": [p for p in params if p.ndim <= 1], "always_adapt": False}]
-    # eps 0: MAE's ratio has no epsilon (a zero norm gives ratio 1 in both implementations).
-    return Lars(groups, lr=lr, momentum=0.9, weight_decay=0.0, trust_coeff=0.001, eps=0.0)
-
-
-def _train_head(dim: int, num_outputs: int, epoch_batches, *, sampler: EpochBatches, settings: dict,
-                multilabel: bool, seed: int, device: torch.device) -> tuple[nn.Module, float]:
-    """Train a fresh head on ``epoch_batches()`` (``(features, targets)`` per step) each epoch.
-
-    Returns:
-        The head in eval mode and the last step's loss.
-    """
-    from tqdm.auto import tqdm
-
-    torch.manual_seed(seed)
-    head = linear_head(dim, num_outputs).to(device)
-    epochs, warmup = settings["epochs"], settings["warmup_epochs"]
-    optimizer = probe_optimizer(head, settings["optimizer"], settings["lr"])
-    scheduler = make_scheduler(optimizer, epochs, warmup, len(sampler))
-    loss_fn = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
-    head.train()
-    step, loss = 0, torch.tensor(float("nan"))
-    quiet = None if process_state().is_main_process else True
-    for _ in tqdm(range(epochs), desc="probe epochs", leave=False, disable=quiet):
-        for features, targets in epoch_batches():
-            loss = loss_fn(head(features), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            scheduler.step_update(num_updates=step)
-    return head.eval(), loss.item()
-
-
-def _probe_settings(n_train: int, config: ProbeConfig) -> dict:
-    """Resolve the effective batch (at most the train size), absolute lr and warmup."""
-    if n_train < 2:
-        raise UserError(f"a linear probe needs at least 2 training images, got {n_train}")
-    batch = min(config.batch_size, n_train)
-    return {"epochs": config.epochs, "batch_size": batch, "optimizer": config.optimizer,
-            "lr": BASE_LR * batch / 256 if config.lr is None else config.lr,
-            "warmup_epochs": config.resolved_warmup}  # fmt: skip
+def _settle_lr(settings: dict, sweep) -> dict:
+    """``settings`` with the lr the sweep chose, and the sweep's record (``{}`` when the lr needed none)."""
+    if settings["lr"] is not None:
+        return {}
+    settings["lr"], records, held = sweep()
+    settings.pop("lr_candidates")
+    return {"lr_sweep": records, "sweep_holdout": held}
 
 
 @torch.no_grad()
@@ -192,26 +167,29 @@ def train_linear_probe(
         train_y, test_y: ``[N]`` class indices, or ``[N, C]`` multi-hot (BCE loss, mean ROC-AUC).
         num_classes: head size for single-label data (default: largest label + 1).
         config: the probe's settings (epochs, batch size, lr, warmup, optimizer, val_fraction, seed);
-            ``**settings`` builds one instead, e.g. ``epochs=20, optimizer="sgd"``. The batch is capped
-            at the train size; the score is the last epoch's, never the best.
+            ``**settings`` builds one instead, e.g. ``epochs=20, optimizer="sgd"``. The batch and lr are
+            settled by :func:`resolve_settings` (a sweep on held-aside training features when the lr is
+            left out on a small set); the score is the last epoch's, never the best.
         device: where the head trains.
 
     Returns:
         ``top1``, ``top5`` (fractions), ``auc`` for multi-label, ``val_top1`` (``val_top5``, ...) when
-        validating, ``n_train``, ``n_val``, ``n_test``, ``feature_dim``, ``final_loss`` and the resolved settings.
+        validating, ``n_train``, ``n_val``, ``n_test``, ``feature_dim``, the loss record (``initial_loss``,
+        ``last_epoch_loss``, ``final_loss``, ``under_trained``), the resolved settings (``lr``, ``lr_source``,
+        ``batch_size``, ...) and, when swept, ``lr_sweep`` (each lr and its held-aside score) and ``sweep_holdout``.
     """
     config, device = config or probe_config(**settings), torch.device(device)
     fit_idx, val_idx = split_validation(train_y, config.val_fraction, config.seed)
-    resolved = _probe_settings(len(fit_idx), config)
-    sampler = EpochBatches(len(fit_idx), resolved["batch_size"], config.seed)
+    resolved = resolve_settings(len(fit_idx), config)
     fit_feats, fit_y = train_feats[fit_idx].to(device), train_y[fit_idx].to(device)
-    head, loss = _train_head(train_feats.shape[1], _num_outputs(train_y, test_y, num_classes),
-                             lambda: ((fit_feats[idx], fit_y[idx]) for idx in sampler), sampler=sampler,
-                             settings=resolved, multilabel=train_y.ndim == 2, seed=config.seed, device=device)  # fmt: skip
+    options = dict(num_outputs=_num_outputs(train_y, test_y, num_classes), seed=config.seed, device=device)
+    sweep = _settle_lr(resolved, lambda: _sweep_on_features(fit_feats, fit_y, resolved, **options))
+    head, stats = _train_on_features(fit_feats, fit_y, resolved, **options)
     val = None if val_idx is None else (train_feats[val_idx], train_y[val_idx])
     return {**_score(head, (test_feats, test_y), val, device), "n_train": len(fit_idx),
             "n_val": 0 if val_idx is None else len(val_idx), "n_test": len(test_y),
-            "feature_dim": train_feats.shape[1], "final_loss": loss, **resolved}  # fmt: skip
+            "feature_dim": train_feats.shape[1], **stats, "under_trained": check_training(stats), **resolved,
+            **sweep}  # fmt: skip
 
 
 def probe_config(**settings) -> ProbeConfig:
@@ -250,7 +228,17 @@ def mae_linear_probe(
     extract = dict(pooling=pooling, batch_size=config.extract_batch_size, device=device, num_workers=workers)
     test_feats, test_y = extract_features(model, test_ds, desc="test features", **extract)
     fit_idx, val_idx = split_validation(train_y, config.val_fraction, config.seed)
-    resolved = _probe_settings(len(fit_idx), config)
+    resolved = resolve_settings(len(fit_idx), config)
+    num_outputs = _num_outputs(train_y, test_y, num_classes)
+    eval_ds = train_ds if eval_train_ds is None else eval_train_ds
+
+    def sweep():  # on fixed features of the training images (eval transform): the online epochs are costly
+        feats, targets = extract_features(model, torch.utils.data.Subset(eval_ds, fit_idx.tolist()),
+                                          desc="sweep features", **extract)  # fmt: skip
+        return _sweep_on_features(feats.to(device), targets.to(device), resolved, num_outputs=num_outputs,
+                                  seed=config.seed, device=device)
+
+    swept = _settle_lr(resolved, sweep)
     sampler = EpochBatches(len(fit_idx), resolved["batch_size"], config.seed)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_ds, fit_idx.tolist()), batch_sampler=sampler,
                                          num_workers=workers, persistent_workers=workers > 0)  # fmt: skip
@@ -267,22 +255,19 @@ def mae_linear_probe(
                 features = gather_rows(features, [len(part) for part in slices])
             yield features, torch.as_tensor(targets).to(device)
 
-    head, loss = _train_head(test_feats.shape[1], _num_outputs(train_y, test_y, num_classes), epoch_batches,
-                             sampler=sampler, settings=resolved, multilabel=train_y.ndim == 2, seed=config.seed,
-                             device=device)  # fmt: skip
+    head, stats = train_head(lambda: linear_head(test_feats.shape[1], num_outputs), epoch_batches,
+                             steps_per_epoch=len(sampler), settings=resolved,
+                             loss_fn=_classification_loss(train_y.ndim == 2), seed=config.seed, device=device)
     val = None
     if val_idx is not None:
-        val_ds = torch.utils.data.Subset(train_ds if eval_train_ds is None else eval_train_ds, val_idx.tolist())
-        val = extract_features(model, val_ds, desc="val features", **extract)
+        val = extract_features(model, torch.utils.data.Subset(eval_ds, val_idx.tolist()), desc="val features", **extract)
     return {**_score(head, (test_feats, test_y), val, device), "n_train": len(fit_idx),
             "n_val": 0 if val_idx is None else len(val_idx), "n_test": len(test_y),
-            "feature_dim": test_feats.shape[1], "final_loss": loss, **resolved}  # fmt: skip
+            "feature_dim": test_feats.shape[1], **stats, "under_trained": check_training(stats), **resolved,
+            **swept}  # fmt: skip
 
 
-# ---------------------------------------------------------------- kNN
-
-
-# ---------------------------------------------------------------- CLI entry points
+# ---------------------------------------------------------------- CLI entry point
 
 
 def probe(model_spec: str, data: str, output: str, config: ProbeConfig | None = None, *, device: str = "auto",
@@ -290,8 +275,8 @@ def probe(model_spec: str, data: str, output: str, config: ProbeConfig | None = 
     """Linear-probe a frozen model on a dataset and write ``output/results.json``.
 
     Args:
-        model_spec: a run folder, a ``student/`` folder or a teacher spec (see :func:`wecolora.vit.load_model`).
-        data: a dataset spec (see :func:`wecolora.data.open_dataset`); its test split is scored.
+        model_spec: a run folder, a ``student/`` folder or a teacher spec (see :func:`wecolora.teachers.load.load_model`).
+        data: a dataset spec (see :func:`wecolora.data.datasets.open_dataset`); its test split is scored.
         output: folder for ``results.json``.
         test_data: the test images when ``data`` has none (labels matched by name to ``data``'s).
         config: the probe's settings (:class:`~wecolora.config.ProbeConfig`: protocol, optimizer, epochs,
@@ -311,8 +296,16 @@ def probe(model_spec: str, data: str, output: str, config: ProbeConfig | None = 
     from wecolora.teachers.load import load_model
 
     config = config or probe_config(**settings)
+    if config.task == "segmentation":
+        from wecolora.evaluation.segmentation import segmentation_probe
+
+        if test_data is not None:
+            raise UserError("--test-data is for classification sources; a segmentation set holds its own "
+                            "test pairs (val/ or test/)")
+
+        return segmentation_probe(model_spec, data, output, config, device=device)
     out, (state, dev) = check_writable(output), join_device(device)
-    model = load_model(model_spec)
+    model = load_model(model_spec, img_size=config.img_size)
     transform = eval_transform(model)
     train_ds, test_ds = open_splits(data, transform, test_data=test_data, **config.source_options())
     if config.train_per_class is not None and getattr(train_ds, "multilabel", False):
@@ -339,8 +332,9 @@ def probe(model_spec: str, data: str, output: str, config: ProbeConfig | None = 
             fit_ds, train_ds = LabeledSubset(fit_ds, chosen), LabeledSubset(train_ds, chosen)
         metrics = mae_linear_probe(model, fit_ds, test_ds, config=config, eval_train_ds=train_ds,
                                    num_classes=len(train_ds.classes), device=dev)  # fmt: skip
-    results = {**metrics, **label_record(train_ds), "protocol": config.protocol, "model": model_spec, "data": data,
-               **({"test_data": test_data} if test_data else {}), "pooling": config.pooling,
+    results = {**metrics, "task": "classification", **label_record(train_ds), "protocol": config.protocol,
+               "model": model_spec, "data": data, **({"test_data": test_data} if test_data else {}),
+               "pooling": config.pooling,
                "augment": config.augment, "train_per_class": config.train_per_class, "seed": config.seed,
                "device": str(dev), "processes": state.num_processes, **unreadable_record(bad_train, bad_test),
                "seconds": time.perf_counter() - start}  # fmt: skip

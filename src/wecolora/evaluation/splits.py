@@ -111,10 +111,8 @@ def publish(state, out: Path, results: dict, what: str) -> None:
     """``results.json`` from the first process, then every process waits for it."""
     if state.is_main_process:
         write_results(out, results)
-        if "auc" in results:
-            _logger.info("%s: mean ROC-AUC %.2f%%", what, 100 * results["auc"])
-        else:
-            _logger.info("%s: top1 %.2f%%", what, 100 * results["top1"])
+        metric = "auc" if "auc" in results else "miou" if "miou" in results else "top1"
+        _logger.info("%s: %s %.2f%%", what, {"auc": "mean ROC-AUC"}.get(metric, metric), 100 * results[metric])
     state.wait_for_everyone()
 
 

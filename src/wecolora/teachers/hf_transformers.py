@@ -209,9 +209,14 @@ def timm_args(config, img_size: int | None = None, num_classes: int | None = Non
     }
 
 
-def _resize_grid(pos: "torch.Tensor", grid: int) -> "torch.Tensor":
+# Model types whose interpolate_pos_encoding antialiases (transformers' dinov2_with_registers passes
+# antialias=True; vit, deit, vit_mae and plain dinov2 do not): a shrunk grid differs by a few percent otherwise.
+ANTIALIASED_POSITIONS = ("dinov2_with_registers",)
+
+
+def _resize_grid(pos: "torch.Tensor", grid: int, *, antialias: bool = False) -> "torch.Tensor":
     """Patch position embeddings ``[1, n*n, D]`` resized to ``[1, grid*grid, D]`` as transformers does at
-    run time (bicubic, align_corners=False, float32, no antialias)."""
+    run time (bicubic, align_corners=False, float32; antialiased for :data:`ANTIALIASED_POSITIONS`)."""
     import torch.nn.functional as F
 
     n = int(round(pos.shape[1] ** 0.5))
@@ -220,7 +225,7 @@ def _resize_grid(pos: "torch.Tensor", grid: int) -> "torch.Tensor":
     if n == grid:
         return pos
     image = pos.reshape(1, n, n, -1).permute(0, 3, 1, 2).float()  # [1, D, n, n]
-    image = F.interpolate(image, size=(grid, grid), mode="bicubic", align_corners=False)
+    image = F.interpolate(image, size=(grid, grid), mode="bicubic", align_corners=False, antialias=antialias)
     return image.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos.dtype)
 
 
@@ -273,7 +278,7 @@ def _embeddings(take, config, grid: int) -> dict:
     cls = take("embeddings.cls_token")
     if config.model_type == "dinov2_with_registers":
         out["cls_token"] = cls + pos[:, :1]
-        out["pos_embed"] = _resize_grid(pos[:, 1:], grid)
+        out["pos_embed"] = _resize_grid(pos[:, 1:], grid, antialias=config.model_type in ANTIALIASED_POSITIONS)
         out["reg_token"] = take("embeddings.register_tokens")
     elif config.model_type == "deit":  # [cls, distillation, patches], each with its own position
         out["cls_token"] = cls

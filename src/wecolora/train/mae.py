@@ -7,8 +7,9 @@ are saved as a headless timm folder with no conversion step, and its forward on 
 ``forward_features``.
 
 Pieces, top to bottom: :func:`patchify` (the pixel targets), :func:`random_masking` (which patches the
-encoder sees), :func:`encode` (the timm encoder over the visible patches only), :class:`MaeDecoder`
-(a small ViT that predicts the pixels of every patch) and :class:`MaskedAutoencoder` (the loss).
+encoder sees), :func:`encode` (the timm encoder over the visible patches only), MAE's encoder set-up
+(:func:`fix_sincos_positions`: fixed 2-D sine-cosine positions; :func:`mae_init`: its initialisation),
+:class:`MaeDecoder` (a small ViT that predicts the pixels of every patch) and :class:`MaskedAutoencoder` (the loss).
 """
 from __future__ import annotations
 
@@ -110,10 +111,10 @@ def encode(model: nn.Module, images: torch.Tensor, keep: torch.Tensor | None = N
     return model.norm(x)
 
 
-def sincos_pos_embed(grid: tuple[int, int], dim: int) -> torch.Tensor:
+def sincos_pos_embed(grid: tuple[int, int], dim: int, option: str = "--decoder-dim") -> torch.Tensor:
     """MAE's fixed 2-D sine-cosine position embedding, ``[gh * gw, dim]`` (half the channels per axis)."""
     if dim % 4:
-        raise UserError(f"--decoder-dim {dim} is invalid: expected a multiple of 4 (sine and cosine per axis)")
+        raise UserError(f"{option} {dim} is invalid: expected a multiple of 4 (sine and cosine per axis)")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64),
                                 indexing="ij")
@@ -123,6 +124,38 @@ def sincos_pos_embed(grid: tuple[int, int], dim: int) -> torch.Tensor:
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
     return torch.cat([axis(cols), axis(rows)], dim=1).float()  # MAE puts the width axis first
+
+
+def fix_sincos_positions(encoder: nn.Module) -> None:
+    """Give a timm ViT MAE's fixed encoder positions: 2-D sine-cosine for the patches, zeros for the class (and
+    register) tokens where they have positions, never trained (``requires_grad`` off, as MAE's)."""
+    grid = tuple(encoder.patch_embed.grid_size)
+    patches = sincos_pos_embed(grid, encoder.embed_dim, "--embed-dim")  # [N, D]
+    prefix = encoder.pos_embed.shape[1] - patches.shape[0]  # 0 with no_embed_class
+    with torch.no_grad():
+        encoder.pos_embed.copy_(torch.cat([torch.zeros(prefix, encoder.embed_dim), patches])[None])
+    encoder.pos_embed.requires_grad_(False)
+
+
+def mae_init(encoder: nn.Module) -> None:
+    """MAE's ``initialize_weights`` on a timm ViT: the patch projection xavier-uniform as a flattened Linear,
+    every Linear xavier-uniform with zero bias, LayerNorms at weight 1 and bias 0, the class (and register)
+    tokens normal with std 0.02 (timm's own init: truncated normal 0.02 Linears, class token at 1e-6)."""
+    with torch.no_grad():
+        weight = encoder.patch_embed.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        for module in encoder.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for name in ("cls_token", "reg_token"):
+            token = getattr(encoder, name, None)
+            if token is not None:
+                nn.init.normal_(token, std=0.02)
 
 
 class MaeDecoder(nn.Module):
