@@ -206,6 +206,19 @@ def split_folder(root: Path, split: str, option: str = "--data") -> Path | None:
     return next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
 
 
+def require_split_folder(root: Path, split: str, option: str = "--data") -> Path:
+    """:func:`split_folder`, refusing in one line a split the folder does not have (``option`` names it)."""
+    folder = split_folder(root, split)
+    if folder is None and not (root / "train").is_dir():
+        raise UserError(f"{option} {root} has no train/ folder, so it is the train split only; put evaluation "
+                        f"images in {root / 'val'}/<class>/ or {root / 'test'}/<class>/ and the training images "
+                        f"in {root / 'train'}/<class>/, or give the test images with --test-data")
+    if folder is None:
+        raise UserError(f"{option} {root} has no test split: create {root / 'val'} or {root / 'test'}, or give "
+                        f"the test images with --test-data")
+    return folder
+
+
 def resolve_folder_layout(folder: Path, requested: str = "auto", option: str = "--data") -> str:
     """How a split folder is read: ``classes`` (each sub-folder a class) or ``unlabeled`` (images at any depth).
 
@@ -405,14 +418,7 @@ def check_dataset(spec: str, splits: tuple[str, ...] = ("train",), option: str =
         for split in splits:
             if split == "test" and test_data is not None:
                 continue
-            folder = split_folder(path, split, option)
-            if folder is None and not (path / "train").is_dir():
-                raise UserError(f"{option} {path} has no train/ folder, so it is the train split only; put evaluation "
-                                f"images in {path / 'val'}/<class>/ or {path / 'test'}/<class>/ and the training images "
-                                f"in {path / 'train'}/<class>/, or give the test images with --test-data")
-            if folder is None:
-                raise UserError(f"{option} {path} has no test split: create {path / 'val'} or {path / 'test'}, or give "
-                                f"the test images with --test-data")
+            folder = require_split_folder(path, split, option)
             layout = resolve_folder_layout(folder, folder_layout, option)
             if layout == "classes":
                 _check_class_folders(folder, option)

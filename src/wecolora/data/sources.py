@@ -32,9 +32,9 @@ from wecolora.data.layout import (
     is_image_name,
     is_saved_dataset,
     missing_extra,
+    require_split_folder,
     resolve_folder_layout,
     shard_paths,
-    split_folder,
 )
 from wecolora.errors import UserError
 from wecolora.files import atomic_write_bytes, cache_folder
@@ -305,14 +305,7 @@ def open_folder(source: Source, split: str, *, folder_layout: str = "auto", clas
     from wecolora.data.images import class_folder_split
 
     root = Path(source.path).expanduser()
-    folder = split_folder(root, split)
-    if folder is None and not (root / "train").is_dir():
-        raise UserError(f"dataset folder {root} has no train/ folder, so it is the train split only; put evaluation "
-                        f"images in {root / 'val'}/<class>/ or {root / 'test'}/<class>/ and the training images in "
-                        f"{root / 'train'}/<class>/, or give the test images with --test-data")
-    if folder is None:
-        raise UserError(f"dataset folder {root} has no test split: create {root / 'val'} or {root / 'test'}, or give "
-                        f"the test images with --test-data")
+    folder = require_split_folder(root, split, "dataset folder")
     layout = resolve_folder_layout(folder, folder_layout)
     if layout == "classes":
         dataset = class_folder_split(root, folder, split, transform=transform, classes=classes)

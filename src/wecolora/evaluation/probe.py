@@ -28,7 +28,6 @@ from wecolora.distributed import gather_rows, process_state
 from wecolora.errors import UserError
 from wecolora.evaluation.features import extract_features, pool_tokens
 from wecolora.evaluation.heads import (  # re-exported: the probe's settings and head trainer
-    EpochBatches,
     BASE_LR,
     DEFAULT_BATCH,
     MIN_SWEEP_BATCH,
@@ -37,6 +36,7 @@ from wecolora.evaluation.heads import (  # re-exported: the probe's settings and
     SWEEP_HOLDOUT,
     SWEEP_LRS,
     UNDER_TRAINED_RATIO,
+    EpochBatches,
     check_training,
     linear_head,
     probe_optimizer,

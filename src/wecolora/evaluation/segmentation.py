@@ -20,7 +20,6 @@ from torch.nn import functional as F
 from wecolora.config import ProbeConfig, build_config
 from wecolora.data.layout import BUILTIN_SEGMENTATION, IGNORE_INDEX
 from wecolora.evaluation.features import cached_tokens
-from wecolora.evaluation.metrics import confusion_matrix, segmentation_metrics
 from wecolora.evaluation.heads import (
     EpochBatches,
     check_training,
@@ -30,6 +29,7 @@ from wecolora.evaluation.heads import (
     sweep_lr,
     train_head,
 )
+from wecolora.evaluation.metrics import confusion_matrix, segmentation_metrics
 from wecolora.evaluation.splits import join_device, publish
 from wecolora.files import check_writable
 from wecolora.teachers.vit import model_fingerprint

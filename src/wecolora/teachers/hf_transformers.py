@@ -237,7 +237,6 @@ def convert_state_dict(state: dict, config, grid: int) -> dict:
         config: its transformers config.
         grid: patches per side of the timm model.
     """
-    import torch
 
     anchor = next((k for k in state if k.endswith("embeddings.cls_token")), None)
     if anchor is None:
