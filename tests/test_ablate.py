@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -6,8 +7,8 @@ import pytest
 import yaml
 
 from wecolora.cache.teacher import TeacherCache
-from wecolora.errors import UserError
 from wecolora.config import ProbeConfig
+from wecolora.errors import UserError
 from wecolora.grid.ablate import Ablation, _reusable, ablate, load_ablation, markdown_table, presets, probe_sets
 from wecolora.teachers.load import load_model
 
@@ -49,8 +50,9 @@ def test_an_ablation_grid_runs_end_to_end_through_the_cli(teacher_dir, tmp_path)
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     command = [sys.executable, "-m", "wecolora", "ablate", "--config", str(tmp_path / "grid.yaml"),
                "--output", str(tmp_path / "out"), "--device", "cpu"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                          env={"WECOLORA_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "PATH": ""})
+    env = {"WECOLORA_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "PATH": "",
+           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}  # the code under test, also from a git worktree
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     report = (tmp_path / "out" / "report.md").read_text()
     for row in ("| - | teacher | - |", "| - | weight copy, no training | 2 |", "| - | weight copy, no training | 3 |",
@@ -62,8 +64,7 @@ def test_an_ablation_grid_runs_end_to_end_through_the_cli(teacher_dir, tmp_path)
     assert (tmp_path / "out" / "chart.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "out" / "results.csv").read_text().count("\n") == 1 + 5 * 2
     # A second call reuses every finished run and probe.
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                           env={"WECOLORA_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "PATH": ""})
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and "distilling" not in again.stderr
 
 

@@ -88,7 +88,8 @@ def resolve_settings(n_train: int, config: ProbeConfig, *, default_batch: int = 
         source = "sweep"
     batch = config.batch_size
     if batch is None:
-        batch = default_batch if source != "sweep" else min(default_batch, max(MIN_SWEEP_BATCH, n_train // MIN_UPDATES_PER_EPOCH))
+        batch = default_batch if source != "sweep" else min(
+            default_batch, max(MIN_SWEEP_BATCH, n_train // MIN_UPDATES_PER_EPOCH))
     batch = min(batch, n_train)
     settings = {"epochs": config.epochs, "batch_size": batch, "optimizer": config.optimizer,
                 "warmup_epochs": config.resolved_warmup, "lr_source": source,
@@ -131,13 +132,15 @@ def sweep_holdout(targets: torch.Tensor | int, seed: int) -> tuple[torch.Tensor,
     return part, held
 
 
-def check_training(stats: dict, what: str = "the probe head") -> bool:
+def check_training(stats: dict, lr_source: str, what: str = "the probe head") -> bool:
     """Whether a head is under-trained (its last epoch's loss above 80% of its first step's), warning if so."""
     under = stats["last_epoch_loss"] > UNDER_TRAINED_RATIO * stats["initial_loss"]
     if under:
+        fix = {"given": "leave --lr out (a sweep on held-aside images then chooses it) or raise --lr or --epochs",
+               "rule": "give --lr (e.g. 4) or raise --epochs",
+               "sweep": "raise --epochs (or give --batch-size smaller, for more updates an epoch)"}[lr_source]
         _logger.warning("%s is under-trained: its training loss went only from %.3f to %.3f, so its score understates "
-                        "the features; leave --lr out (a sweep then chooses it) or raise --lr or --epochs", what,
-                        stats["initial_loss"], stats["last_epoch_loss"])
+                        "the features; %s", what, stats["initial_loss"], stats["last_epoch_loss"], fix)
     return under
 
 
@@ -352,8 +355,8 @@ def train_linear_probe(
     val = None if val_idx is None else (train_feats[val_idx], train_y[val_idx])
     return {**_score(head, (test_feats, test_y), val, device), "n_train": len(fit_idx),
             "n_val": 0 if val_idx is None else len(val_idx), "n_test": len(test_y),
-            "feature_dim": train_feats.shape[1], **stats, "under_trained": check_training(stats), **resolved,
-            **sweep}  # fmt: skip
+            "feature_dim": train_feats.shape[1], **stats,
+            "under_trained": check_training(stats, resolved["lr_source"]), **resolved, **sweep}  # fmt: skip
 
 
 def probe_config(**settings) -> ProbeConfig:
@@ -424,11 +427,12 @@ def mae_linear_probe(
                              loss_fn=_classification_loss(train_y.ndim == 2), seed=config.seed, device=device)
     val = None
     if val_idx is not None:
-        val = extract_features(model, torch.utils.data.Subset(eval_ds, val_idx.tolist()), desc="val features", **extract)
+        val = extract_features(model, torch.utils.data.Subset(eval_ds, val_idx.tolist()), desc="val features",
+                               **extract)
     return {**_score(head, (test_feats, test_y), val, device), "n_train": len(fit_idx),
             "n_val": 0 if val_idx is None else len(val_idx), "n_test": len(test_y),
-            "feature_dim": test_feats.shape[1], **stats, "under_trained": check_training(stats), **resolved,
-            **swept}  # fmt: skip
+            "feature_dim": test_feats.shape[1], **stats,
+            "under_trained": check_training(stats, resolved["lr_source"]), **resolved, **swept}  # fmt: skip
 
 
 # ---------------------------------------------------------------- CLI entry point
@@ -486,7 +490,8 @@ def probe(model_spec: str, data: str, output: str, config: ProbeConfig | None = 
             fit_ds, train_ds = LabeledSubset(fit_ds, chosen), LabeledSubset(train_ds, chosen)
         metrics = mae_linear_probe(model, fit_ds, test_ds, config=config, eval_train_ds=train_ds,
                                    num_classes=len(train_ds.classes), device=dev)  # fmt: skip
-    results = {**metrics, "task": "classification", "protocol": config.protocol, "model": model_spec, "data": data, "pooling": config.pooling,
+    results = {**metrics, "task": "classification", "protocol": config.protocol, "model": model_spec, "data": data,
+               "pooling": config.pooling,
                "augment": config.augment, "train_per_class": config.train_per_class, "seed": config.seed,
                "device": str(dev), "processes": state.num_processes, **unreadable_record(bad_train, bad_test),
                "seconds": time.perf_counter() - start}  # fmt: skip
