@@ -114,9 +114,10 @@ def test_the_report_names_the_dense_column_by_its_metric():
 def test_the_bundled_teacher_loads_offline_and_probes_above_85_percent():
     teacher = load_model("bundled")
     assert len(teacher.blocks) == 12 and teacher.embed_dim == 128
-    # MAE's LARS moves the head slowly on 3,000 images: 200 epochs (about 1,000 updates) to converge.
-    result = probe_on_fixed_fashion_slice(teacher, epochs=200)
-    assert result["top1"] >= 0.85 and result["optimizer"] == "lars", result
+    # The probe's defaults on 3,000 images: the lr is swept (measured 92.2% at 20 epochs, 92.1% with the rule's
+    # lr at 200 epochs, 5 s each on one thread).
+    result = probe_on_fixed_fashion_slice(teacher, epochs=20)
+    assert result["top1"] >= 0.85 and result["optimizer"] == "lars" and result["lr_source"] == "sweep", result
 
 
 def _sweep_grid(teacher: str) -> dict:
