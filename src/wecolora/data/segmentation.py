@@ -133,15 +133,6 @@ class SegmentationDataset(torch.utils.data.Dataset):
             image, mask = read_pair(*self.files[i])
         return (image, mask) if self.transform is None else self.transform(image, mask)
 
-    def subset(self, indices: list[int]) -> SegmentationDataset:
-        """The pairs at ``indices`` (same classes, transform; its identity names the choice)."""
-        arrays = None if self.arrays is None else (self.arrays[0][indices], self.arrays[1][indices])
-        files = None if self.files is None else [self.files[i] for i in indices]
-        part = SegmentationDataset(self.classes, [self.sample_ids[i] for i in indices], arrays=arrays, files=files,
-                                   transform=self.transform, identity=self.identity)
-        part.skipped = self.skipped
-        return part
-
     def content_key(self) -> str:
         """What identifies the pairs for a cache key: the spec, the ids and, for files, their sizes and times."""
         digest = hashlib.blake2b(self.identity.encode(), digest_size=16)
