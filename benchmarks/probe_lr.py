@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 
-
 from wecolora.data.subset import few_shot_indices
 from wecolora.data.transforms import eval_transform
 from wecolora.evaluation.probe import probe_config, train_linear_probe

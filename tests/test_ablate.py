@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -6,8 +7,8 @@ import pytest
 import yaml
 
 from wecolora.cache.teacher import TeacherCache
-from wecolora.errors import UserError
 from wecolora.config import ProbeConfig
+from wecolora.errors import UserError
 from wecolora.grid.ablate import Ablation, _reusable, ablate, load_ablation, markdown_table, presets, probe_sets
 from wecolora.teachers.load import load_model
 
@@ -49,8 +50,9 @@ def test_an_ablation_grid_runs_end_to_end_through_the_cli(teacher_dir, tmp_path)
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     command = [sys.executable, "-m", "wecolora", "ablate", "--config", str(tmp_path / "grid.yaml"),
                "--output", str(tmp_path / "out"), "--device", "cpu"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                          env={"WECOLORA_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "PATH": ""})
+    env = {"WECOLORA_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "PATH": "",
+           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}  # the code under test, also from a git worktree
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     report = (tmp_path / "out" / "report.md").read_text()
     for row in ("| - | teacher | - |", "| - | weight copy, no training | 2 |", "| - | weight copy, no training | 3 |",
@@ -62,8 +64,7 @@ def test_an_ablation_grid_runs_end_to_end_through_the_cli(teacher_dir, tmp_path)
     assert (tmp_path / "out" / "chart.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "out" / "results.csv").read_text().count("\n") == 1 + 5 * 2
     # A second call reuses every finished run and probe.
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                           env={"WECOLORA_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "PATH": ""})
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and "distilling" not in again.stderr
 
 
@@ -113,9 +114,10 @@ def test_the_report_names_the_dense_column_by_its_metric():
 def test_the_bundled_teacher_loads_offline_and_probes_above_85_percent():
     teacher = load_model("bundled")
     assert len(teacher.blocks) == 12 and teacher.embed_dim == 128
-    # MAE's LARS moves the head slowly on 3,000 images: 200 epochs (about 1,000 updates) to converge.
-    result = probe_on_fixed_fashion_slice(teacher, epochs=200)
-    assert result["top1"] >= 0.85 and result["optimizer"] == "lars", result
+    # The probe's defaults on 3,000 images: the lr is swept (measured 92.2% at 20 epochs, 92.1% with the rule's
+    # lr at 200 epochs, 5 s each on one thread).
+    result = probe_on_fixed_fashion_slice(teacher, epochs=20)
+    assert result["top1"] >= 0.85 and result["optimizer"] == "lars" and result["lr_source"] == "sweep", result
 
 
 def _sweep_grid(teacher: str) -> dict:

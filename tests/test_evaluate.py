@@ -8,10 +8,10 @@ from sklearn.metrics import roc_auc_score
 from timm.models.vision_transformer import VisionTransformer
 
 from wecolora import UserError
+from wecolora.config import ProbeConfig
 from wecolora.evaluation.features import extract_features, pool_tokens
 from wecolora.evaluation.knn import knn, knn_classify
 from wecolora.evaluation.metrics import classification_metrics, multilabel_auc
-from wecolora.config import ProbeConfig
 from wecolora.evaluation.probe import (
     RULE_MIN_TRAIN,
     SWEEP_LRS,

@@ -22,7 +22,6 @@ from wecolora.evaluation.segmentation import train_segmentation_probe, upsample
 from wecolora.teachers.vit import model_args
 
 
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tensors here are tiny: a second intra-op thread only waits (15x slower on 2 busy cores, measured)."""

@@ -469,7 +469,8 @@ def is_segmentation_set(spec: str) -> bool:
     """Whether ``spec`` names image + mask pairs: a built-in segmentation set, or a folder whose ``train/``
     holds ``images/`` and ``masks/``."""
     root = Path(spec).expanduser()
-    return spec in BUILTIN_SEGMENTATION or ((root / "train" / "images").is_dir() and (root / "train" / "masks").is_dir())
+    train = root / "train"
+    return spec in BUILTIN_SEGMENTATION or ((train / "images").is_dir() and (train / "masks").is_dir())
 
 
 def check_segmentation_dataset(spec: str, splits: tuple[str, ...] = ("train", "test"), option: str = "--data") -> None:

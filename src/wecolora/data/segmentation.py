@@ -117,8 +117,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         skipped: ``sample_ids`` of the pairs left out, each with its reason.
     """
 
-    def __init__(self, classes: list[str], sample_ids: list[str], *, arrays: tuple[np.ndarray, np.ndarray] | None = None,
-                 files: list[tuple[Path, Path]] | None = None, transform=None, identity: str = ""):
+    def __init__(self, classes: list[str], sample_ids: list[str], *,
+                 arrays: tuple[np.ndarray, np.ndarray] | None = None, files: list[tuple[Path, Path]] | None = None,
+                 transform=None, identity: str = ""):
         self.classes, self.sample_ids, self.arrays, self.files = list(classes), sample_ids, arrays, files
         self.transform, self.identity, self.skipped = transform, identity, []
 
@@ -131,15 +132,6 @@ class SegmentationDataset(torch.utils.data.Dataset):
         else:
             image, mask = read_pair(*self.files[i])
         return (image, mask) if self.transform is None else self.transform(image, mask)
-
-    def subset(self, indices: list[int]) -> SegmentationDataset:
-        """The pairs at ``indices`` (same classes, transform; its identity names the choice)."""
-        arrays = None if self.arrays is None else (self.arrays[0][indices], self.arrays[1][indices])
-        files = None if self.files is None else [self.files[i] for i in indices]
-        part = SegmentationDataset(self.classes, [self.sample_ids[i] for i in indices], arrays=arrays, files=files,
-                                   transform=self.transform, identity=self.identity)
-        part.skipped = self.skipped
-        return part
 
     def content_key(self) -> str:
         """What identifies the pairs for a cache key: the spec, the ids and, for files, their sizes and times."""
@@ -238,7 +230,8 @@ def declared_classes(root: Path, train_masks: list[Path]) -> list[str]:
     if listing.is_file():
         names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
         if not names or len(names) > IGNORE_INDEX:
-            raise UserError(f"{listing} must name between 1 and {IGNORE_INDEX} classes, one a line; it names {len(names)}")
+            raise UserError(f"{listing} must name between 1 and {IGNORE_INDEX} classes, one a line; it names "
+                            f"{len(names)}")
         return names
     top = -1
     for path in train_masks:
@@ -272,9 +265,9 @@ def _check_pair(image: Path, mask: Path, num_classes: int, root: Path) -> str | 
         return f"mask {values.shape[1]}x{values.shape[0]} but image {size[0]}x{size[1]}"
     beyond = np.unique(values[(values >= num_classes) & (values != IGNORE_INDEX)])
     if len(beyond):
-        raise UserError(f"mask {mask.relative_to(root).as_posix()} holds class index {int(beyond[0])} but the set declares "
-                        f"{num_classes} classes (0..{num_classes - 1}, 255 ignored); fix the mask or list every class "
-                        f"in {root / 'classes.txt'}")
+        raise UserError(f"mask {mask.relative_to(root).as_posix()} holds class index {int(beyond[0])} but the set "
+                        f"declares {num_classes} classes (0..{num_classes - 1}, 255 ignored); fix the mask or list "
+                        f"every class in {root / 'classes.txt'}")
     return None
 
 

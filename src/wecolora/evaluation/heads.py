@@ -104,13 +104,15 @@ def sweep_holdout(targets: torch.Tensor | int, seed: int) -> tuple[torch.Tensor,
     return part, held
 
 
-def check_training(stats: dict, what: str = "the probe head") -> bool:
+def check_training(stats: dict, lr_source: str, what: str = "the probe head") -> bool:
     """Whether a head is under-trained (its last epoch's loss above 80% of its first step's), warning if so."""
     under = stats["last_epoch_loss"] > UNDER_TRAINED_RATIO * stats["initial_loss"]
     if under:
+        fix = {"given": "leave --lr out (a sweep on held-aside images then chooses it) or raise --lr or --epochs",
+               "rule": "give --lr (e.g. 4) or raise --epochs",
+               "sweep": "raise --epochs (or give --batch-size smaller, for more updates an epoch)"}[lr_source]
         _logger.warning("%s is under-trained: its training loss went only from %.3f to %.3f, so its score understates "
-                        "the features; leave --lr out (a sweep then chooses it) or raise --lr or --epochs", what,
-                        stats["initial_loss"], stats["last_epoch_loss"])
+                        "the features; %s", what, stats["initial_loss"], stats["last_epoch_loss"], fix)
     return under
 
 

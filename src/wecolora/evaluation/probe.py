@@ -188,7 +188,8 @@ def train_linear_probe(
     val = None if val_idx is None else (train_feats[val_idx], train_y[val_idx])
     return {**_score(head, (test_feats, test_y), val, device), "n_train": len(fit_idx),
             "n_val": 0 if val_idx is None else len(val_idx), "n_test": len(test_y),
-            "feature_dim": train_feats.shape[1], **stats, "under_trained": check_training(stats), **resolved,
+            "feature_dim": train_feats.shape[1], **stats,
+            "under_trained": check_training(stats, resolved["lr_source"]), **resolved,
             **sweep}  # fmt: skip
 
 
@@ -263,7 +264,8 @@ def mae_linear_probe(
         val = extract_features(model, torch.utils.data.Subset(eval_ds, val_idx.tolist()), desc="val features", **extract)
     return {**_score(head, (test_feats, test_y), val, device), "n_train": len(fit_idx),
             "n_val": 0 if val_idx is None else len(val_idx), "n_test": len(test_y),
-            "feature_dim": test_feats.shape[1], **stats, "under_trained": check_training(stats), **resolved,
+            "feature_dim": test_feats.shape[1], **stats,
+            "under_trained": check_training(stats, resolved["lr_source"]), **resolved,
             **swept}  # fmt: skip
 
 

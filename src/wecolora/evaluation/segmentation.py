@@ -51,7 +51,8 @@ def segmentation_head(dim: int, num_classes: int) -> nn.Sequential:
 def _linear_weights(n: int, size: int) -> torch.Tensor:
     """``[size, n]``: row i holds the weights of the n inputs in output i of 1-D linear interpolation
     (PyTorch's, align_corners=False), taken from ``F.interpolate`` itself applied to the unit vectors."""
-    return F.interpolate(torch.eye(n)[:, None, :], size=size, mode="linear", align_corners=False)[:, 0, :].T.contiguous()
+    weights = F.interpolate(torch.eye(n)[:, None, :], size=size, mode="linear", align_corners=False)  # [n, 1, size]
+    return weights[:, 0, :].T.contiguous()
 
 
 def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -151,8 +152,9 @@ def train_segmentation_probe(
                                                  device=device)["miou"]  # fmt: skip
     return {**metrics, "n_train": len(fit_idx), "n_val": 0 if val_idx is None else len(val_idx),
             "n_test": len(test_masks), "num_classes": num_classes, "feature_dim": train_tokens.shape[1],
-            "token_grid": list(train_tokens.shape[2:]), **stats, "under_trained": check_training(stats),
-            **resolved, **swept}  # fmt: skip
+            "token_grid": list(train_tokens.shape[2:]), **stats,
+            "under_trained": check_training(stats, resolved["lr_source"], "the segmentation head"), **resolved,
+            **swept}  # fmt: skip
 
 
 def input_size(data: str, config: ProbeConfig) -> int | None:
@@ -177,7 +179,8 @@ def segmentation_probe(model_spec: str, data: str, output: str, config: ProbeCon
         The results written (``miou``, ``pixel_accuracy``, ``per_class_iou``, ``n_train``, ``n_test``, ...).
 
     Example:
-        >>> results = segmentation_probe("bundled", "fashion-mnist-seg", "runs/seg", ProbeConfig(task="segmentation"))  # doctest: +SKIP
+        >>> config = ProbeConfig(task="segmentation")
+        >>> results = segmentation_probe("bundled", "fashion-mnist-seg", "runs/seg", config)  # doctest: +SKIP
         >>> results["miou"], results["per_class_iou"]["background"]  # doctest: +SKIP
     """
     from wecolora.data.segmentation import open_segmentation
@@ -194,9 +197,11 @@ def segmentation_probe(model_spec: str, data: str, output: str, config: ProbeCon
     fingerprint = model_fingerprint(model)
     options = dict(data=data, cache_dir=config.cache_dir, fingerprint=fingerprint, batch_size=config.extract_batch_size,
                    device=dev, num_workers=config.num_workers)
-    train, test = (cached_tokens(model, ds, split=split, **options) for ds, split in ((train_ds, "train"), (test_ds, "test")))
-    metrics = train_segmentation_probe(train.tokens, train.masks, test.tokens, test.masks, num_classes=len(train_ds.classes),
-                                       class_names=train_ds.classes, config=config, device=dev)  # fmt: skip
+    train, test = (cached_tokens(model, ds, split=split, **options)
+                   for ds, split in ((train_ds, "train"), (test_ds, "test")))
+    metrics = train_segmentation_probe(train.tokens, train.masks, test.tokens, test.masks,
+                                       num_classes=len(train_ds.classes), class_names=train_ds.classes, config=config,
+                                       device=dev)  # fmt: skip
     results = {**metrics, "task": "segmentation", "protocol": config.protocol, "model": model_spec, "data": data,
                "img_size": list(transform.size), "token_bytes": train.nbytes + test.nbytes,
                "features_cached": train.from_cache and test.from_cache, "seed": config.seed, "device": str(dev),

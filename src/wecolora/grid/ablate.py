@@ -74,7 +74,8 @@ def probe_sets(entries: list, shared: dict) -> list[ProbeSet]:
             raise UserError(f"probe_data entries are dataset names or mappings with a data: key, not {entry!r}")
         data, label = entry.pop("data"), entry.pop("label", None)
         task = entry.setdefault("task", "segmentation" if is_segmentation_set(data) else "classification")
-        base = shared if task == "classification" else {k: v for k, v in shared.items() if k in SHARED_WITH_SEGMENTATION}
+        base = shared if task == "classification" else {
+            k: v for k, v in shared.items() if k in SHARED_WITH_SEGMENTATION}
         label = str(label) if label is not None else Path(data).name if Path(data).exists() else data
         sets.append(ProbeSet(data, probe_config(**{**base, **entry}), label))
     labels = [p.label for p in sets]
@@ -211,8 +212,8 @@ def ablate(grid: Ablation, output: str | Path, *, device: str = "auto", shard: t
         row_settings = {**settings, "run": folder_name, "final_loss": result["epochs"][-1]["loss"],
                         "distill_seconds": sum(float(e["seconds"]) for e in result["epochs"])}
         cell = run_name(settings, _cell_settings(grid))
-        rows += [_probe_row(probe, cell, METHOD_NAMES[settings["mode"]], run_dir, run_dir, row_settings, probe_set, grid,
-                            device) for probe_set in grid.probe_sets]
+        rows += [_probe_row(probe, cell, METHOD_NAMES[settings["mode"]], run_dir, run_dir, row_settings, probe_set,
+                            grid, device) for probe_set in grid.probe_sets]
     if state.is_main_process and shards == 1:
         write_report(rows, grid, output)
     return rows
