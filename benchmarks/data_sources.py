@@ -9,9 +9,10 @@ checks the chosen images decode, and the store, which decodes them):
 
 The source is written once under --workdir (8x8 RGB PNGs, about 250 bytes each: a flat folder, and the same images
 in tar shards of 10,000) and reused by later calls. Each (source, subset size) is measured in a process of its
-own, so that its peak memory is its own: ``peak_mb`` is the phase's largest Python allocation (tracemalloc, numpy
-arrays included), ``rss_mb`` the process's resident-set high-water mark after the phase, ``read_mb`` the bytes the
-phase read from files (``/proc/self/io`` rchar). The tar index is built by the first listing of the shards and
+own, twice: once timed (``seconds``), once under tracemalloc (which slows allocation-heavy code several times) for
+``peak_mb``, the phase's largest Python allocation (numpy arrays included); ``rss_mb`` is the timed process's
+resident-set high-water mark after the phase (about 1 GB of it is torch and timm, imported before the first
+phase), ``read_mb`` the bytes the phase read from files (``/proc/self/io`` rchar; a directory walk reads none). The tar index is built by the first listing of the shards and
 remembered per shard (path, size, mtime): ``listing (again)`` is a second listing in the same process.
 """
 from __future__ import annotations
@@ -68,21 +69,26 @@ def read_bytes() -> int:
         return int(next(line for line in f if line.startswith("rchar:")).split()[1])
 
 
-def measure(phase: str, call, rows: list) -> object:
-    """Run ``call`` once, recording seconds, tracemalloc peak, the RSS high-water mark and the bytes read."""
-    tracemalloc.start()
+def measure(phase: str, call, rows: list, memory: bool) -> object:
+    """Run ``call`` once, recording seconds, the RSS high-water mark and the bytes read, or (``memory``) the
+    tracemalloc peak."""
+    if memory:
+        tracemalloc.start()
     before, start = read_bytes(), time.perf_counter()
     result = call()
     seconds = time.perf_counter() - start
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    rows.append({"phase": phase, "seconds": round(seconds, 3), "peak_mb": round(peak / 1e6, 1),
-                 "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, 1),
-                 "read_mb": round((read_bytes() - before) / 1e6, 1)})
+    row = {"phase": phase}
+    if memory:
+        row["peak_mb"] = round(tracemalloc.get_traced_memory()[1] / 1e6, 1)
+        tracemalloc.stop()
+    else:
+        row.update(seconds=round(seconds, 3), rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, 1),
+                   read_mb=round((read_bytes() - before) / 1e6, 1))
+    rows.append(row)
     return result
 
 
-def one(workdir: Path, kind: str, count: int) -> list[dict]:
+def one(workdir: Path, kind: str, count: int, memory: bool) -> list[dict]:
     """The phases on one source kind for one subset size, in this process."""
     cache = workdir / f"cache-{kind}-{count}"
     shutil.rmtree(cache, ignore_errors=True)
@@ -91,15 +97,15 @@ def one(workdir: Path, kind: str, count: int) -> list[dict]:
     from wecolora.data.datasets import open_dataset
     from wecolora.data.subset import SubsetChoice
 
-    spec = str(workdir / "folder") if kind == "folder" else str(workdir / "shards" / "shards-{000..%03d}.tar" % (
-        len(list((workdir / "shards").glob("*.tar"))) - 1))
+    last = len(list((workdir / "shards").glob("*.tar"))) - 1
+    spec = str(workdir / "folder") if kind == "folder" else f"{workdir / 'shards'}/shards-{{000..{last:03d}}}.tar"
     rows: list[dict] = []
-    dataset = measure("listing", lambda: open_dataset(spec), rows)
-    measure("listing (again)", lambda: open_dataset(spec), rows)
+    dataset = measure("listing", lambda: open_dataset(spec), rows, memory)
+    measure("listing (again)", lambda: open_dataset(spec), rows, memory)
     choice = measure("subset choice (random, decode check)",
-                     lambda: SubsetChoice(dataset, rule="random", images=count, seed=0).prepare(), rows)
+                     lambda: SubsetChoice(dataset, rule="random", images=count, seed=0).prepare(), rows, memory)
     indices, _ = choice.choose()
-    measure("image store build", lambda: open_store(dataset, indices, bound=33, num_workers=0), rows)
+    measure("image store build", lambda: open_store(dataset, indices, bound=33, num_workers=0), rows, memory)
     for row in rows:
         row.update(source=kind, images=len(dataset), chosen=count)
     return rows
@@ -111,19 +117,24 @@ def main() -> None:
     parser.add_argument("--subsets", type=int, nargs="+", default=[200, 2000])
     parser.add_argument("--shard-size", type=int, default=10_000)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "wecolora-bench-sources"))
-    parser.add_argument("--one", nargs=2, metavar=("KIND", "COUNT"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=3, metavar=("KIND", "COUNT", "MEMORY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     workdir = Path(args.workdir) / str(args.images)
     if args.one:
-        print(json.dumps(one(workdir, args.one[0], int(args.one[1]))))
+        print(json.dumps(one(workdir, args.one[0], int(args.one[1]), args.one[2] == "memory")))
         return
     write_source(workdir, args.images, args.shard_size)
     rows = []
     for kind in ("folder", "shards"):
         for count in args.subsets:
-            proc = subprocess.run([sys.executable, __file__, "--images", str(args.images), "--workdir", args.workdir,
-                                   "--one", kind, str(count)], capture_output=True, text=True, check=True)
-            rows += json.loads(proc.stdout.strip().splitlines()[-1])
+            runs = {}
+            for mode in ("time", "memory"):
+                proc = subprocess.run([sys.executable, __file__, "--images", str(args.images), "--workdir",
+                                       args.workdir, "--one", kind, str(count), mode], capture_output=True, text=True)
+                if proc.returncode:
+                    sys.exit(f"{kind} {count} {mode}: failed\n{proc.stderr[-3000:]}")
+                runs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows += [{**timed, **traced} for timed, traced in zip(runs["time"], runs["memory"])]
     print(f"{'source':8} {'images':>8} {'chosen':>7}  {'phase':38} {'seconds':>8} {'peak MB':>8} {'RSS MB':>7} "
           f"{'read MB':>8}")
     for r in rows:

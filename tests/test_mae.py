@@ -282,6 +282,25 @@ def test_mae_pretraining_reads_class_folders_through_the_pil_loader(tmp_path, mo
     assert load_model(str(tmp_path / "run")).num_classes == 0
 
 
+def test_mae_pretraining_runs_on_an_unlabeled_folder_without_its_knn_monitor(tmp_path, capsys):
+    """No labels, no test split: MAE trains (the monitor is off); the supervised objective is refused in one line."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    (tmp_path / "photos").mkdir()
+    for i in range(12):
+        pixels = torch.randint(0, 256, (28, 28), generator=generator, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / "photos" / f"{i}.png")
+    code = main(["pretrain", "--objective", "mae", "--data", str(tmp_path / "photos"), "--output",
+                 str(tmp_path / "run"), "--depth", "1", "--embed-dim", "32", "--num-heads", "2", "--decoder-dim", "32",
+                 "--decoder-depth", "1", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4",
+                 "--num-workers", "0", "--device", "cpu"])
+    assert code == 0 and "no labels: no kNN monitor" in capsys.readouterr().out
+    assert load_model(str(tmp_path / "run")).num_classes == 0
+    assert main(["pretrain", "--data", str(tmp_path / "photos"), "--output", str(tmp_path / "sup")]) == 2
+    assert "pretrain --objective supervised) needs labels" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"objective": "byol"}, "--objective 'byol'"),
     ({"mask_ratio": 1.0}, "--mask-ratio 1.0"),

@@ -277,7 +277,7 @@ CASES = [
     ("probe-data-missing", "probe --model local-dir:{teacher} --data {root}/nope --output {out}",
      "is neither an existing folder nor a built-in name"),
     ("probe-unlabeled-folder", "probe --model local-dir:{teacher} --data {root}/rotten/a --test-data {root}/rotten/a "
-     "--output {out}", "is read as an unlabeled folder (images directly inside), and a probe or kNN needs labels"),
+     "--output {out}", "is read as an unlabeled folder (images directly inside), and this command (probe, knn, pretrain"),
     ("probe-list-without-a-test-split", "probe --model local-dir:{teacher} --data {root}/digits.csv --output {out}",
      "has no test split of its own; give the test images with --test-data"),
     ("probe-epochs-zero", "probe --model local-dir:{teacher} --data mnist-5k --output {out} --epochs 0 --device cpu",

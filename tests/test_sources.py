@@ -297,10 +297,23 @@ def test_per_class_on_an_unlabeled_source_is_refused_in_one_line(world):
 
 def test_probe_sources_need_labels_and_a_test_split(world):
     root, pattern = world
-    with pytest.raises(UserError, match="read as an unlabeled folder .*a probe or kNN needs labels"):
+    with pytest.raises(UserError, match="read as an unlabeled folder .*needs labels: use class folders"):
         check_dataset(str(root / "flat"), ("train", "test"), test_data=str(root / "flat"), need_labels=True)
     with pytest.raises(UserError, match="has no test split of its own; give the test images with --test-data"):
         check_dataset(pattern, ("train", "test"), need_labels=True)
-    with pytest.raises(UserError, match="is a .txt list, which has no labels"):
+    with pytest.raises(UserError, match="is a .txt list, which has no labels, and this command"):
         check_dataset(str(root / "list.csv"), ("train", "test"), test_data=str(root / "list.txt"), need_labels=True)
     check_dataset(str(root / "list.csv"), ("train", "test"), test_data=pattern, need_labels=True)
+
+
+def test_tar_members_read_from_many_threads_come_back_whole(tmp_path):
+    """The decode check and the store's header reads run in thread pools over one reader: each member's bytes must
+    be its own (a shared file position would hand one thread another member's data)."""
+    rows = [(0, "x", i, np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8)) for i in range(300)]
+    write_shards(tmp_path, rows, per_shard=100, labels=False)
+    dataset = open_dataset(str(tmp_path))
+    everything = list(range(len(dataset)))
+    assert drop_unreadable(dataset, everything, max_fraction=0.0, workers=8) == (everything, [])
+    store = open_store(dataset, everything, bound=33, cache_dir=tmp_path / "stores")
+    for p in range(0, 300, 7):
+        assert np.array_equal(store.image(p), rows[p][3].transpose(2, 0, 1)), p

@@ -47,6 +47,7 @@ COMPRESSED_SHARDS = (".tar.gz", ".tgz", ".tar.zst", ".tar.xz", ".tar.bz2")
 PATH_COLUMN_NAMES = ("path", "image", "imagepath", "file", "filename", "filepath", "img", "imageindex")
 LABEL_COLUMN_NAMES = ("label", "labels", "class", "target")
 EXTRAS = {"hf-datasets": "datasets", "wds": "webdataset"}  # the pip extra each kind needs
+NEEDS_LABELS = "this command (probe, knn, pretrain --objective supervised)"
 
 
 def is_image_name(name: str) -> bool:
@@ -343,8 +344,8 @@ def _check_list(path: Path, spec_option: str, *, image_column, label_column, nee
             raise UserError(f"{spec_option} {path} is empty: it names no image")
         _check_listed(path, first, spec_option)
         if need_labels and not labels:
-            raise UserError(f"{spec_option} {path} has no label column; name it with --label-column (a probe or "
-                            f"kNN needs labels)")
+            raise UserError(f"{spec_option} {path} has no label column; name it with --label-column ({NEEDS_LABELS} "
+                            f"needs labels)")
         return
     first = []
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -357,8 +358,8 @@ def _check_list(path: Path, spec_option: str, *, image_column, label_column, nee
         raise UserError(f"{spec_option} {path} is empty: it names no image")
     _check_listed(path, first, spec_option)
     if need_labels:
-        raise UserError(f"{spec_option} {path} is a .txt list, which has no labels; a probe or kNN needs labels "
-                        f"(a .csv list with a label column)")
+        raise UserError(f"{spec_option} {path} is a .txt list, which has no labels, and {NEEDS_LABELS} needs "
+                        f"them (a .csv list with a label column)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,8 +427,8 @@ def check_dataset(spec: str, splits: tuple[str, ...] = ("train",), option: str =
                 raise UserError(f"no class folders in {folder} and no images in it; expected {folder}/<class>/*.png "
                                 f"or images ({'/'.join(IMAGE_EXTENSIONS)}) directly inside")
             elif need_labels:
-                raise UserError(f"{option} {folder} is read as an unlabeled folder (images directly inside), and a "
-                                f"probe or kNN needs labels: use class folders ({folder}/<class>/*.png), a csv list "
+                raise UserError(f"{option} {folder} is read as an unlabeled folder (images directly inside), and "
+                                f"{NEEDS_LABELS} needs labels: use class folders ({folder}/<class>/*.png), a csv list "
                                 f"with a label column, or --folder-layout classes")
     elif source.kind == "list":
         _check_list(path, option, image_column=image_column, label_column=label_column, need_labels=need_labels)

@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -244,7 +245,7 @@ class _Paths:
         return len(self.ids)
 
     def __getitem__(self, i: int):
-        return os.path.join(self.base, self.ids[i]), self.targets[i]
+        return os.path.join(self.base, os.path.expanduser(self.ids[i])), self.targets[i]
 
 
 class FileListDataset(SourceDataset):
@@ -314,7 +315,8 @@ def open_folder(source: Source, split: str, *, folder_layout: str = "auto", clas
             _logger.info("%s: read as class folders, %d images in %d classes (%s); --folder-layout unlabeled reads "
                          "the images without labels", folder, len(dataset), len(dataset.classes), shown)
         return dataset
-    ids = [os.path.relpath(folder / rel, root).replace(os.sep, "/") for rel in walk_images(folder)]
+    prefix = "" if folder == root else os.path.relpath(folder, root).replace(os.sep, "/") + "/"
+    ids = [prefix + rel for rel in walk_images(folder)]
     if not ids:
         raise UserError(f"no class folders in {folder} and no images in it; expected {folder}/<class>/*.png or "
                         f"images ({'/'.join(IMAGE_EXTENSIONS)}) directly inside")
@@ -531,13 +533,13 @@ def _table_label_columns(features, label_column, where, image_column) -> list[st
 # WebDataset tar shards
 
 
-def _key_and_extension(name: str) -> tuple[str | None, str | None]:
-    """WebDataset's grouping rule: ``dir/key.ext.ext2`` -> (``dir/key``, ``ext.ext2``)."""
+def _key_splitter():
+    """WebDataset's grouping rule, ``dir/key.ext.ext2`` -> (``dir/key``, ``ext.ext2``): ``base_plus_ext``."""
     try:
         from webdataset.tariterators import base_plus_ext
     except ImportError:
         raise missing_extra("wds", "webdataset") from None
-    return base_plus_ext(name)
+    return base_plus_ext
 
 
 def index_shard(shard: Path) -> dict:
@@ -555,13 +557,14 @@ def index_shard(shard: Path) -> dict:
         except (OSError, ValueError):
             pass  # damaged: indexed again
     samples: dict[str, dict] = {}
+    split_key = _key_splitter()
     try:
         with tarfile.open(shard, "r:") as archive:
             while (member := archive.next()) is not None:
                 archive.members.clear()  # tarfile keeps every header it reads: hold one at a time
                 if not member.isfile():
                     continue
-                sample, ext = _key_and_extension(member.name)
+                sample, ext = split_key(member.name)
                 if sample is None:
                     continue
                 entry = samples.setdefault(sample, {"label": -1})
@@ -633,25 +636,31 @@ class TarShards(EncodedDataset):
 
 
 class _TarMembers:
-    """Chosen tar members, each read by seeking to its data; each process opens the shards it needs (at most
-    :data:`OPEN_SHARDS` at a time)."""
+    """Chosen tar members, each read at its data's offset; each process opens the shards it needs (at most
+    :data:`OPEN_SHARDS` at a time). Threads may share it (the decode checks and the store's header reads run in
+    a thread pool): the open files are guarded by a lock."""
 
     def __init__(self, shards: list[str], shard_of: np.ndarray, offsets: np.ndarray, sizes: np.ndarray):
         self.shards, self.shard_of, self.offsets, self.sizes = shards, shard_of, offsets, sizes
         self._files: dict[int, object] = {}
+        self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_files": {}}  # file handles stay in their process
+        return {**self.__dict__, "_files": {}, "_lock": None}  # file handles and the lock stay in their process
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def __call__(self, p: int) -> bytes:
         shard = int(self.shard_of[p])
-        f = self._files.get(shard)
-        if f is None:
-            if len(self._files) >= OPEN_SHARDS:
-                self._files.pop(next(iter(self._files))).close()
-            f = self._files[shard] = open(self.shards[shard], "rb")
-        f.seek(int(self.offsets[p]))
-        data = f.read(int(self.sizes[p]))
+        with self._lock:  # one seek + read at a time: threads would move each other's file position
+            f = self._files.get(shard)
+            if f is None:
+                if len(self._files) >= OPEN_SHARDS:
+                    self._files.pop(next(iter(self._files))).close()
+                f = self._files[shard] = open(self.shards[shard], "rb")
+            f.seek(int(self.offsets[p]))
+            data = f.read(int(self.sizes[p]))
         if len(data) != int(self.sizes[p]):
             raise OSError(f"{self.shards[shard]} ends inside a member: it changed since it was indexed")
         return data

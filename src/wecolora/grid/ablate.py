@@ -341,7 +341,7 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in models:
         first = cells[(name, probe_data[0])]
-        alpha = f"{first['ratio']:.0%}" if first["ratio"] else "-"
+        alpha = f"{100 * first['ratio']:g}%" if first["ratio"] else "-"  # 1%, 10%, 0.2%
         reduction = str(first["reduction"]) if first["reduction"] else "-"
         settings = [f"{first[k]:g}" if isinstance(first.get(k), float) else str(first.get(k, "-")) for k in extra]
         scores = [_mean_std(cells[(name, d)]) for d in probe_data]
