@@ -205,3 +205,28 @@ def test_the_students_of_a_grid_share_one_teacher_cache_entry(teacher_dir, tmp_p
     off = {**grid, "distill": {**grid["distill"], "teacher_cache": "off"}}
     ablate(Ablation(**off), tmp_path / "off", device="cpu")
     assert len(list((tmp_path / "cache" / "teacher").iterdir())) == 1 and writers == [0]
+
+
+def test_a_multi_label_probe_set_is_scored_by_its_mean_roc_auc_in_the_table():
+    from wecolora.grid.ablate import cell_scores, markdown_table
+
+    def row(seed, data, top1, auc=None):
+        return {"name": "wecolora-r2-a0.002", "method": "WeCoLoRA", "mode": "wecolora", "reduction": 2, "ratio": 0.002,
+                "seed": seed, "probe_data": data, "top1": top1, "auc": auc}
+
+    rows = [row(0, "mnist-5k", 0.80), row(1, "mnist-5k", 0.84),
+            row(0, "cxr.csv", 0.30, auc=0.70), row(1, "cxr.csv", 0.40, auc=0.72)]
+    table = markdown_table(rows, ["mnist-5k", "cxr.csv"])
+    assert "| alpha | method | r | mnist-5k | cxr.csv (AUC) | seeds |" in table
+    assert "| 0.2% | WeCoLoRA | 2 | 82.0 ± 2.8 | 71.0 ± 1.4 | 2 |" in table
+    assert {c["probe_data"]: c["mean"] for c in cell_scores(rows, ["mnist-5k", "cxr.csv"])} == pytest.approx(
+        {"mnist-5k": 82.0, "cxr.csv": 71.0})
+
+
+def test_the_subset_study_preset_compares_the_three_rules_at_two_sizes():
+    grid = load_ablation("subset-study")
+    assert {(run["subset"], run["ratio"]) for run in grid.runs} == {
+        (rule, ratio) for rule in ("per-class", "random", "coreset") for ratio in (0.01, 0.002)}
+    assert grid.seeds == [0, 1, 2] and grid.probe_data == ["fashion-mnist", "mnist-5k"]
+    names = [name for name, _ in grid.planned_runs()]
+    assert "wecolora-r2-a0.002-subsetcoreset-s1" in names and len(names) == 18
