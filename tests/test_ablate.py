@@ -208,19 +208,25 @@ def test_the_students_of_a_grid_share_one_teacher_cache_entry(teacher_dir, tmp_p
 
 
 def test_a_multi_label_probe_set_is_scored_by_its_mean_roc_auc_in_the_table():
-    from wecolora.grid.ablate import cell_scores, markdown_table
+    from wecolora.evaluation.probe import probe_config
+    from wecolora.grid.ablate import ProbeSet, cell_scores, markdown_table, result_metric
 
-    def row(seed, data, top1, auc=None):
-        return {"name": "wecolora-r2-a0.002", "method": "WeCoLoRA", "mode": "wecolora", "reduction": 2, "ratio": 0.002,
-                "seed": seed, "probe_data": data, "top1": top1, "auc": auc}
+    single, multi = ProbeSet("mnist-5k", probe_config(), "mnist-5k"), ProbeSet("cxr.csv", probe_config(), "cxr.csv")
+    assert result_metric(single, {"top1": 0.8, "top5": 0.9}) == "top1"
+    assert result_metric(multi, {"top1": 0.3, "auc": 0.7}) == "auc"
 
-    rows = [row(0, "mnist-5k", 0.80), row(1, "mnist-5k", 0.84),
-            row(0, "cxr.csv", 0.30, auc=0.70), row(1, "cxr.csv", 0.40, auc=0.72)]
-    table = markdown_table(rows, ["mnist-5k", "cxr.csv"])
-    assert "| alpha | method | r | mnist-5k | cxr.csv (AUC) | seeds |" in table
+    def row(seed, probe_set, results):
+        metric = result_metric(probe_set, results)
+        return {"name": "wecolora-r2-a0.002", "method": "WeCoLoRA", "mode": "wecolora", "reduction": 2,
+                "ratio": 0.002, "seed": seed, "probe_data": probe_set.label, "metric": metric,
+                "score": results[metric], **results}
+
+    rows = [row(0, single, {"top1": 0.80}), row(1, single, {"top1": 0.84}),
+            row(0, multi, {"top1": 0.30, "auc": 0.70}), row(1, multi, {"top1": 0.40, "auc": 0.72})]
+    table = markdown_table(rows)
+    assert "| alpha | method | r | mnist-5k | cxr.csv AUC | seeds |" in table
     assert "| 0.2% | WeCoLoRA | 2 | 82.0 ± 2.8 | 71.0 ± 1.4 | 2 |" in table
-    assert {c["probe_data"]: c["mean"] for c in cell_scores(rows, ["mnist-5k", "cxr.csv"])} == pytest.approx(
-        {"mnist-5k": 82.0, "cxr.csv": 71.0})
+    assert {c["probe_data"]: c["mean"] for c in cell_scores(rows)} == pytest.approx({"mnist-5k": 82.0, "cxr.csv": 71.0})
 
 
 def test_the_subset_study_preset_compares_the_three_rules_at_two_sizes():

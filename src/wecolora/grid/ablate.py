@@ -264,7 +264,7 @@ def _probe_row(probe, name, method, source, folder: Path, settings, probe_set: P
     if not _reusable(results, probe_set.config):  # none, or from other settings
         results = probe(str(source), probe_set.data, str(probe_dir), probe_set.config, device=device)
     extra = {k: settings[k] for k in _cell_settings(grid) if k in settings}
-    metric = "auc" if probe_set.metric == "top1" and results.get("auc") is not None else probe_set.metric
+    metric = result_metric(probe_set, results)
     return {"name": name, "run": settings.get("run", name), "method": method,
             "mode": settings.get("mode", name.split("-")[0]), "reduction": settings.get("reduction"),
             "ratio": settings.get("ratio"), "seed": settings.get("seed"), "probe_data": probe_set.label,
@@ -274,6 +274,17 @@ def _probe_row(probe, name, method, source, folder: Path, settings, probe_set: P
             "n_train": results["n_train"], "n_test": results["n_test"], "optimizer": results.get("optimizer", "sgd"),
             "probe_lr": results.get("lr"), "final_loss": settings.get("final_loss"),
             "distill_seconds": settings.get("distill_seconds"), "source": str(probe_dir), **extra}
+
+
+def result_metric(probe_set: ProbeSet, results: dict) -> str:
+    """The score a probe's results are reported by: the probe set's (top-1, mIoU), or the mean ROC-AUC (``auc``)
+    of a classification set with several labels an image (ChestX-ray14's column of the paper).
+
+    >>> from wecolora.config import ProbeConfig
+    >>> result_metric(ProbeSet("cxr.csv", ProbeConfig(), "cxr"), {"top1": 0.3, "auc": 0.7})
+    'auc'
+    """
+    return "auc" if probe_set.metric == "top1" and results.get("auc") is not None else probe_set.metric
 
 
 def _reusable(results: dict, config: ProbeConfig) -> bool:
