@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -6,7 +7,8 @@ import yaml
 
 from wecolora.cache.teacher import TeacherCache
 from wecolora.errors import UserError
-from wecolora.grid.ablate import Ablation, ablate, load_ablation, presets
+from wecolora.config import ProbeConfig
+from wecolora.grid.ablate import Ablation, _reusable, ablate, load_ablation, markdown_table, presets, probe_sets
 from wecolora.teachers.load import load_model
 
 from conftest import probe_on_fixed_fashion_slice
@@ -37,7 +39,8 @@ def test_bad_grids_are_refused_before_any_work(kwargs, fragment):
 def test_an_ablation_grid_runs_end_to_end_through_the_cli(teacher_dir, tmp_path):
     """The demo's code path (distill every run, probe every model, report) on a tiny teacher."""
     grid = {
-        "teacher": f"local-dir:{teacher_dir}", "distill_data": "mnist-5k", "probe_data": ["mnist-5k"],
+        "teacher": f"local-dir:{teacher_dir}", "distill_data": "mnist-5k",
+        "probe_data": ["mnist-5k", {"data": "mnist-5k-seg", "epochs": 1, "lr": 5.0}],  # CLS and dense columns
         "distill": {"epochs": 2, "warmup_epochs": 1, "batch_size": 16, "accum_steps": 1, "num_workers": 0},
         "probe": {"epochs": 5, "train_per_class": 50},
         "reference": ["teacher", "copy"],
@@ -51,15 +54,60 @@ def test_an_ablation_grid_runs_end_to_end_through_the_cli(teacher_dir, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     report = (tmp_path / "out" / "report.md").read_text()
     for row in ("| - | teacher | - |", "| - | weight copy, no training | 2 |", "| - | weight copy, no training | 3 |",
-                "| 2% | WeCo+KD | 2 |", "| 2% | WeCoLoRA | 3 |"):
+                "| 2% | WeCo+KD | 2 |", "| 2% | WeCoLoRA | 3 |", "| alpha | method | r | mnist-5k | mnist-5k-seg mIoU |"):
         assert row in report and row in done.stdout, row
     assert "runs/wecolora-r3-a0.02/probe-mnist-5k/results.json" in report  # every number names its source
+    seg = json.loads((tmp_path / "out" / "runs" / "wecolora-r3-a0.02" / "probe-mnist-5k-seg" / "results.json").read_text())
+    assert seg["task"] == "segmentation" and 0 <= seg["miou"] <= 1 and seg["lr"] == 5.0 and seg["epochs"] == 1
     assert (tmp_path / "out" / "chart.png").read_bytes()[:4] == b"\x89PNG"
-    assert (tmp_path / "out" / "results.csv").read_text().count("\n") == 1 + 5
+    assert (tmp_path / "out" / "results.csv").read_text().count("\n") == 1 + 5 * 2
     # A second call reuses every finished run and probe.
     again = subprocess.run(command, capture_output=True, text=True, timeout=600,
                            env={"WECOLORA_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "PATH": ""})
     assert again.returncode == 0 and "distilling" not in again.stderr
+
+
+def test_probe_sets_take_the_grid_recipe_for_classification_and_their_own_settings_for_segmentation(tmp_path):
+    shared = {"epochs": 100, "lr": 4.0, "train_per_class": 1000, "seed": 3}
+    sets = probe_sets(["mnist-5k", "fashion-mnist-seg", {"data": "mnist-5k-seg", "epochs": 20, "label": "digits"}],
+                      shared)
+    assert [(p.label, p.metric, p.config.task) for p in sets] == [
+        ("mnist-5k", "top1", "classification"), ("fashion-mnist-seg", "miou", "segmentation"),
+        ("digits", "miou", "segmentation")]
+    assert (sets[0].config.lr, sets[0].config.train_per_class, sets[0].config.seed) == (4.0, 1000, 3)
+    # A segmentation set keeps the seed but not the CLS recipe (lr, epochs, train_per_class): its own or defaults.
+    assert (sets[1].config.lr, sets[1].config.epochs, sets[1].config.train_per_class, sets[1].config.seed) == (
+        None, 50, None, 3)
+    assert sets[2].config.epochs == 20
+    for entries, message in (([{"task": "segmentation"}], "mappings with a data: key"),
+                             (["mnist-5k", {"data": "mnist-5k"}], "appear more than once"),
+                             ([{"data": "mnist-5k", "task": "segmentation"}], "classification set")):
+        with pytest.raises(UserError, match=message):
+            grid = Ablation(teacher="bundled", distill_data="mnist-5k", probe_data=entries, runs=[{"mode": "wecolora"}])
+            from wecolora.api import check_ablation
+
+            check_ablation(grid, str(tmp_path / "out"))
+
+
+def test_saved_probe_results_are_reused_only_for_the_same_settings():
+    given, swept, dense = ProbeConfig(lr=4.0, epochs=100), ProbeConfig(epochs=100), ProbeConfig(task="segmentation")
+    old = {"top1": 0.9, "protocol": "cached", "optimizer": "lars", "epochs": 100, "pooling": "cls",
+           "train_per_class": None, "seed": 0, "lr": 4.0}  # a results.json of wecolora 0.3: no task, no lr_source
+    assert _reusable(old, given) and not _reusable(old, swept) and not _reusable(old, dense)
+    new = {**old, "task": "classification", "lr": 12.8, "lr_source": "sweep"}
+    assert _reusable(new, swept) and not _reusable(new, given) and not _reusable({}, swept)
+    seg = {"miou": 0.3, "task": "segmentation", "optimizer": "lars", "epochs": 50, "seed": 0, "lr": 3.2,
+           "lr_source": "sweep", "img_size": [56, 56]}
+    assert _reusable(seg, dense) and not _reusable(seg, ProbeConfig(task="segmentation", img_size=112))
+
+
+def test_the_report_names_the_dense_column_by_its_metric():
+    rows = [{"name": "teacher", "method": "teacher", "mode": "teacher", "ratio": None, "reduction": None, "seed": None,
+             "probe_data": data, "metric": metric, "score": score}
+            for data, metric, score in (("fashion-mnist", "top1", 0.919), ("fashion-mnist-seg", "miou", 0.25))]
+    assert markdown_table(rows).splitlines()[:3] == [
+        "| alpha | method | r | fashion-mnist | fashion-mnist-seg mIoU | seeds |", "|---|---|---|---|---|---|",
+        "| - | teacher | - | 91.9 | 25.0 | - |"]
 
 
 def test_the_bundled_teacher_loads_offline_and_probes_above_85_percent():

@@ -11,7 +11,17 @@ from wecolora import UserError
 from wecolora.evaluation.features import extract_features, pool_tokens
 from wecolora.evaluation.knn import knn, knn_classify
 from wecolora.evaluation.metrics import classification_metrics, multilabel_auc
-from wecolora.evaluation.probe import linear_head, probe, probe_optimizer, split_validation, train_linear_probe
+from wecolora.config import ProbeConfig
+from wecolora.evaluation.probe import (
+    RULE_MIN_TRAIN,
+    SWEEP_LRS,
+    linear_head,
+    probe,
+    probe_optimizer,
+    resolve_settings,
+    split_validation,
+    train_linear_probe,
+)
 from wecolora.evaluation.reports import report, write_report
 from wecolora.evaluation.splits import write_results
 from wecolora.teachers.vit import model_args
@@ -47,6 +57,51 @@ def test_linear_probe_separable_features_reach_100(settings):
     result = train_linear_probe(train_x, train_y, test_x, test_y, batch_size=32, val_fraction=0.2, **settings)
     assert result["top1"] == 1.0 and result["val_top1"] == 1.0 and result["optimizer"] == settings["optimizer"]
     assert (result["n_train"], result["n_val"], result["n_test"]) == (120, 30, 60)
+
+
+@pytest.mark.parametrize("n_train, settings, expected", [
+    # ImageNet-1K's 1,281,167 training images: MAE's rule, the paper's setting (no ImageNet needed).
+    (1_281_167, {}, {"lr_source": "rule", "lr": 0.2, "batch_size": 512}),
+    (RULE_MIN_TRAIN, {"batch_size": 1024}, {"lr_source": "rule", "lr": 0.4, "batch_size": 1024}),
+    # Smaller sets: the lr is swept; the batch leaves every epoch at least 16 updates (at least 32 images).
+    (RULE_MIN_TRAIN - 1, {}, {"lr_source": "sweep", "lr": None, "batch_size": 512}),
+    (4000, {}, {"lr_source": "sweep", "lr": None, "batch_size": 250}),
+    (1000, {}, {"lr_source": "sweep", "lr": None, "batch_size": 62}),
+    (100, {}, {"lr_source": "sweep", "lr": None, "batch_size": 32}),
+    (1000, {"batch_size": 256}, {"lr_source": "sweep", "lr": None, "batch_size": 256}),  # a given batch stays
+    # A given lr is used as given, with the batch as before (512, capped at the set).
+    (1000, {"lr": 4.0}, {"lr_source": "given", "lr": 4.0, "batch_size": 512}),
+    (300, {"lr": 4.0}, {"lr_source": "given", "lr": 4.0, "batch_size": 300}),
+    (1000, {"optimizer": "sgd"}, {"lr_source": "rule", "lr": 0.2, "batch_size": 512}),  # no trust ratio: the rule
+])
+def test_resolved_probe_settings(n_train, settings, expected):
+    resolved = resolve_settings(n_train, ProbeConfig(**settings))
+    assert {k: resolved[k] for k in expected} == expected
+    assert resolved.get("lr_candidates") == (list(SWEEP_LRS) if expected["lr_source"] == "sweep" else None)
+    assert resolved["epochs"] == 50 and resolved["warmup_epochs"] == 10
+
+
+def test_the_lr_sweep_scores_held_aside_images_and_trains_on_the_whole_split():
+    x, y = _clusters(50, classes=4)
+    result = train_linear_probe(x, y, x, y, epochs=20)  # lr left out on 200 images: swept
+    assert result["lr_source"] == "sweep" and result["top1"] == 1.0 and not result["under_trained"]
+    assert [r["lr"] for r in result["lr_sweep"]] == list(SWEEP_LRS) and result["sweep_holdout"] == 40  # 20% per class
+    # The best held-aside top-1; of equal ones (several lrs separate these clusters), the lowest held-aside loss.
+    assert result["lr"] == max(result["lr_sweep"], key=lambda r: (r["top1"], -r["loss"]))["lr"]
+    assert result["n_train"] == 200
+    assert "lr_candidates" not in result
+    with pytest.raises(UserError, match="too few to hold some aside for the lr sweep: give --lr"):
+        two_a_class = torch.tensor([0, 1, 50, 51, 100, 101, 150, 151])  # round(2 x 20%) = 0 held aside a class
+        train_linear_probe(x[two_a_class], y[two_a_class], x, y, epochs=2)
+
+
+def test_an_under_trained_head_is_flagged(caplog):
+    x, y = _clusters(50, classes=4)
+    # MAE's rule on 200 images for 10 epochs: LARS moves the weights by about 0.02% a step, 60 steps.
+    slow = train_linear_probe(x, y, x, y, epochs=10, lr=0.08, batch_size=32)
+    assert slow["under_trained"] and slow["last_epoch_loss"] > 0.8 * slow["initial_loss"]
+    assert "under-trained" in caplog.text and "leave --lr out" in caplog.text
+    assert not train_linear_probe(x, y, x, y, epochs=10, lr=10.0, batch_size=32)["under_trained"]
 
 
 def test_one_lars_step_scales_the_weight_update_by_the_trust_ratio_and_not_the_bias():

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from wecolora.config import DEFAULT_REDUCTION, DistillConfig, KnnConfig, PretrainConfig, ProbeConfig, build_config
-from wecolora.data.layout import check_dataset
+from wecolora.data.layout import check_dataset, check_segmentation_dataset
 from wecolora.files import check_writable
 from wecolora.teachers.specs import check_model_spec
 from wecolora.train.run_folder import check_distill, check_pretrain
@@ -69,10 +69,11 @@ def pretrain(config: PretrainConfig | None = None, **settings) -> dict:
     return run(config)
 
 
-def check_evaluation(model: str, data: str, output: str) -> Path:
-    """Path-level checks of ``probe``/``knn``: the model spec, a dataset with both splits, the output."""
+def check_evaluation(model: str, data: str, output: str, task: str = "classification") -> Path:
+    """Path-level checks of ``probe``/``knn``: the model spec, a dataset with both splits (image + mask pairs
+    for ``task="segmentation"``), the output."""
     check_model_spec(model, "--model")
-    check_dataset(data, ("train", "test"))
+    (check_segmentation_dataset if task == "segmentation" else check_dataset)(data, ("train", "test"))
     return check_writable(output)
 
 
@@ -80,11 +81,15 @@ def probe(model: str, data: str, output: str, config: ProbeConfig | None = None,
           **settings) -> dict:
     """Linear probe of a frozen model (MAE's recipe); writes ``output/results.json``.
 
+    ``task="segmentation"`` probes the patch tokens instead (a 1x1 head, per-pixel cross-entropy) on image +
+    mask pairs and reports ``miou``, ``pixel_accuracy`` and ``per_class_iou``.
+
     Example:
         >>> wecolora.probe("runs/fm-r2", "mnist-5k", "runs/fm-r2/probe", epochs=90)["top1"]  # doctest: +SKIP
+        >>> wecolora.probe("runs/fm-r2", "fashion-mnist-seg", "runs/fm-r2/seg", task="segmentation")["miou"]  # doctest: +SKIP
     """
     config = config or build_config(ProbeConfig, None, **settings)
-    check_evaluation(model, data, output)
+    check_evaluation(model, data, output, config.task)
     from wecolora.evaluation.probe import probe as run
 
     return run(model, data, output, config, device=device)
@@ -121,8 +126,9 @@ def check_ablation(grid, output: str) -> Path:
     """Path-level checks of an ablation grid: teacher, datasets, output."""
     check_model_spec(grid.teacher)
     check_dataset(grid.distill_data, ("train",))
-    for data in grid.probe_data:
-        check_dataset(data, ("train", "test"), "--probe-data")
+    for probe_set in grid.probe_sets:
+        check = check_segmentation_dataset if probe_set.config.task == "segmentation" else check_dataset
+        check(probe_set.data, ("train", "test"), "--probe-data")
     return check_writable(output)
 
 

@@ -27,6 +27,7 @@ from wecolora.config import (
     PRECISIONS,
     PROBE_OPTIMIZERS,
     PROBE_PROTOCOLS,
+    PROBE_TASKS,
     DistillConfig,
     KnnConfig,
     PretrainConfig,
@@ -320,6 +321,9 @@ def run_pretrain(args) -> int:
 EVAL_EXAMPLES = """examples:
   wecolora probe --model runs/student --data fashion-mnist --output runs/student/probe-fm
   wecolora probe --model bundled --data mnist-5k --output runs/teacher-probe --protocol mae --epochs 50 --lr 4
+  # the dense probe: patch tokens, a 1x1 head, mIoU (built-in canvases of Fashion-MNIST items, or a folder
+  # D/train/images/*.png + D/train/masks/*.png, the same under D/val or D/test; 255 = ignore)
+  wecolora probe --task segmentation --model runs/student --data fashion-mnist-seg --output runs/student/seg
   wecolora knn --model runs/student --data mnist-5k --output runs/student/knn --k 20
   wecolora report runs/student/probe-fm runs/teacher-probe --output runs/report
 """
@@ -329,7 +333,9 @@ def add_eval_parsers(sub) -> None:
     for command, what in (("probe", "linear probe of a frozen model"), ("knn", "weighted kNN on frozen features")):
         p = sub.add_parser(command, help=what, epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--model", required=True, help="run folder, student/ folder, or teacher spec (e.g. bundled, bundled-mae)")
-        p.add_argument("--data", required=True, help="dataset with train and test splits, or fashion-mnist, mnist-5k")
+        p.add_argument("--data", required=True, help="dataset with train and test splits, or fashion-mnist, mnist-5k"
+                       + ("; with --task segmentation: image + mask pairs, or fashion-mnist-seg, mnist-5k-seg"
+                          if command == "probe" else ""))
         p.add_argument("--output", required=True, metavar="DIR", help="writes DIR/results.json")
         p.add_argument("--device", choices=DEVICES, default="auto")
         # probe options default to None: ProbeConfig holds the one set of defaults
@@ -341,16 +347,27 @@ def add_eval_parsers(sub) -> None:
         p.add_argument("--max-unreadable", type=float, default=None if command == "probe" else 0.05,
                        help="share of a split's images that may be unreadable, skipped and counted (default 0.05)")
         if command == "probe":
+            p.add_argument("--task", choices=PROBE_TASKS,
+                           help="classification (default): CLS features, top-1; segmentation: a 1x1 head on the patch "
+                                "tokens after the final norm, per-pixel cross-entropy, mIoU, pixel accuracy and "
+                                "per-class IoU")
+            p.add_argument("--img-size", type=int,
+                           help="run the model at this input size (timm resizes the position embedding); default: "
+                                "its own, or the canvas of a built-in segmentation set (56)")
             p.add_argument("--protocol", choices=PROBE_PROTOCOLS,
                            help="cached: head on cached features (default, fast); mae: the paper's, backbone every epoch")
             p.add_argument("--optimizer", choices=PROBE_OPTIMIZERS,
                            help="lars (default): MAE's LARS, trust ratio on the weight matrix; sgd: SGD + momentum "
                                 "(the behaviour of wecolora 0.1.0)")
             p.add_argument("--epochs", type=int, help="default 50; the last epoch's test score is reported")
-            p.add_argument("--batch-size", type=int, help="default 512")
+            p.add_argument("--batch-size", type=int,
+                           help="default 512 (segmentation 64); when the lr is swept, at most 1/16 of the training "
+                                "images (at least 32) so that every epoch makes 16 updates")
             p.add_argument("--lr", type=float,
-                           help="default 0.1 x batch / 256 (MAE's rule); on a few thousand images MAE's LARS "
-                                "barely moves the head at that lr: try --lr 4 (see docs/evaluation.md)")
+                           help="fixes the peak lr; default: MAE's rule 0.1 x batch / 256 from 100,000 training images "
+                                "on, else chosen by a sweep (0.2, 0.8, 3.2, 12.8, 51.2) scored on 20%% of the training images "
+                                "held aside, then trained on all of them; results.json records lr_source and lr_sweep "
+                                "(see docs/evaluation.md)")
             p.add_argument("--warmup-epochs", type=int, help="default min(10, epochs / 5)")
             p.add_argument("--val-fraction", type=float, help="carve a validation split from train (default 0)")
             p.add_argument("--train-per-class", type=int, help="probe on a fixed number of training images per class")
@@ -372,8 +389,13 @@ def run_eval(args) -> int:
     evaluate = api.probe if args.command == "probe" else api.knn
     config = build_config(ProbeConfig if args.command == "probe" else KnnConfig, None, **options)
     results = evaluate(args.model, args.data, args.output, config, device=args.device)
-    print(f"{args.command} {args.model} on {args.data}: top-1 {100 * results['top1']:.2f}% "
-          f"(n_train {results['n_train']}, n_test {results['n_test']}) -> {args.output}/results.json")
+    lr = {"sweep": f", lr {results['lr']:.3g} chosen by a sweep", "rule": f", lr {results['lr']:.3g} by the rule"}.get(
+        results.get("lr_source"), "")
+    flag = " UNDER-TRAINED (see the warning)" if results.get("under_trained") else ""
+    score = (f"mIoU {100 * results['miou']:.2f}%, pixel accuracy {100 * results['pixel_accuracy']:.2f}%"
+             if "miou" in results else f"top-1 {100 * results['top1']:.2f}%")
+    print(f"{args.command} {args.model} on {args.data}: {score} "
+          f"(n_train {results['n_train']}, n_test {results['n_test']}{lr}){flag} -> {args.output}/results.json")
     return 0
 
 
@@ -387,9 +409,13 @@ ABLATE_EXAMPLES = """examples:
   wecolora ablate --preset lr-sweep --output runs/lr-sweep           # probe top-1 against the peak lr, 3 seeds
   wecolora ablate --preset lr-sweep --quick --output /tmp/lr-sweep
   wecolora ablate --preset paper-table-a-toy --output runs/table-a-toy  # the MAE teacher (bundled-mae), 3 seeds
+  wecolora ablate --preset dense-study --output runs/dense             # CLS top-1 beside segmentation mIoU
+  wecolora ablate --preset demo --probe-data fashion-mnist mnist-5k fashion-mnist-seg --output runs/demo-dense
   wecolora ablate --preset paper-table-a --data /data/imagenet --probe-data /data/imagenet /data/cifar100 --output runs/table-a
   wecolora ablate --config my-grid.yaml --output runs/grid
 a grid file holds teacher, distill_data, probe_data, distill: {...}, probe: {...}, reference: [teacher, copy],
+(a probe_data entry may be a segmentation set, e.g. fashion-mnist-seg or {data: D, task: segmentation, epochs: 20}:
+its column is the dense probe's mIoU)
 seeds: [0, 1, 2] (each run once per seed; cells are mean ± std) and runs: [{mode, reduction, ratio, ...}]
 (any distill setting per run, e.g. lr; a run may give its own seeds). See the presets' files.
 the grid's runs share the teacher cache (one entry per teacher, subset and seed; `teacher_cache: off` under
@@ -438,7 +464,7 @@ def run_ablate(args) -> int:
         return 0
     from wecolora.grid.ablate import markdown_table
 
-    print(f"\n{markdown_table(rows, grid.probe_data)}\n\nreport: {args.output}/report.md, results.csv, chart.png")
+    print(f"\n{markdown_table(rows)}\n\nreport: {args.output}/report.md, results.csv, chart.png")
     return 0
 
 

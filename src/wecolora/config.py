@@ -16,9 +16,9 @@ from wecolora.errors import UserError
 
 _logger = logging.getLogger(__name__)
 
-MODE_NAMES = ("wecolora", "lora-qv", "weco-kd", "scratch-kd")  # registry: student.MODES
-LOSS_NAMES = ("l1", "mse")  # registry: losses.LOSSES
-MATCH_NAMES = ("last", "last-norm", "per-block")  # registry: losses.MATCHES
+MODE_NAMES = ("wecolora", "lora-qv", "weco-kd", "scratch-kd")  # registry: method.plan.MODES (tests/test_layers.py checks they agree)
+LOSS_NAMES = ("l1", "mse")  # registry: method.losses.LOSSES
+MATCH_NAMES = ("last", "last-norm", "per-block")  # registry: method.losses.MATCHES
 KEEP_RULES = ("first", "last")  # fixed positions (method.blocks.select_blocks)
 KEEP_SEARCHES = ("auto", "greedy", "influence")  # chosen from images (method.block_search.choose_blocks)
 KEEP_NAMES = KEEP_RULES + KEEP_SEARCHES  # the one keep vocabulary
@@ -28,6 +28,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PROBE_PROTOCOLS = ("cached", "mae")
 PROBE_OPTIMIZERS = ("lars", "sgd")  # lars: MAE's rule (trust ratio on >1-D params); sgd: momentum SGD (0.1.0)
 POOLINGS = ("cls", "mean")
+PROBE_TASKS = ("classification", "segmentation")  # segmentation: a 1x1 head on the patch tokens (evaluation.segmentation)
 CACHE_POLICIES = ("auto", "on", "off")  # teacher cache; auto: on in an ablate grid or with --teacher-cache DIR
 PAPER_WARMUP_EPOCHS = 2
 
@@ -184,21 +185,26 @@ class DistillConfig:
 
 @dataclass
 class ProbeConfig:
-    """A linear probe (``wecolora probe``, the ablation grids' ``probe:`` section): MAE's recipe by default.
+    """A linear probe (``wecolora probe``, the ablation grids' ``probe:`` section): MAE's head and LARS.
 
-    The head is MAE's (BatchNorm without affine + Linear), trained with LARS at lr = 0.1 x batch / 256,
-    weight decay 0, linear warmup then a per-iteration cosine; the LAST epoch's test score is reported.
+    The head is MAE's (BatchNorm without affine + Linear; for ``task: segmentation`` a BatchNorm2d + 1x1
+    convolution on the patch tokens), trained with LARS at weight decay 0, linear warmup then a
+    per-iteration cosine; the LAST epoch's test score is reported. Left out, the lr is MAE's rule
+    0.1 x batch / 256 on ImageNet-sized training sets and is chosen by a sweep scored on held-aside
+    training images on smaller ones (``evaluation.probe.resolve_settings``); the choice is recorded.
     """
+    task: str = "classification"  # classification: CLS features, top-1; segmentation: patch tokens, mIoU
     protocol: str = "cached"  # cached: head on features extracted once; mae: backbone run every epoch
     optimizer: str = "lars"  # lars: MAE's LARS; sgd: SGD + momentum 0.9 (what timm's Lars does at weight decay 0)
     epochs: int = 50  # the paper's recipe for downstream sets (90 for ImageNet)
-    batch_size: int = 512
-    lr: float | None = None  # absolute peak lr; default 0.1 x batch / 256
+    batch_size: int | None = None  # default 512 (segmentation 64), capped to 1/16 of a small set when the lr is swept
+    lr: float | None = None  # absolute peak lr; default: MAE's rule on ImageNet-sized sets, else a sweep
     warmup_epochs: int | None = None  # default min(10, epochs // 5)
     pooling: str = "cls"  # cls: CLS token after the final norm; mean: mean of the patch tokens
     val_fraction: float = 0.0
     augment: bool = False  # mae protocol only: train the head on augmented images
     train_per_class: int | None = None  # probe on this many training images per class (seeded); default all
+    img_size: int | None = None  # run the model at this input size; default its own (a built-in dense set's canvas)
     seed: int = 0
     num_workers: int = 0
     extract_batch_size: int = 256
@@ -206,11 +212,12 @@ class ProbeConfig:
     max_unreadable: float = 0.05  # fraction of a split's images that may be unreadable (skipped, counted)
 
     def __post_init__(self):
+        check_setting(self.task in PROBE_TASKS, "task", self.task, f"one of {', '.join(PROBE_TASKS)}")
         check_setting(self.protocol in PROBE_PROTOCOLS, "protocol", self.protocol, f"one of {', '.join(PROBE_PROTOCOLS)}")
         check_setting(self.optimizer in PROBE_OPTIMIZERS, "optimizer", self.optimizer, f"one of {', '.join(PROBE_OPTIMIZERS)}")
         check_setting(self.pooling in POOLINGS, "pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
         check_setting(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
-        check_setting(self.batch_size >= 2, "batch_size", self.batch_size, "an integer >= 2")
+        check_setting(self.batch_size is None or self.batch_size >= 2, "batch_size", self.batch_size, "an integer >= 2")
         check_setting(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number")
         check_setting(self.warmup_epochs is None or 0 <= self.warmup_epochs < self.epochs, "warmup_epochs",
                self.warmup_epochs, f"an integer in [0, epochs={self.epochs})")
@@ -219,9 +226,15 @@ class ProbeConfig:
                "only with --protocol mae (cached features are fixed)")
         check_setting(self.train_per_class is None or self.train_per_class >= 1, "train_per_class", self.train_per_class,
                "an integer >= 1")
+        check_setting(self.img_size is None or (isinstance(self.img_size, int) and self.img_size >= 1), "img_size",
+                      self.img_size, "an integer >= 1 (pixels)")
         check_setting(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
         check_setting(self.extract_batch_size >= 1, "extract_batch_size", self.extract_batch_size, "an integer >= 1")
         check_setting(0 <= self.max_unreadable < 1, "max_unreadable", self.max_unreadable, "a fraction in [0, 1)")
+        if self.task == "segmentation":  # the dense probe trains on cached patch tokens of every training image
+            check_setting(self.protocol == "cached", "protocol", self.protocol, "cached with --task segmentation")
+            check_setting(self.train_per_class is None, "train_per_class", self.train_per_class,
+                          "none with --task segmentation (its images have no single class)")
 
     @property
     def resolved_warmup(self) -> int:

@@ -29,7 +29,7 @@ def export_run(student: nn.Module, output: str | Path, plan, info: dict) -> nn.M
     """Write ``student/`` (adapters merged) and ``adapter/`` (peft files + ``wecolora.json``).
 
     ``wecolora.json`` holds ``info`` (teacher, objective) and the student's plan
-    (:meth:`wecolora.student.StudentPlan.record`: kept blocks, how they were chosen, segment ends, rank).
+    (:meth:`wecolora.method.plan.StudentPlan.record`: kept blocks, how they were chosen, segment ends, rank).
     Returns the merged plain timm model.
     """
     output = Path(output)

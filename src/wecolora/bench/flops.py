@@ -1,7 +1,7 @@
 """FLOPs of one distillation training step, counted by torch's FLOP counter rather than timed.
 
 A count depends on the shapes only, not on the machine or on who else uses it: it is how the lean adapter
-path (:func:`wecolora.adapters.lean_student`) is compared with a full fine-tune of the same student. Only
+path (:func:`wecolora.method.adapters.lean_student`) is compared with a full fine-tune of the same student. Only
 matmuls, convolutions and attention are counted (what ``torch.utils.flop_counter`` knows); they are nearly
 all of a ViT's cost.
 """
@@ -31,7 +31,7 @@ def step_flops(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) ->
     the gradients of its trainable parameters (those ``backward`` would compute; no ``.grad`` is written).
 
     Args:
-        model: a timm ViT, or a student's training view from :func:`wecolora.adapters.lean_student`.
+        model: a timm ViT, or a student's training view from :func:`wecolora.method.adapters.lean_student`.
         images: ``[B, 3, H, W]``, normalised; the ``meta`` device counts without computing.
         targets: ``[B, N, D]``, the tokens the last block should output.
     """
@@ -63,7 +63,7 @@ def step_flops_ratio(teacher: nn.Module, images: torch.Tensor, *, reduction: int
     on the ``meta`` device (teacher and images) that is free.
 
     Example:
-        >>> teacher = wecolora.vit.load_model("bundled").to("meta")                  # doctest: +SKIP
+        >>> teacher = wecolora.teachers.load.load_model("bundled").to("meta")                  # doctest: +SKIP
         >>> step_flops_ratio(teacher, torch.empty(128, 3, 28, 28, device="meta"))   # doctest: +SKIP
         0.905...
     """

@@ -5,9 +5,9 @@ Everything is measured in ONE process, in interleaved rounds (reference, then ea
 again), so that a busy spell of a shared machine hits every line alike; each line reports its best round
 (other processes only ever slow a round down) and a ratio is a ratio of best rounds. Measured:
 
-1. distillation images/s (r=2, all six adapters): the reference design (:mod:`wecolora.bench_reference`)
-   against wecolora's own training step (:func:`wecolora.distill.train_one_epoch` on the set-up of
-   :func:`wecolora.training.make_training`, with the teacher cache cold: teacher run and tokens stored;
+1. distillation images/s (r=2, all six adapters): the reference design (:mod:`wecolora.bench.reference`)
+   against wecolora's own training step (:func:`wecolora.train.distill.train_one_epoch` on the set-up of
+   :func:`wecolora.train.setup.make_training`, with the teacher cache cold: teacher run and tokens stored;
    warm: tokens read back), in fp32 and, where the hardware has fast bf16, in bf16 autocast; and each
    line's ceiling: the same loop on batches already on the device (no loader, no cache I/O), so that
    what the data path loses is visible (``cold_fraction_of_ceiling``, ``warm_fraction_of_ceiling``);
@@ -152,7 +152,7 @@ def _teacher_attention(teacher: nn.Module, accelerator: LocalAccelerator):
 
 
 def wecolora_epoch(trainer: Trainer, teacher, loader, *, recipe: ViewRecipe, writer=None) -> float:
-    """One epoch of :func:`wecolora.distill.train_one_epoch`; returns images/s."""
+    """One epoch of :func:`wecolora.train.distill.train_one_epoch`; returns images/s."""
     from tqdm.auto import tqdm
 
     from wecolora.train.distill import train_one_epoch
@@ -170,7 +170,7 @@ def wecolora_epoch(trainer: Trainer, teacher, loader, *, recipe: ViewRecipe, wri
 
 def device_batches(loader, device: torch.device, recipe: ViewRecipe, *,
                    tokens_from: nn.Module | None = None, teacher_blocks: list[int] | None = None) -> list[dict]:
-    """Every batch of ``loader`` (:class:`wecolora.image_store.StoreBatches` items) moved to ``device`` once,
+    """Every batch of ``loader`` (:class:`wecolora.cache.images.StoreBatches` items) moved to ``device`` once,
     with the teacher's tokens for its views when ``tokens_from`` is given. An epoch over them is the loop
     without its loader and cache I/O (the views are still cut on the device, as in training)."""
     batches = []

@@ -3,8 +3,8 @@
 Standard library only, so that ``wecolora cache list`` answers without importing torch.
 
 The caches share one root (:func:`wecolora.files.cache_folder`): ``ROOT/<kind>/<entry>``, where kind is
-``teacher`` (a folder per entry: ``meta.json`` plus view files, see :mod:`wecolora.teacher_cache`),
-``images`` (a folder per image store, see :mod:`wecolora.image_store`), ``features`` (one ``.safetensors``
+``teacher`` (a folder per entry: ``meta.json`` plus view files, see :mod:`wecolora.cache.teacher`),
+``images`` (a folder per image store, see :mod:`wecolora.cache.images`), ``features`` (one ``.safetensors``
 file per entry) or any other kind a later version adds (listed
 generically: size and age). A teacher entry's or image store's "last used" is its ``meta.json`` mtime,
 stamped each time a run opens it or stores a view in it; other entries' is their mtime. The cap covers

@@ -2,6 +2,14 @@
 
 A per-image PIL pipeline (decode, RandomResizedCrop, flip, in DataLoader workers) feeds a GPU at a fraction of what
 it trains at. As FFCV does, the subset is instead decoded ONCE into a store of bounded size: each image in RGB,
+<<<<<<< HEAD
+shrunk (antialiased, never enlarged) so that its short side is at most a little above the model's input size, and
+kept at that size. A training batch is a few images read from the memory map, each placed on a canvas all images
+share (so every batch has one shape, as ``torch.compile(dynamic=False)`` needs), then cropped, resized and flipped
+on the device by one ``grid_sample`` call (:mod:`wecolora.data.augment`), with each image's box and flip drawn as
+torchvision draws them from a generator seeded by (seed, view, image): view ``v`` of image ``i`` is the same in any
+batch, order, worker or process, so the teacher cache stores tokens only.
+=======
 shrunk (antialiased, never enlarged) only if its short side exceeds the recipe's bound
 (:func:`wecolora.data.views.short_side_bound`: 579 px for 224 px views, so that even the smallest crop keeps 224
 stored pixels a side; a 500 x 375 photo is stored whole), and kept at that size. A training batch is a few images
@@ -10,6 +18,7 @@ read from the memory map, each placed on a canvas all images share (so every bat
 original (:func:`wecolora.data.augment.resized_crops`), with each image's box and flip drawn on its ORIGINAL size
 as torchvision draws them, from a generator seeded by (seed, view, image): view ``v`` of image ``i`` is the same
 in any batch, order, worker or process, so the teacher cache stores tokens only.
+>>>>>>> wt-issue21
 
 Layout: ``ROOT/<data fingerprint>-<bound>px/`` holds ``pixels.npy`` (1-D uint8: the subset's ``[3, h, w]`` images
 one after the other, in subset order, each at its own stored size, as FFCV stores them), ``offsets.npy``
@@ -20,7 +29,7 @@ batch read pads its images to the canvas (:meth:`ImageStore.rows`): a mixed-orie
 photos) would otherwise pay a square canvas per image, about 1.3x its pixels, on disk and in the page cache. The
 folder is built under a temporary name and renamed once complete, so a half-written store is never read, and every
 later run on the same subset (an ablation grid, a rerun) reuses it. A process reading a store holds a shared lock
-on its ``meta.json``, so ``wecolora cache clear`` leaves it alone (:mod:`wecolora.cache_admin`). Stores count
+on its ``meta.json``, so ``wecolora cache clear`` leaves it alone (:mod:`wecolora.cache.admin`). Stores count
 towards the cache cap with the teacher cache's entries: building one evicts the least recently used entries not in
 use.
 """
@@ -151,12 +160,12 @@ def open_store(dataset, indices, *, bound: int, cache_dir: str | os.PathLike | N
     """The subset's store, built first (each image decoded once, in ``num_workers`` loader workers) if missing.
 
     Before a build, room for the store is made under the cap of the image stores and teacher entries together
-    (:func:`wecolora.cache_admin.make_room`); a store that cannot fit is built anyway, with a warning.
+    (:func:`wecolora.cache.admin.make_room`); a store that cannot fit is built anyway, with a warning.
 
     Args:
         dataset: an image folder (``samples``: JPEGs decode with ``torchvision.io.decode_jpeg``, anything else
             with PIL) or an in-memory dataset (``images``, grey uint8 ``[N, H, W]``: stored without decoding).
-        indices: the few-shot subset, its unreadable images already dropped (:func:`wecolora.data.drop_unreadable`).
+        indices: the few-shot subset, its unreadable images already dropped (:func:`wecolora.data.subset.drop_unreadable`).
         bound: the largest stored short side (:func:`short_side_bound`); part of the store's key.
         cache_dir: the folder of stores (default ``$WECOLORA_CACHE_DIR/images``, else ``~/.cache/wecolora/images``).
         progress: show a progress bar while building.
@@ -211,7 +220,7 @@ def _open(folder: Path, images: int, bound: int) -> ImageStore | None:
 
 def _hold(store: ImageStore) -> None:
     """Lock the store (shared, on its ``meta.json``) while this process may read it, and stamp it used:
-    ``wecolora cache clear`` leaves a locked entry alone and orders the others by that stamp (:mod:`wecolora.cache_admin`)."""
+    ``wecolora cache clear`` leaves a locked entry alone and orders the others by that stamp (:mod:`wecolora.cache.admin`)."""
     fd = os.open(store.folder / META, os.O_RDONLY)
     with contextlib.suppress(OSError):  # a file system without locks: the store is not protected
         fcntl.flock(fd, fcntl.LOCK_SH)

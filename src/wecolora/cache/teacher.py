@@ -2,7 +2,7 @@
 
 The teacher is frozen and the few-shot subset is small, so its last-block tokens are a function of
 (teacher weights, image, augmentation view) only. View ``v`` of image ``i`` is reproducible (its crop and
-flip are drawn from :func:`view_seed` ``(seed, v, i)``, see :mod:`wecolora.image_store`; epoch ``e`` uses
+flip are drawn from :func:`view_seed` ``(seed, v, i)``, see :mod:`wecolora.cache.images`; epoch ``e`` uses
 view ``e mod K``), and :class:`TeacherCache` stores, per view, the teacher's tokens (fp16, or bf16 for a bf16
 teacher) as memory-mapped ``.npy`` files; the views themselves are cut again from the image store, exactly.
 An entry is keyed by the teacher's weights, the subset's images, the view recipe, the view seed, the matched
@@ -14,9 +14,9 @@ A view's files are written under temporary names and renamed when every row is f
 a view is complete exactly when its tokens file exists, so a half-written view is never read. The copy
 to the host and the file writes run on a background thread (:class:`ViewWriter`), off the training step.
 
-The cache folder and the image stores are capped together (:func:`wecolora.cache_admin.cache_cap_bytes`,
+The cache folder and the image stores are capped together (:func:`wecolora.cache.admin.cache_cap_bytes`,
 50 GB by default): opening an entry for a run, and starting each view, evicts the least recently used
-teacher entries or image stores that no live process uses (:func:`wecolora.cache_admin.make_room`).
+teacher entries or image stores that no live process uses (:func:`wecolora.cache.admin.make_room`).
 """
 from __future__ import annotations
 

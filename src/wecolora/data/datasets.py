@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from wecolora.data.layout import IMAGE_EXTENSIONS, is_image_name
+from wecolora.data.layout import BUILTIN_SEGMENTATION, IMAGE_EXTENSIONS, is_image_name
 from wecolora.errors import UserError
 
 _logger = logging.getLogger(__name__)
@@ -64,6 +64,8 @@ def open_dataset(spec: str, split: str = "train", transform=None) -> torch.utils
     if spec in BUILTIN_DATASETS:
         loader = _fashion_mnist if spec == "fashion-mnist" else _mnist_5k
         return ArrayDataset(*loader(split), split=split, transform=transform)
+    if spec in BUILTIN_SEGMENTATION:
+        raise UserError(f"{spec} is a segmentation set (image + mask pairs): probe it with --task segmentation")
     root = Path(spec).expanduser()
     if not root.exists():
         raise UserError(

@@ -33,9 +33,14 @@ def view_params(seed: int, view: int, indices, sizes, *, scale: tuple[float, flo
     in [0, 1), ``u[0:10]`` the area fractions (``scale[0] + (scale[1] - scale[0]) * u``) and ``u[10:20]`` the log
     aspects of torchvision's 10 attempts, ``u[20]`` and ``u[21]`` the top and left, ``u[22] < hflip`` the flip.
     The box then follows ``torchvision.transforms.RandomResizedCrop.get_params`` exactly
+<<<<<<< HEAD
+    (:func:`wecolora.data.augment.boxes_from_draws`, float64), relative to the image's stored size. A view thus
+    depends on neither the batch it is in, nor its order, nor the process.
+=======
     (:func:`wecolora.augment.boxes_from_draws`, float64), on the image's original size: the box torchvision's
     ``RandomResizedCrop`` would draw on the original file. A view thus depends on neither the batch it is in, nor
     its order, nor the process, nor the size the image is stored at.
+>>>>>>> wt-issue21
 
     Returns:
         ``(boxes [n, 4] float32 (top, left, height, width) in pixels, flips [n] bool)``.

@@ -1,7 +1,8 @@
-"""Frozen-backbone features for probing: pooling, batched extraction and an on-disk cache.
+"""Frozen-backbone features for probing: pooling, patch-token maps, batched extraction and an on-disk cache.
 
 A cache entry is one safetensors file per (model weights, dataset, split, transform, pooling), so a
 second probe or kNN of the same model on the same data reads the features instead of recomputing them.
+The dense probe's entries hold every image's patch tokens (fp16, ``N x D x grid``) with its mask.
 """
 from __future__ import annotations
 
@@ -83,12 +84,22 @@ def extract_features(
     Returns:
         ``(features [N, D] float32, labels [N] int64 or [N, C] float32)``, both on the CPU.
     """
-    from tqdm.auto import tqdm
-
     if pooling not in POOLINGS:
         raise UserError(f"pooling {pooling!r} is invalid: expected one of {', '.join(POOLINGS)}")
     if len(dataset) == 0:
         raise UserError(f"cannot extract {desc}: the dataset holds no images")
+    batches = _run_batches(model, dataset, lambda images: pool_tokens(model, images, pooling).float(),
+                           batch_size=batch_size, device=device, num_workers=num_workers, desc=desc)
+    features, labels = [f for f, _ in batches], [t for _, t in batches]
+    targets = torch.cat(labels)
+    targets = targets.float() if targets.ndim == 2 else targets.long()
+    return torch.cat(features), targets
+
+
+def _run_batches(model: nn.Module, dataset, compute, *, batch_size: int, device, num_workers: int, desc: str) -> list:
+    """``(compute(images) on the CPU, targets)`` of every batch of ``dataset`` in order, the model in eval mode."""
+    from tqdm.auto import tqdm
+
     device = torch.device(device)
     model.eval().to(device)
     # Under torchrun each process runs its own whole batches (the ones a single process would run), and
@@ -101,12 +112,28 @@ def extract_features(
     batches = []
     with torch.inference_mode():
         for images, targets in tqdm(loader, desc=desc, leave=False, disable=None if state.is_main_process else True):
-            batches.append((pool_tokens(model, images.to(device), pooling).float().cpu(), torch.as_tensor(targets)))
-    batches = gather_batches(batches, state)
-    features, labels = [f for f, _ in batches], [t for _, t in batches]
-    targets = torch.cat(labels)
-    targets = targets.float() if targets.ndim == 2 else targets.long()
-    return torch.cat(features), targets
+            batches.append((compute(images.to(device)).cpu(), torch.as_tensor(targets)))
+    return gather_batches(batches, state)
+
+
+def token_grid(model: nn.Module, size: tuple[int, int]) -> tuple[int, int]:
+    """Rows and columns of patch tokens a ViT makes of an image of ``size`` (height, width)."""
+    patch = model.patch_embed.patch_size
+    return size[0] // patch[0], size[1] // patch[1]
+
+
+def patch_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The patch tokens after the model's final norm as a map, ``[B, D, rows, cols]``.
+
+    What a user takes for a dense task: ``forward_features`` (last block, final norm) without the prefix
+    tokens (class, registers), laid out on the patch grid.
+    """
+    tokens = model.forward_features(images)[:, getattr(model, "num_prefix_tokens", 0):]  # [B, rows * cols, D]
+    rows, cols = token_grid(model, images.shape[-2:])
+    if tokens.shape[1] != rows * cols:
+        raise UserError(f"the model returned {tokens.shape[1]} patch tokens for a {rows}x{cols} grid; the dense probe "
+                        f"needs a plain ViT token layout")
+    return tokens.transpose(1, 2).reshape(len(tokens), -1, rows, cols)
 
 
 def dataset_fingerprint(dataset: torch.utils.data.Dataset, *, data: str, split: str) -> dict:
@@ -162,22 +189,92 @@ def cached_features(
     Returns:
         The :class:`Features`.
     """
-    from safetensors.torch import load_file, save
-
     key_parts = {"model": fingerprint or model_fingerprint(model), "pooling": pooling,
                  **dataset_fingerprint(dataset, data=data, split=split)}
-    key = hashlib.blake2b(json.dumps(key_parts, sort_keys=True).encode(), digest_size=16).hexdigest()
-    path = resolve_cache_dir(cache_dir) / f"{key}.safetensors"
-    # Read only if every process can (a node-local cache may hold it on some nodes only); else all extract.
-    if all_agree(path.is_file()):
-        _logger.info("reusing cached %s features %s", split, path)
-        tensors = load_file(str(path))
+    path = _entry_path(key_parts, cache_dir)
+    tensors = _read_entry(path, f"{split} features")
+    if tensors is not None:
         return Features(tensors["features"], tensors["labels"], from_cache=True)
     features, labels = extract_features(model, dataset, pooling=pooling, desc=f"{split} features", **extract_options)
-    if not process_state().is_main_process:  # every process holds the gathered features; one writes them
-        return Features(features, labels, from_cache=False)
-    # Written then renamed, so that a killed run never leaves a truncated entry that a later run would trust.
-    metadata = {k: str(v) for k, v in key_parts.items()}
-    atomic_write_bytes(path, save({"features": features.contiguous(), "labels": labels.contiguous()}, metadata=metadata))
-    _logger.info("cached %s features (%d x %d) in %s", split, *features.shape, path)
+    _write_entry(path, {"features": features, "labels": labels}, key_parts)
     return Features(features, labels, from_cache=False)
+
+
+def _entry_path(key_parts: dict, cache_dir) -> Path:
+    key = hashlib.blake2b(json.dumps(key_parts, sort_keys=True).encode(), digest_size=16).hexdigest()
+    return resolve_cache_dir(cache_dir) / f"{key}.safetensors"
+
+
+def _read_entry(path: Path, what: str) -> dict | None:
+    """A cache entry's tensors, if every process can read it (a node-local cache may hold it on some nodes
+    only; then all extract)."""
+    from safetensors.torch import load_file
+
+    if not all_agree(path.is_file()):
+        return None
+    _logger.info("reusing cached %s %s", what, path)
+    return load_file(str(path))
+
+
+def _write_entry(path: Path, tensors: dict, key_parts: dict) -> None:
+    """Store an entry from the first process (every process holds the gathered tensors; one writes them).
+
+    Written then renamed, so that a killed run never leaves a truncated entry that a later run would trust.
+    """
+    from safetensors.torch import save
+
+    if not process_state().is_main_process:
+        return
+    metadata = {k: str(v) for k, v in key_parts.items()}
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+    _logger.info("cached %s in %s", ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()), path)
+
+
+@dataclass
+class Tokens:
+    """Patch-token maps of one segmentation split and their masks (at the model's input size)."""
+    tokens: torch.Tensor  # [N, D, rows, cols] float16
+    masks: torch.Tensor  # [N, H, W] uint8 class indices, 255 ignored
+    from_cache: bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.tokens.numel() * self.tokens.element_size()
+
+
+def cached_tokens(
+    model: nn.Module,
+    dataset,
+    *,
+    data: str,
+    split: str,
+    cache_dir: str | os.PathLike | None = None,
+    fingerprint: str | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+) -> Tokens:
+    """Every image's patch tokens (:func:`patch_tokens`, stored as fp16) and mask, from the cache or extracted.
+
+    Memory and disk: ``N x D x rows x cols x 2`` bytes (ViT-B/16 at 224 px: 0.3 MB an image).
+
+    Args:
+        model: the frozen backbone (its weights are hashed into the key).
+        dataset: a :class:`~wecolora.data.segmentation.SegmentationDataset` with its joint transform set.
+        data, split, cache_dir, fingerprint: as in :func:`cached_features`.
+        batch_size, device, num_workers: of the extraction.
+    """
+    if len(dataset) == 0:
+        raise UserError(f"cannot extract {split} tokens: the dataset holds no images")
+    key_parts = {"model": fingerprint or model_fingerprint(model), "kind": "patch-tokens", "data": data, "split": split,
+                 "n": len(dataset), "pairs": dataset.content_key(), "transform": repr(dataset.transform)}
+    path = _entry_path(key_parts, cache_dir)
+    tensors = _read_entry(path, f"{split} tokens")
+    if tensors is not None:
+        return Tokens(tensors["tokens"], tensors["masks"], from_cache=True)
+    batches = _run_batches(model, dataset, lambda images: patch_tokens(model, images).half(), batch_size=batch_size,
+                           device=device, num_workers=num_workers, desc=f"{split} tokens")
+    tokens = torch.cat([t for t, _ in batches])
+    masks = torch.cat([m for _, m in batches]).to(torch.uint8)
+    _write_entry(path, {"tokens": tokens, "masks": masks}, key_parts)
+    return Tokens(tokens, masks, from_cache=False)

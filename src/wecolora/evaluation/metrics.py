@@ -1,4 +1,5 @@
-"""Scores of a trained head: top-1/top-5 for single-label sets, mean ROC-AUC over labels for multi-label ones."""
+"""Scores of a trained head: top-1/top-5 for single-label sets, mean ROC-AUC over labels for multi-label ones,
+and mIoU, pixel accuracy and per-class IoU from a confusion matrix for the dense probe."""
 from __future__ import annotations
 
 import numpy as np
@@ -56,3 +57,41 @@ def classification_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict:
                 "auc": multilabel_auc(scores, targets)}  # fmt: skip
     hits = top == targets[:, None]
     return {"top1": hits[:, 0].float().mean().item(), "top5": hits.any(1).float().mean().item()}
+
+
+def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int,
+                     ignore_index: int = 255) -> torch.Tensor:
+    """``[C, C]`` pixel counts, row = true class, column = predicted class; ``ignore_index`` pixels left out.
+
+    Args:
+        predictions, targets: class indices of the same shape (any), e.g. ``[B, H, W]``.
+    """
+    keep = targets != ignore_index
+    truth, guess = targets[keep].long(), predictions[keep].long()
+    return torch.bincount(truth * num_classes + guess, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def segmentation_metrics(confusion: torch.Tensor, class_names: list[str] | None = None) -> dict:
+    """mIoU, pixel accuracy and per-class IoU of a confusion matrix (rows true, columns predicted).
+
+    IoU of class c = TP / (TP + FP + FN). A class absent from both the truth and the predictions has no
+    IoU (None) and is left out of the mean, as in mmsegmentation's nan-mean.
+
+    Returns:
+        ``miou`` (0..1), ``pixel_accuracy`` (0..1), ``per_class_iou`` ({name: IoU or None}), ``pixels``.
+
+    Example:
+        >>> segmentation_metrics(torch.tensor([[3, 1], [0, 2]]))["miou"]  # IoU 3/4 and 2/3
+        0.7083333333333333
+    """
+    confusion = confusion.double()
+    hits = confusion.diagonal()
+    union = confusion.sum(0) + confusion.sum(1) - hits
+    names = class_names or [str(c) for c in range(len(confusion))]
+    ious = [None if u == 0 else (h / u).item() for h, u in zip(hits, union)]
+    present = [iou for iou in ious if iou is not None]
+    total = confusion.sum().item()
+    if not present or total == 0:
+        raise UserError("no labelled pixel to score: every test pixel is 255 (ignored)")
+    return {"miou": float(np.mean(present)), "pixel_accuracy": hits.sum().item() / total,
+            "per_class_iou": dict(zip(names, ious)), "pixels": int(total)}

@@ -8,10 +8,11 @@ from wecolora.errors import UserError
 from wecolora.evaluation.splits import RESULTS
 from wecolora.files import atomic_write_text, check_writable, csv_text
 
-REPORT_COLUMNS = ("run", "model", "data", "protocol", "pooling", "top1", "top5", "val_top1", "auc",
-                  "n_train", "train_per_class", "n_test", "epochs", "k", "feature_dim", "seconds")  # fmt: skip
-PERCENT_COLUMNS = ("top1", "top5", "val_top1", "auc")
-TEXT_COLUMNS = ("run", "model", "data", "protocol", "pooling")
+REPORT_COLUMNS = ("run", "model", "data", "task", "protocol", "pooling", "top1", "top5", "val_top1", "auc", "miou",
+                  "pixel_accuracy", "n_train", "train_per_class", "n_test", "epochs", "k", "feature_dim",
+                  "seconds")  # fmt: skip
+PERCENT_COLUMNS = ("top1", "top5", "val_top1", "auc", "miou", "pixel_accuracy")
+TEXT_COLUMNS = ("run", "model", "data", "task", "protocol", "pooling")
 
 
 def report(run_dirs: list[str]) -> tuple[str, list[dict]]:

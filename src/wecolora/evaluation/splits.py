@@ -82,7 +82,8 @@ def publish(state, out: Path, results: dict, what: str) -> None:
     """``results.json`` from the first process, then every process waits for it."""
     if state.is_main_process:
         write_results(out, results)
-        _logger.info("%s: top1 %.2f%%", what, 100 * results["top1"])
+        metric = "miou" if "miou" in results else "top1"
+        _logger.info("%s: %s %.2f%%", what, metric, 100 * results[metric])
     state.wait_for_everyone()
 
 

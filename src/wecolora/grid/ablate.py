@@ -1,7 +1,8 @@
 """Ablation grids: several distillations and probes from one preset, gathered into the paper's layout.
 
 A preset (``presets/NAME.yaml`` or any YAML file) names a teacher, the distillation set, the probe
-sets, settings shared by every student, a list of runs (mode, reduction, ratio, and any other
+sets (a name, or a mapping with ``data``, ``task`` and its own probe settings: see :func:`probe_sets`),
+settings shared by every student, a list of runs (mode, reduction, ratio, and any other
 distill setting such as lr or keep) and optionally ``seeds``: every run is then done once per seed
 (training seed and few-shot subset seed together) and the report gives mean ± std over the seeds.
 Finished runs and probes are reused, so an interrupted grid continues where it stopped. The runs share
@@ -17,9 +18,9 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wecolora.config import DEFAULT_REDUCTION, DistillConfig, load_yaml
+from wecolora.config import DEFAULT_REDUCTION, DistillConfig, ProbeConfig, load_yaml
+from wecolora.data.layout import is_segmentation_set
 from wecolora.errors import UserError
-from wecolora.evaluation.probe import probe_config
 from wecolora.export import RUN_INFO
 from wecolora.files import atomic_write_text, csv_text
 from wecolora.grid.charts import write_chart
@@ -32,8 +33,55 @@ METHOD_NAMES = {"scratch-kd": "scratch KD", "weco-kd": "WeCo+KD", "lora-qv": "We
                 "wecolora": "WeCoLoRA", "teacher": "teacher", "copy": "weight copy, no training"}
 NAMED_SETTINGS = ("mode", "reduction", "ratio")  # always in a run's name and in the table
 SHORT_NAMES = {"reduction": "r", "ratio": "a", "seed": "s", "subset_seed": "subset", "warmup_epochs": "warmup"}
-CSV_COLUMNS = ("name", "run", "method", "mode", "reduction", "ratio", "seed", "probe_data", "top1", "top5",
-               "n_train", "n_test", "optimizer", "final_loss", "distill_seconds", "source")
+CSV_COLUMNS = ("name", "run", "method", "mode", "reduction", "ratio", "seed", "probe_data", "metric", "top1", "top5",
+               "miou", "pixel_accuracy", "n_train", "n_test", "optimizer", "probe_lr", "final_loss",
+               "distill_seconds", "source")  # fmt: skip
+METRIC_NAMES = {"top1": "linear-probe top-1", "miou": "segmentation-probe mIoU"}
+# What a segmentation set takes from the grid's probe: section (the rest is the classification recipe).
+SHARED_WITH_SEGMENTATION = ("seed", "num_workers", "extract_batch_size", "cache_dir", "max_unreadable")
+
+
+@dataclass
+class ProbeSet:
+    """One probe set of a grid: its data, its probe's settings and its column in the report."""
+    data: str
+    config: ProbeConfig
+    label: str  # the report's column (and the probe folder's name)
+
+    @property
+    def metric(self) -> str:
+        return "miou" if self.config.task == "segmentation" else "top1"
+
+
+def probe_sets(entries: list, shared: dict) -> list[ProbeSet]:
+    """The grid's probe sets from its ``probe_data`` entries and its ``probe:`` section.
+
+    An entry is a dataset name (a segmentation set, built-in or an image + mask folder, is recognised), or a
+    mapping ``{data, task, label, <ProbeConfig settings>}``. A classification set takes the ``probe:``
+    section with the entry's settings on top; a segmentation set takes only its seed, worker and cache
+    settings (:data:`SHARED_WITH_SEGMENTATION`), with the entry's on top: the section's lr, epochs and
+    train_per_class are the CLS probe's recipe.
+
+    >>> [(p.label, p.metric) for p in probe_sets(["mnist-5k", {"data": "fashion-mnist-seg"}], {"lr": 4.0})]
+    [('mnist-5k', 'top1'), ('fashion-mnist-seg', 'miou')]
+    """
+    from wecolora.evaluation.probe import probe_config
+
+    sets = []
+    for entry in entries:
+        entry = {"data": entry} if isinstance(entry, str) else dict(entry) if isinstance(entry, dict) else None
+        if entry is None or not isinstance(entry.get("data"), str):
+            raise UserError(f"probe_data entries are dataset names or mappings with a data: key, not {entry!r}")
+        data, label = entry.pop("data"), entry.pop("label", None)
+        task = entry.setdefault("task", "segmentation" if is_segmentation_set(data) else "classification")
+        base = shared if task == "classification" else {k: v for k, v in shared.items() if k in SHARED_WITH_SEGMENTATION}
+        label = str(label) if label is not None else Path(data).name if Path(data).exists() else data
+        sets.append(ProbeSet(data, probe_config(**{**base, **entry}), label))
+    labels = [p.label for p in sets]
+    twins = sorted({label for label in labels if labels.count(label) > 1})
+    if twins:
+        raise UserError(f"probe sets {', '.join(twins)} appear more than once; give each a distinct label")
+    return sets
 
 
 def presets() -> list[str]:
@@ -45,7 +93,7 @@ class Ablation:
     """A grid of runs; see ``presets/demo.yaml`` for every field."""
     teacher: str
     distill_data: str
-    probe_data: list[str]
+    probe_data: list  # dataset names, or mappings {data, task, label, probe settings}: see probe_sets
     runs: list[dict]
     distill: dict = field(default_factory=dict)
     probe: dict = field(default_factory=dict)
@@ -62,7 +110,7 @@ class Ablation:
             if seeds is not None and (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
                                       or not all(isinstance(s, int) for s in seeds)):
                 raise UserError(f"seeds {seeds!r} is invalid: expected a list of distinct integers like [0, 1, 2]")
-        self.probe_config = probe_config(**self.probe)  # validated before any work starts
+        self.probe_sets = probe_sets(self.probe_data, self.probe)  # validated before any work starts
         names = [name for name, _ in self.planned_runs()]
         twins = sorted({name for name in names if names.count(name) > 1})
         if twins:
@@ -143,8 +191,8 @@ def ablate(grid: Ablation, output: str | Path, *, device: str = "auto", shard: t
     output = Path(output)
     rows = []
     for name, method, source, folder, settings in _reference_models(grid, output, state) if index == 0 else ():
-        rows += [_probe_row(probe, name, method, source, folder, settings, data, grid, device)
-                 for data in grid.probe_data]
+        rows += [_probe_row(probe, name, method, source, folder, settings, probe_set, grid, device)
+                 for probe_set in grid.probe_sets]
     for folder_name, settings in grid.planned_runs()[index::shards]:
         run_dir = output / "runs" / folder_name
         config = DistillConfig(**{**settings, "device": device, "output": str(run_dir),
@@ -163,8 +211,8 @@ def ablate(grid: Ablation, output: str | Path, *, device: str = "auto", shard: t
         row_settings = {**settings, "run": folder_name, "final_loss": result["epochs"][-1]["loss"],
                         "distill_seconds": sum(float(e["seconds"]) for e in result["epochs"])}
         cell = run_name(settings, _cell_settings(grid))
-        rows += [_probe_row(probe, cell, METHOD_NAMES[settings["mode"]], run_dir, run_dir, row_settings, data, grid,
-                            device) for data in grid.probe_data]
+        rows += [_probe_row(probe, cell, METHOD_NAMES[settings["mode"]], run_dir, run_dir, row_settings, probe_set, grid,
+                            device) for probe_set in grid.probe_sets]
     if state.is_main_process and shards == 1:
         write_report(rows, grid, output)
     return rows
@@ -207,28 +255,41 @@ def _reference_models(grid: Ablation, output: Path, state):
             yield f"copy-r{reduction}", METHOD_NAMES["copy"], folder, folder, {"reduction": reduction}
 
 
-def _probe_row(probe, name, method, source, folder: Path, settings, data, grid, device) -> dict:
+def _probe_row(probe, name, method, source, folder: Path, settings, probe_set: ProbeSet, grid, device) -> dict:
     """Probe one model on one set (or reuse its results.json) and return its report row."""
-    tag = Path(data).name if Path(data).exists() else data
-    probe_dir = folder / f"probe-{tag}"
+    probe_dir = folder / f"probe-{probe_set.label.replace('/', '_')}"
     results_file = probe_dir / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    if any(results.get(key) != value for key, value in _probe_identity(grid.probe_config).items()):
-        results = probe(str(source), data, str(probe_dir), grid.probe_config, device=device)  # none, or stale
+    if not _reusable(results, probe_set.config):  # none, or from other settings
+        results = probe(str(source), probe_set.data, str(probe_dir), probe_set.config, device=device)
     extra = {k: settings[k] for k in _cell_settings(grid) if k in settings}
     return {"name": name, "run": settings.get("run", name), "method": method,
             "mode": settings.get("mode", name.split("-")[0]), "reduction": settings.get("reduction"),
-            "ratio": settings.get("ratio"), "seed": settings.get("seed"),
-            "probe_data": data, "top1": results["top1"], "top5": results.get("top5"), "n_train": results["n_train"],
-            "n_test": results["n_test"], "optimizer": results.get("optimizer", "sgd"),
-            "final_loss": settings.get("final_loss"), "distill_seconds": settings.get("distill_seconds"),
-            "source": str(probe_dir), **extra}
+            "ratio": settings.get("ratio"), "seed": settings.get("seed"), "probe_data": probe_set.label,
+            "metric": probe_set.metric, "score": results[probe_set.metric], "top1": results.get("top1"),
+            "top5": results.get("top5"), "miou": results.get("miou"), "pixel_accuracy": results.get("pixel_accuracy"),
+            "n_train": results["n_train"], "n_test": results["n_test"], "optimizer": results.get("optimizer", "sgd"),
+            "probe_lr": results.get("lr"), "final_loss": settings.get("final_loss"),
+            "distill_seconds": settings.get("distill_seconds"), "source": str(probe_dir), **extra}
 
 
-def _probe_identity(config) -> dict:
-    """What a saved ``results.json`` must match to be reused: the settings that change its score."""
-    return {"protocol": config.protocol, "optimizer": config.optimizer, "epochs": config.epochs,
-            "pooling": config.pooling, "train_per_class": config.train_per_class, "seed": config.seed}
+def _reusable(results: dict, config: ProbeConfig) -> bool:
+    """Whether a saved ``results.json`` came from these probe settings (those that change its score).
+
+    Results of wecolora 0.3 and before hold no task (classification) nor lr_source: their lr counts as
+    given, so a probe with a fixed lr is reused and one whose lr a sweep now chooses is run again.
+    """
+    if not results:
+        return False
+    same = {"task": config.task, "optimizer": config.optimizer, "epochs": config.epochs, "seed": config.seed}
+    if config.task == "classification":
+        same.update(protocol=config.protocol, pooling=config.pooling, train_per_class=config.train_per_class)
+    if config.img_size is not None:
+        same["img_size"] = [config.img_size, config.img_size]
+    recorded = {"task": "classification", **results}
+    lr_matches = (recorded.get("lr") == config.lr if config.lr is not None
+                  else recorded.get("lr_source") in ("rule", "sweep"))
+    return lr_matches and all(recorded.get(key) == value for key, value in same.items())
 
 
 def _read_summary(run_dir: Path) -> list[dict]:
@@ -236,12 +297,13 @@ def _read_summary(run_dir: Path) -> list[dict]:
         return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
 
 
-def cell_scores(rows: list[dict], probe_data: list[str]) -> list[dict]:
-    """One entry per report cell (model x probe set): its rows' top-1 (%) mean, sample std and seed count."""
+def cell_scores(rows: list[dict]) -> list[dict]:
+    """One entry per report cell (model x probe set): its rows' score (top-1 or mIoU, %) mean, sample std
+    and seed count."""
     cells: dict[tuple, dict] = {}
     for row in rows:
         cell = cells.setdefault((row["name"], row["probe_data"]), {**row, "scores": []})
-        cell["scores"].append(100 * row["top1"])
+        cell["scores"].append(100 * row["score"])
     for cell in cells.values():
         scores = cell["scores"]
         cell["mean"], cell["n"] = statistics.fmean(scores), len(scores)
@@ -249,17 +311,21 @@ def cell_scores(rows: list[dict], probe_data: list[str]) -> list[dict]:
     return list(cells.values())
 
 
-def markdown_table(rows: list[dict], probe_data: list[str]) -> str:
-    """The paper's Table A layout: one line per model, one linear-probe top-1 (%) column per probe set.
+def markdown_table(rows: list[dict]) -> str:
+    """The paper's Table A layout: one line per model, one column per probe set: linear-probe top-1 (%), or
+    mIoU (%) for a segmentation set (its header says mIoU).
 
     Cells over several seeds read ``mean ± std`` (sample std); the last column gives the seed count
     (``-`` for the untrained reference rows).
     Settings that vary across the grid's runs besides mode, r and alpha (lr, keep, ...) get a column each.
     """
-    cells = {(c["name"], c["probe_data"]): c for c in cell_scores(rows, probe_data)}
+    cells = {(c["name"], c["probe_data"]): c for c in cell_scores(rows)}
     models = list(dict.fromkeys(row["name"] for row in rows))
-    extra = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in CSV_COLUMNS]
-    header = ["alpha", "method", "r", *extra, *probe_data, "seeds"]
+    probe_data = list(dict.fromkeys(row["probe_data"] for row in rows))
+    metrics = {row["probe_data"]: row["metric"] for row in rows}
+    extra = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in (*CSV_COLUMNS, "score")]
+    header = ["alpha", "method", "r", *extra, *(f"{d} mIoU" if metrics[d] == "miou" else d for d in probe_data),
+              "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in models:
         first = cells[(name, probe_data[0])]
@@ -278,17 +344,29 @@ def _mean_std(cell: dict) -> str:
 
 def write_report(rows: list[dict], grid: Ablation, output: Path) -> str:
     """report.md (table + each number's source), results.csv (one row per seed) and chart.png under ``output``."""
-    table = markdown_table(rows, grid.probe_data)
+    table = markdown_table(rows)
     sources = "\n".join(f"- {row['run']} on {row['probe_data']}: {row['source']}/results.json" for row in rows)
     seeds = (f" Each trained row is the mean ± sample std over seeds {grid.seeds} (training and few-shot subset "
              f"seed together); the last column counts the seeds." if grid.seeds is not None else "")
+    dense = [f"{p.label} ({_settings_text(p.config)})" for p in grid.probe_sets if p.metric == "miou"]
+    dense = (f" Segmentation sets report the dense probe's mIoU (%): {'; '.join(dense)}." if dense else "")
     text = (f"# Ablation: {grid.teacher} distilled on {grid.distill_data}\n\n"
-            f"Linear-probe top-1 (%) of each frozen model; probe settings {grid.probe}; student settings "
+            f"Linear-probe top-1 (%) of each frozen model; probe settings {grid.probe}.{dense} Student settings "
             f"{grid.distill} plus each row's mode, reduction r and ratio alpha.{seeds}\n\n{table}\n\n"
             f"## Sources\n\n{sources}\n")
     atomic_write_text(output / "report.md", text)
-    extra = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in CSV_COLUMNS]
+    extra = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in (*CSV_COLUMNS, "score")]
     atomic_write_text(output / "results.csv", csv_text(rows, (*CSV_COLUMNS, *extra)))
-    write_chart(cell_scores(rows, grid.probe_data), grid.probe_data, output / "chart.png", settings=extra,
-                title=f"{grid.teacher} distilled on {grid.distill_data}")
+    labels = [p.label for p in grid.probe_sets]
+    write_chart(cell_scores(rows), labels, output / "chart.png", settings=extra,
+                title=f"{grid.teacher} distilled on {grid.distill_data}",
+                ylabels={p.label: f"{METRIC_NAMES[p.metric]} (%)" for p in grid.probe_sets})
     return table
+
+
+def _settings_text(config: ProbeConfig) -> str:
+    """The settings of a probe set that differ from the defaults, as ``key value`` pairs."""
+    default = ProbeConfig(task=config.task)
+    changed = [f"{f} {getattr(config, f)}" for f in ("epochs", "lr", "batch_size", "optimizer", "img_size", "seed")
+               if getattr(config, f) != getattr(default, f)]
+    return ", ".join(changed) or "defaults"

@@ -1,6 +1,6 @@
 """Charts of an ablation grid: bars by (alpha, r) with seed error bars, or probe top-1 against the lr.
 
-Both take the report's cells (one per model and probe set: ``mean``, ``std``, ``n`` of top-1 in %)
+Both take the report's cells (one per model and probe set: ``mean``, ``std``, ``n`` of top-1 or mIoU in %)
 and draw one panel per probe set. The axis starts just below the lowest bar so that a 1-point
 difference is visible, every bar carries its value, and the legend sits outside the data.
 """
@@ -18,11 +18,11 @@ REFERENCE_COLORS = ("#222222", "#6d4c41", "#a1887f", "#d7ccc8")  # teacher, then
 
 
 def write_chart(cells: list[dict], probe_data: list[str], path: Path, *, settings: list[str] = (),
-                title: str = "") -> None:
+                title: str = "", ylabels: dict[str, str] | None = None) -> None:
     """chart.png: a line chart against the lr when the grid sweeps it, else grouped bars.
 
     ``settings`` names the run settings besides mode, r and alpha that vary in the grid (keep, rank...):
-    they join the method in the bar labels.
+    they join the method in the bar labels. ``ylabels`` names each panel's score (default: linear-probe top-1).
     """
     plt = _pyplot()
     sweep = len({c["lr"] for c in cells if c.get("lr") is not None}) > 1
@@ -35,7 +35,7 @@ def write_chart(cells: list[dict], probe_data: list[str], path: Path, *, setting
         panel = [c for c in cells if c["probe_data"] == data]
         (_draw_sweep if sweep else _draw_bars)(ax, panel)
         ax.set_title(f"probe on {data}")
-        ax.set_ylabel("linear-probe top-1 (%)")
+        ax.set_ylabel((ylabels or {}).get(data, "linear-probe top-1 (%)"))
         ax.grid(axis="y", alpha=0.3)
     handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
     fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
@@ -96,7 +96,7 @@ def _draw_bars(ax, cells: list[dict]) -> None:
 
 def _draw_sweep(ax, cells: list[dict]) -> None:
     """One line per (method, r, alpha) against the lr (log axis); reference models as horizontal lines."""
-    trained = [c for c in cells if not _is_reference(c)]
+    trained = [c for c in cells if not _is_reference(c) and c.get("lr") is not None]
     for key in sorted({(c["method"], c["reduction"], c["ratio"], c["label"]) for c in trained},
                       key=lambda k: (METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else -1, k[1], k[2], k[3])):
         line = sorted((c for c in trained if (c["method"], c["reduction"], c["ratio"], c["label"]) == key),
@@ -108,6 +108,9 @@ def _draw_sweep(ax, cells: list[dict]) -> None:
     for i, cell in enumerate(c for c in cells if _is_reference(c)):
         ax.axhline(cell["mean"], color=REFERENCE_COLORS[i % len(REFERENCE_COLORS)], linestyle=":",
                    label=_reference_label(cell))
+    for cell in (c for c in cells if not _is_reference(c) and c.get("lr") is None):  # a run at its default lr
+        ax.axhline(cell["mean"], color=METHOD_COLORS.get(cell["method"]), linestyle="-." if cell["reduction"] == 2
+                   else ":", label=f"{cell['label']}, r={cell['reduction']}, alpha {cell['ratio']:.0%}, default lr")
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     _tight_y(ax, cells, headroom=1.0)

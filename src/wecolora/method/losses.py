@@ -22,7 +22,7 @@ def matched_blocks(match: str, segment_ends: list[int]) -> tuple[list[int], list
     """(student blocks, teacher blocks, norm) whose tokens the loss compares.
 
     ``segment_ends[i]`` is the teacher block whose output student block i stands for (the end of its
-    segment, :attr:`wecolora.student.StudentPlan.segment_ends`), for any kept list. ``per-block`` pairs
+    segment, :attr:`wecolora.method.plan.StudentPlan.segment_ends`), for any kept list. ``per-block`` pairs
     every student block with it: for r=3 ``first`` that is teacher block 3i + 2, the pairing the reference
     code gets wrong. ``last``/``last-norm`` match the last student block with the teacher's last block.
 

@@ -122,7 +122,7 @@ def plan_student(teacher: nn.Module, reduction: int = DEFAULT_REDUCTION, keep="f
         rank: adapter rank; default :func:`default_rank` for adapter modes, None otherwise.
         alpha: peft ``lora_alpha``; default the rank (scale 1).
         images: ``[N, C, H, W]`` preprocessed images of the few-shot subset, for a searched keep.
-        choice: a :class:`wecolora.block_search.BlockChoice` made earlier (a resumed run), instead of images.
+        choice: a :class:`wecolora.method.block_search.BlockChoice` made earlier (a resumed run), instead of images.
         seed: seeds the split of ``images`` into search and scoring images.
 
     Example:

@@ -57,7 +57,7 @@ def build_student(
         teacher: a timm VisionTransformer (its weights are copied, it is not modified).
         reduction: keep every r-th block (12 blocks, r=2 -> 6).
         keep: ``first``, ``last``, an explicit list of teacher block indices, or ``auto``/``greedy``/
-            ``influence`` with ``images`` (see :mod:`wecolora.block_search`).
+            ``influence`` with ``images`` (see :mod:`wecolora.method.block_search`).
         mode: one of :data:`MODES`.
         rank: adapter rank for adapter modes; default :func:`default_rank`.
 

@@ -56,7 +56,7 @@ def load_model(spec: str, *, weights: str | None = None, img_size: int | None = 
         spec: timm name (``vit_small_patch16_224.dino``), ``local-dir:FOLDER``, ``hf-hub:ORG/NAME``, ``bundled``,
             ``bundled-mae`` (the self-supervised Fashion-MNIST teacher), a folder holding ``config.json`` (a run
             folder resolves to its ``student/``), or a Hugging Face transformers ViT/DeiT/ViT-MAE/DINOv2 folder
-            (also ``hf-transformers:FOLDER``), converted by :mod:`wecolora.hf_transformers`.
+            (also ``hf-transformers:FOLDER``), converted by :mod:`wecolora.teachers.hf_transformers`.
         weights: optional local ``.safetensors``/``.pth`` loaded into that architecture through timm's
             pretrained path (handles MAE/DINOv2/CLIP layouts, pos-embed resize and head drop).
         img_size: optional input size override (pos-embed is resized by timm).

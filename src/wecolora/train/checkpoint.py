@@ -22,7 +22,7 @@ from wecolora.train.run_folder import CHECKPOINT_FILES
 
 _logger = logging.getLogger(__name__)
 
-WEIGHTS, OPTIMIZER, STATE = CHECKPOINT_FILES  # named in checks.py, which reads them without torch
+WEIGHTS, OPTIMIZER, STATE = CHECKPOINT_FILES  # named in run_folder.py, which checks them without torch
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -52,6 +52,10 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         state = json.loads((path / STATE).read_text())
     except Exception as err:  # safetensors/torch/json each raise their own type for damaged files
         raise UserError(f"checkpoint {path} is damaged: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    if not (isinstance(state, dict) and isinstance(state.get("scheduler"), dict)
+            and isinstance(state.get("progress"), dict) and "epoch" in state["progress"]):
+        # Checked before anything is copied into the live objects.
+        raise UserError(f"checkpoint {path} is damaged: {STATE} lacks the scheduler state or the progress counters")
     expected = dict(model.named_parameters())
     mismatched = sorted(k for k in weights if k not in expected or expected[k].shape != weights[k].shape)
     missing = sorted(k for k, p in expected.items() if p.requires_grad and k not in weights)
@@ -63,13 +67,6 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     optimizer.load_state_dict(optim_state)
     scheduler.load_state_dict(state["scheduler"])
     return state["progress"]
-
-
-def resume_source(checkpoint_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint ``--resume`` names: ``auto`` is the run's own ``checkpoint_dir``, a path is itself."""
-    if resume == "auto":
-        return checkpoint_dir
-    return Path(resume) if resume else None
 
 
 def resume_schedule(optimizer, scheduler, progress: dict, *, epochs: int, warmup_epochs: int,

@@ -1,15 +1,16 @@
 """The distillation loop: a frozen teacher, a weight-copied student, an L1 on last-block tokens.
 
-Reads top to bottom: resolve settings -> teacher and student plan -> the training set-up (student,
-optimizer, schedule: :func:`wecolora.training.make_training`, shared with bench) -> data (the image store,
-views cut on the device) -> (resume) -> epochs of steps -> checkpoint each epoch -> export the merged student.
+:func:`distill` reads top to bottom: claim the run folder -> the few-shot subset -> teacher and student plan ->
+the training set-up (student, optimizer, schedule: :func:`wecolora.train.setup.make_training`, shared with
+bench) -> data (the image store, views cut on the device, the teacher cache) -> (resume) -> epochs of steps,
+a checkpoint after each -> export the merged student.
 """
 from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,16 +29,15 @@ from wecolora.data.views import ViewRecipe
 from wecolora.distributed import all_agree
 from wecolora.errors import UserError
 from wecolora.export import export_run
-from wecolora.files import atomic_write_text, csv_text
 from wecolora.method.block_search import BlockChoice, choose_blocks
 from wecolora.method.losses import feature_loss
 from wecolora.method.plan import StudentPlan, check_settings, get_mode, plan_student
 from wecolora.runtime import loader_workers, make_accelerator, versions
 from wecolora.teachers.load import load_model, model_shape
 from wecolora.teachers.vit import last_block_tokens, use_fused_attention
-from wecolora.train.checkpoint import load_checkpoint, resume_schedule, resume_source, save_checkpoint
-from wecolora.train.run_folder import check_distill
-from wecolora.train.setup import compile_by_default, make_training, plain_attention
+from wecolora.train.checkpoint import load_checkpoint, resume_schedule, save_checkpoint
+from wecolora.train.run_folder import RunFolder, claim_distill
+from wecolora.train.setup import Training, compile_by_default, make_training, plain_attention
 
 _logger = logging.getLogger(__name__)
 
@@ -95,160 +95,271 @@ def distill(config: DistillConfig) -> dict:
         >>> from wecolora.config import DistillConfig
         >>> distill(DistillConfig(teacher="local-dir:teacher", data="fashion-mnist", output="runs/a"))  # doctest: +SKIP
     """
-    output = check_distill(config)  # paths; refuses to clobber a finished or interrupted run unless asked
-    # What the user gave is checked before any weight is read: the teacher's architecture on the meta
-    # device, then the few-shot subset (unreadable images skipped, or refused beyond a threshold).
+    from accelerate.utils import set_seed
+
+    with claim_distill(config) as run:  # locked against another run; a finished or interrupted run needs asking
+        subset = open_subset(config)
+        accelerator, precision = make_accelerator(config.device, config.precision, config.accum_steps)
+        set_seed(config.seed)
+        teacher = load_teacher(config, accelerator)
+        plan = make_plan(config, teacher, subset.dataset, subset.indices, accelerator,
+                         resumed=run.resume_from is not None)
+        job = make_distillation(config, run, subset, teacher, plan, accelerator, precision)
+        start_epoch, updates, rows = resume(job)
+        if accelerator.is_main_process:
+            write_run_files(job)
+        rows = train_epochs(job, start_epoch, updates, rows)
+        return export_student(job, rows)
+
+
+@dataclass
+class FewShotSubset:
+    """The images a run trains on: rows ``indices`` of ``dataset``; ``unreadable`` ones were skipped."""
+    dataset: object
+    indices: list[int]
+    unreadable: list[str]
+
+
+def open_subset(config: DistillConfig) -> FewShotSubset:
+    """The few-shot subset. What the user gave is checked before any weight is read: the teacher's architecture
+    on the meta device, then the subset (unreadable images skipped, or refused beyond a threshold)."""
     check_settings(model_shape(config.teacher, img_size=config.img_size), config.reduction, config.keep,
                    config.mode, config.rank, config.lora_alpha)
     dataset = open_dataset(config.data, "train")
     indices = few_shot_indices(dataset.targets, ratio=None if config.per_class else config.ratio,
-                                    per_class=config.per_class, seed=config.subset_seed,
-                                    min_per_class=config.min_per_class, classes=dataset.classes)
+                               per_class=config.per_class, seed=config.subset_seed,
+                               min_per_class=config.min_per_class, classes=dataset.classes)
     indices, unreadable = drop_unreadable(dataset, indices, max_fraction=config.max_unreadable,
-                                                min_per_class=config.min_per_class)
-    accelerator, precision = make_accelerator(config.device, config.precision, config.accum_steps)
-    from accelerate.utils import set_seed
+                                          min_per_class=config.min_per_class)
+    return FewShotSubset(dataset, indices, unreadable)
 
-    set_seed(config.seed)
-    checkpoint_dir = output / "checkpoint"
-    resume_from = resume_source(checkpoint_dir, config.resume)
 
-    # Models: the teacher is frozen, in eval mode, never wrapped. The student's plan (kept blocks, their
-    # segments, rank) is resolved once here; a searched keep looks at the subset first.
+def load_teacher(config: DistillConfig, accelerator) -> nn.Module:
+    """The teacher: frozen, in eval mode, on the run's device, never wrapped."""
     teacher = load_model(config.teacher, weights=config.teacher_weights, img_size=config.img_size)
     teacher.requires_grad_(False).to(accelerator.device)
-    plan = make_plan(config, teacher, dataset, indices, accelerator, resumed=resume_from is not None and resume_from.is_dir())
-    kept, depth = list(plan.kept), plan.teacher_blocks
+    return teacher
 
-    # The student, what its loss matches, AdamW without decay on 1-D params, warmup from 0 then per-iteration
-    # cosine to 0: the set-up bench measures (training.make_training).
-    world = accelerator.num_processes
-    peak_lr = config.peak_lr(world)
-    steps_per_epoch = math.ceil(len(indices) / (config.batch_size * world))  # each process's batches
-    updates_per_epoch = math.ceil(steps_per_epoch / config.accum_steps)
-    training = make_training(teacher, plan, lr=peak_lr, weight_decay=config.weight_decay, epochs=config.epochs,
-                             warmup_epochs=config.warmup_epochs, updates_per_epoch=updates_per_epoch,
-                             device=accelerator.device, precision=precision, match=config.match,
-                             dropout=config.lora_dropout, use_dora=config.dora, use_rslora=config.rslora)
-    student, optimizer, scheduler = training.student, training.optimizer, training.scheduler
-    student_blocks, teacher_blocks, norm = training.student_blocks, training.teacher_blocks, training.norm
 
-    # Data: the few-shot subset decoded once into a memory-mapped store (reused by every run on this subset),
-    # and the paper's augmentation cut from it on the device, with the teacher's own mean/std. View v of image i
-    # is reproducible (its crop and flip are drawn from (seed, v, i)) and epoch e shows view e mod K, so the
-    # teacher's tokens for it can be cached on disk once and reused by every later epoch, student and rerun.
+@dataclass(frozen=True)
+class Steps:
+    """How an epoch divides into steps and optimizer updates, and the peak lr of the effective batch."""
+    world: int
+    peak_lr: float
+    per_epoch: int  # each process's batches
+    updates_per_epoch: int
+
+    @classmethod
+    def of(cls, config: DistillConfig, images: int, world: int) -> Steps:
+        per_epoch = math.ceil(images / (config.batch_size * world))
+        return cls(world, config.peak_lr(world), per_epoch, math.ceil(per_epoch / config.accum_steps))
+
+
+@dataclass
+class EpochData:
+    """Each epoch's batches. The few-shot subset is decoded once into a memory-mapped store (reused by every run
+    on this subset), and the paper's augmentation is cut from it on the device, with the teacher's own mean/std.
+    View v of image i is reproducible (its crop and flip are drawn from (seed, v, i)) and epoch e shows view
+    e mod ``views``, so the teacher's tokens for it can be cached on disk once (``cache``) and reused by every
+    later epoch, student and rerun."""
+    store: object
+    recipe: ViewRecipe
+    cache: TeacherCache | None
+    views: int
+    num_workers: int
+    indices: list[int]
+    config: DistillConfig
+    accelerator: object
+    generator: torch.Generator  # reseeded every epoch: the order depends on (seed, epoch) only
+
+    def loader(self, view: int, tokens_from: TeacherCache | None):
+        batches = StoreBatches(self.store, self.indices, self.recipe, seed=self.config.seed, view=view,
+                               cache=tokens_from)
+        loader = store_loader(batches, self.config.batch_size, self.generator, num_workers=self.num_workers,
+                              pin_memory=self.accelerator.device.type == "cuda")
+        # Sharded across processes; train_one_epoch moves each batch itself, without waiting for the device
+        # (accelerate's placement copies synchronously, which would stall the device's queue every step).
+        return self.accelerator.prepare_data_loader(loader, device_placement=False)
+
+
+def open_data(config: DistillConfig, teacher: nn.Module, subset: FewShotSubset, training: Training, accelerator,
+              precision: str) -> EpochData:
+    """The image store and the teacher cache of a run (see :class:`EpochData`)."""
     recipe = ViewRecipe.for_model(teacher)
     num_workers = loader_workers(config.num_workers)
     cap = CacheCap.resolve(config.cache_max_gb, config.teacher_cache_dir)  # one cap over the store and the cache
     with accelerator.local_main_process_first():  # one process per machine decodes; the others open its store
-        store = open_store(dataset, indices, bound=recipe.bound, num_workers=num_workers,
-                           progress=accelerator.is_local_main_process, teacher_cache_dir=config.teacher_cache_dir,
-                           cap=cap)
-    n_views = config.cache_views or config.epochs
+        store = open_store(subset.dataset, subset.indices, bound=recipe.bound, num_workers=num_workers,
+                           progress=accelerator.is_local_main_process,
+                           teacher_cache_dir=config.teacher_cache_dir, cap=cap)
+    views = config.cache_views or config.epochs
     # Cached where it is read back (an ablate grid, or --cache-teacher on / --teacher-cache DIR), not for a lone run.
     cache = open_for_run(
-        config.uses_teacher_cache(), config.teacher_cache_dir, teacher=teacher, dataset=dataset, indices=indices,
-        transform=recipe, seed=config.seed, teacher_blocks=teacher_blocks, norm=norm, precision=precision,
-        views=n_views, cap=cap)
-    generator = torch.Generator()  # reseeded every epoch: the order depends on (seed, epoch) only
+        config.uses_teacher_cache(), config.teacher_cache_dir, teacher=teacher, dataset=subset.dataset,
+        indices=subset.indices, transform=recipe, seed=config.seed, teacher_blocks=training.teacher_blocks,
+        norm=training.norm, precision=precision, views=views, cap=cap)
+    return EpochData(store, recipe, cache, views, num_workers, subset.indices, config, accelerator,
+                     torch.Generator())
 
-    def epoch_loader(view: int, tokens_from: TeacherCache | None):
-        batches = StoreBatches(store, indices, recipe, seed=config.seed, view=view, cache=tokens_from)
-        loader = store_loader(batches, config.batch_size, generator, num_workers=num_workers,
-                                          pin_memory=accelerator.device.type == "cuda")
-        # Sharded across processes; train_one_epoch moves each batch itself, without waiting for the device
-        # (accelerate's placement copies synchronously, which would stall the device's queue every step).
-        return accelerator.prepare_data_loader(loader, device_placement=False)
 
+@dataclass
+class Distillation:
+    """Everything a distillation's epochs use, made by :func:`make_distillation`."""
+    config: DistillConfig
+    run: RunFolder
+    accelerator: object
+    precision: str
+    subset: FewShotSubset
+    teacher: nn.Module
+    plan: StudentPlan
+    steps: Steps
+    training: Training  # the student (saved, exported) and its set-up
+    data: EpochData
+    model: nn.Module  # the prepared (compiled, wrapped) matcher a step calls
+    optimizer: torch.optim.Optimizer  # prepared
+    scheduler: object
+    compiled: bool
+
+
+def make_distillation(config: DistillConfig, run: RunFolder, subset: FewShotSubset, teacher: nn.Module,
+                      plan: StudentPlan, accelerator, precision: str) -> Distillation:
+    """The student, what its loss matches, AdamW without decay on 1-D params, warmup from 0 then per-iteration
+    cosine to 0 (the set-up bench measures: :func:`wecolora.train.setup.make_training`); then the data, and the
+    step's model compiled (by default where Triton runs) and prepared."""
+    steps = Steps.of(config, len(subset.indices), accelerator.num_processes)
+    training = make_training(teacher, plan, lr=steps.peak_lr, weight_decay=config.weight_decay, epochs=config.epochs,
+                             warmup_epochs=config.warmup_epochs, updates_per_epoch=steps.updates_per_epoch,
+                             device=accelerator.device, precision=precision, match=config.match,
+                             dropout=config.lora_dropout, use_dora=config.dora, use_rslora=config.rslora)
+    data = open_data(config, teacher, subset, training, accelerator, precision)
     if plain_attention(accelerator.device, precision):
         use_fused_attention([teacher], False)
     compiled = config.compile if config.compile is not None else compile_by_default(accelerator.device)
     # Static shapes: at most two graphs per run (the full batch and an epoch's shorter last batch).
     matcher = torch.compile(training.matcher, dynamic=False) if compiled else training.matcher
-    model, optimizer = accelerator.prepare(matcher, optimizer)
+    model, optimizer = accelerator.prepare(matcher, training.optimizer)
+    return Distillation(config, run, accelerator, precision, subset, teacher, plan, steps, training, data, model,
+                        optimizer, training.scheduler, compiled)
 
-    resolved = {
-        **plan.record(), "lr": peak_lr, "precision": precision, "device": str(accelerator.device),
-        "world_size": world, "effective_batch": config.effective_batch(world),
-        "matched_student_blocks": student_blocks, "matched_teacher_blocks": teacher_blocks,
-        "images": len(indices), "unreadable_images": len(unreadable), "updates_per_epoch": updates_per_epoch,
-        "num_workers": num_workers, "data_path": "image store, views cut on the device", "image_store": store.record(),
-        "views": n_views, "teacher_cache": str(cache.folder) if cache else None,
-        "lean_adapters": training.lean_adapters, "compiled": compiled, "versions": versions(),
+
+def resume(job: Distillation) -> tuple[int, int, list[dict]]:
+    """``(epochs done, updates done, summary rows)``: the checkpoint's with ``--resume``, else a fresh start's."""
+    source = job.run.resume_from
+    if source is None:
+        return 0, 0, []
+    progress = load_checkpoint(source, job.training.student, job.optimizer, job.scheduler)
+    _logger.info("resuming from %s after epoch %d", source, progress["epoch"])
+    job.scheduler, updates = resume_schedule(job.optimizer, job.scheduler, progress, epochs=job.config.epochs,
+                                             lr=job.steps.peak_lr, warmup_epochs=job.config.warmup_epochs,
+                                             updates_per_epoch=job.steps.updates_per_epoch)
+    return progress["epoch"], updates, progress["rows"]
+
+
+def write_run_files(job: Distillation) -> None:
+    """``config.yaml`` (the settings and what they resolved to) and ``subset.txt``; logs the run's shape."""
+    config, subset, steps, plan = job.config, job.subset, job.steps, job.plan
+    job.run.write_config(to_yaml(config, **resolved_settings(job)))
+    write_subset(job.run.path / "subset.txt", subset.dataset, subset.indices)
+    _logger.info("%s: %d of %d images, %d blocks kept of %d (%s, keep %s), %s", config.mode, len(subset.indices),
+                 len(subset.dataset), len(plan.kept), plan.teacher_blocks, list(plan.kept), plan.keep,
+                 get_mode(config.mode).description)
+    effective = config.effective_batch(steps.world)
+    _logger.info("effective batch %d = %d x %d accumulation x %d processes; lr %.3g%s", effective, config.batch_size,
+                 config.accum_steps, steps.world, steps.peak_lr,
+                 "" if config.lr else f" = blr {config.blr:g} x {effective} / 256")
+
+
+def resolved_settings(job: Distillation) -> dict:
+    """What the settings resolved to on this machine, recorded in ``config.yaml`` under ``resolved``."""
+    training, data = job.training, job.data
+    return {
+        **job.plan.record(), "lr": job.steps.peak_lr, "precision": job.precision,
+        "device": str(job.accelerator.device), "world_size": job.steps.world,
+        "effective_batch": job.config.effective_batch(job.steps.world),
+        "matched_student_blocks": training.student_blocks, "matched_teacher_blocks": training.teacher_blocks,
+        "images": len(job.subset.indices), "unreadable_images": len(job.subset.unreadable),
+        "updates_per_epoch": job.steps.updates_per_epoch, "num_workers": data.num_workers,
+        "data_path": "image store, views cut on the device", "image_store": data.store.record(),
+        "views": data.views, "teacher_cache": str(data.cache.folder) if data.cache else None,
+        "lean_adapters": training.lean_adapters, "compiled": job.compiled, "versions": versions(),
     }
-    start_epoch, updates, rows = 0, 0, []
-    if resume_from is not None and resume_from.is_dir():
-        progress = load_checkpoint(resume_from, student, optimizer, scheduler)
-        start_epoch, updates, rows = progress["epoch"], progress["updates"], progress["rows"]
-        _logger.info("resuming from %s after epoch %d", resume_from, start_epoch)
-        scheduler, updates = resume_schedule(optimizer, scheduler, progress, epochs=config.epochs, lr=peak_lr,
-                                             warmup_epochs=config.warmup_epochs, updates_per_epoch=updates_per_epoch)
-    elif accelerator.is_main_process:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # --overwrite of an interrupted run
-    if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output / "config.yaml", to_yaml(config, **resolved))
-        write_subset(output / "subset.txt", dataset, indices)
-        _logger.info("%s: %d of %d images, %d blocks kept of %d (%s, keep %s), %s", config.mode, len(indices),
-                     len(dataset), len(kept), depth, kept, plan.keep, get_mode(config.mode).description)
-        _logger.info("effective batch %d = %d x %d accumulation x %d processes; lr %.3g%s", config.effective_batch(world),
-                     config.batch_size, config.accum_steps, world, peak_lr,
-                     "" if config.lr else f" = blr {config.blr:g} x {config.effective_batch(world)} / 256")
 
-    bar = tqdm(total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, unit="batch",
+
+def train_epochs(job: Distillation, start_epoch: int, updates: int, rows: list[dict]) -> list[dict]:
+    """Epochs ``start_epoch + 1`` to the last; after each, the first process writes ``summary.csv`` and the
+    checkpoint. Returns every epoch's row."""
+    from accelerate.utils import set_seed
+
+    config, accelerator, steps = job.config, job.accelerator, job.steps
+    bar = tqdm(total=config.epochs * steps.per_epoch, initial=start_epoch * steps.per_epoch, unit="batch",
                disable=not accelerator.is_main_process, desc="distill")
     for epoch in range(start_epoch, config.epochs):
         set_seed(config.seed + epoch)
-        generator.manual_seed(config.seed + epoch)
-        view, tokens_from, writer = epoch % n_views, None, None
-        # A view's tokens are read when every process sees them (a node-local cache dir may hold them on some nodes only).
-        if cache is not None and all_agree(cache.has_view(view)):
-            tokens_from = cache
-        elif cache is not None:
-            writer = cache.writer(view, len(indices))
-            if accelerator.num_processes > 1:  # every process's rows, stored by the first
-                writer = SharedWriter(writer, accelerator)
-        try:
-            metrics, updates = train_one_epoch(model, teacher, epoch_loader(view, tokens_from), optimizer, scheduler,
-                                               accelerator, bar, recipe=recipe, teacher_blocks=teacher_blocks,
-                                               norm=norm, loss_kind=config.loss, updates=updates, epoch=epoch,
-                                               writer=writer)
-            if writer is not None and writer.commit():
-                _logger.info("teacher cache: view %d of %d stored in %s", view, n_views, cache.folder)
-        except NonFiniteLoss as err:
-            bar.close()
-            if checkpoint_dir.is_dir():
-                advice = (f"the checkpoint after epoch {epoch} is kept in {checkpoint_dir}: continue from it with "
-                          f"--resume auto and a lower --blr/--lr, or --precision fp32")
-            else:
-                advice = "no epoch had finished, so there is no checkpoint: rerun with a lower --blr/--lr, or --precision fp32"
-            raise UserError(f"{err}; {advice}") from None
-        finally:
-            if writer is not None:
-                writer.abort()  # no-op once committed; otherwise no half-written view is left behind
+        job.data.generator.manual_seed(config.seed + epoch)
+        metrics, updates = distill_epoch(job, epoch, updates, bar)
         rows.append({"epoch": epoch + 1, **metrics, "updates": updates})
         if accelerator.is_main_process:
-            atomic_write_text(output / "summary.csv", csv_text(rows, SUMMARY_COLUMNS))
-            save_checkpoint(checkpoint_dir, student, optimizer, scheduler,
+            job.run.write_summary(rows, SUMMARY_COLUMNS)
+            save_checkpoint(job.run.checkpoint, job.training.student, job.optimizer, job.scheduler,
                             {"epoch": epoch + 1, "updates": updates, "rows": rows,
-                             "updates_per_epoch": updates_per_epoch, "lr": peak_lr})
+                             "updates_per_epoch": steps.updates_per_epoch, "lr": steps.peak_lr})
         accelerator.wait_for_everyone()
     bar.close()
+    return rows
 
+
+def distill_epoch(job: Distillation, epoch: int, updates: int, bar) -> tuple[dict, int]:
+    """One epoch on view ``epoch mod views``, whose teacher tokens come from the cache or are computed and stored
+    in it; a loss that stops being finite ends the run with one line (where to continue from)."""
+    data = job.data
+    view, tokens_from, writer = epoch % data.views, None, None
+    # A view's tokens are read when every process sees them (a node-local cache dir may hold them on some nodes only).
+    if data.cache is not None and all_agree(data.cache.has_view(view)):
+        tokens_from = data.cache
+    elif data.cache is not None:
+        writer = data.cache.writer(view, len(data.indices))
+        if job.accelerator.num_processes > 1:  # every process's rows, stored by the first
+            writer = SharedWriter(writer, job.accelerator)
+    try:
+        metrics, updates = train_one_epoch(job.model, job.teacher, data.loader(view, tokens_from), job.optimizer,
+                                           job.scheduler, job.accelerator, bar, recipe=data.recipe,
+                                           teacher_blocks=job.training.teacher_blocks, norm=job.training.norm,
+                                           loss_kind=job.config.loss, updates=updates, epoch=epoch, writer=writer)
+        if writer is not None and writer.commit():
+            _logger.info("teacher cache: view %d of %d stored in %s", view, data.views, data.cache.folder)
+    except NonFiniteLoss as err:
+        bar.close()
+        checkpoint = job.run.checkpoint
+        if checkpoint.is_dir():
+            advice = (f"the checkpoint after epoch {epoch} is kept in {checkpoint}: continue from it with "
+                      f"--resume auto and a lower --blr/--lr, or --precision fp32")
+        else:
+            advice = "no epoch had finished, so there is no checkpoint: rerun with a lower --blr/--lr, or --precision fp32"
+        raise UserError(f"{err}; {advice}") from None
+    finally:
+        if writer is not None:
+            writer.abort()  # no-op once committed; otherwise no half-written view is left behind
+    return metrics, updates
+
+
+def export_student(job: Distillation, rows: list[dict]) -> dict:
+    """The merged student and the adapter (first process), the checkpoint removed; returns the run's result."""
+    config, plan = job.config, job.plan
     info = {"teacher": config.teacher, "teacher_weights": config.teacher_weights, "keep": config.keep,
             "adapter_targets": list(plan.adapter_targets or ()), "match": config.match, "loss": config.loss}
-    if accelerator.is_main_process:
-        export_run(student, output, plan, info)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return {"output": str(output), "epochs": rows, "unreadable_images": unreadable, **info, **plan.record()}
+    if job.accelerator.is_main_process:
+        export_run(job.training.student, job.run.path, plan, info)
+        job.run.finish()
+    job.accelerator.wait_for_everyone()
+    return {"output": str(job.run.path), "epochs": rows, "unreadable_images": job.subset.unreadable, **info,
+            **plan.record()}
 
 
 def train_one_epoch(model, teacher, loader, optimizer, scheduler, accelerator, bar, *, recipe, teacher_blocks, norm,
                     loss_kind, updates, epoch, writer=None) -> tuple[dict, int]:
     """One pass over the subset; returns ``({loss, lr, images_per_s, seconds}, updates)``.
 
-    Batches are :class:`wecolora.image_store.StoreBatches` items: each view is cut from the canvas rows here,
+    Batches are :class:`wecolora.cache.images.StoreBatches` items: each view is cut from the canvas rows here,
     on the device (``recipe``). The teacher's tokens come with the batch (a cached view) or are computed and
     handed to ``writer``, whose rounded copy is what the loss sees (a cold run equals a warm rerun). The loss
     is summed on the device and read back (checked, shown on the bar) every :data:`CHECK_EVERY` steps and at

@@ -4,10 +4,13 @@ Two objectives share one loop (checkpoints, resume, ``summary.csv``):
 
 - ``supervised`` (the ``bundled`` teacher): cross-entropy on the labels, shift + flip augmentation,
   test top-1 as the monitor.
-- ``mae`` (the ``bundled-mae`` teacher): masked-autoencoder reconstruction (:mod:`wecolora.mae`), no
-  labels, RandomResizedCrop + flip (done on the device for in-memory datasets, :mod:`wecolora.augment`);
+- ``mae`` (the ``bundled-mae`` teacher): masked-autoencoder reconstruction (:mod:`wecolora.train.mae`), no
+  labels, RandomResizedCrop + flip (done on the device for in-memory datasets, :mod:`wecolora.data.augment`);
   the monitor is a weighted kNN top-1 of the encoder's CLS feature, the only use of labels. Only the
   encoder is saved; the decoder lives in the checkpoints.
+
+:func:`pretrain` reads top to bottom: claim the run folder -> the model, its objective, optimizer and schedule ->
+(resume) -> epochs (:func:`pretrain_epoch`, one ``summary.csv`` row and a checkpoint each) -> save the model.
 
 The model is any timm VisionTransformer architecture with size overrides; its preprocessing
 metadata (mean/std measured on the training images, crop 1.0) is stored with it, so every later
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -35,11 +37,10 @@ from wecolora.data.datasets import ArrayDataset, open_dataset
 from wecolora.data.transforms import eval_transform, train_transform
 from wecolora.errors import UserError
 from wecolora.export import save_student
-from wecolora.files import atomic_write_text, csv_text
 from wecolora.runtime import loader_workers, make_accelerator, make_scheduler, versions
-from wecolora.train.checkpoint import load_checkpoint, resume_schedule, resume_source, save_checkpoint
+from wecolora.train.checkpoint import load_checkpoint, resume_schedule, save_checkpoint
 from wecolora.train.mae import MaskedAutoencoder, fix_sincos_positions, mae_init
-from wecolora.train.run_folder import check_pretrain
+from wecolora.train.run_folder import RunFolder, claim_pretrain
 
 _logger = logging.getLogger(__name__)
 
@@ -155,11 +156,51 @@ def pretrain(config: PretrainConfig) -> dict:
     Example:
         >>> pretrain(PretrainConfig(data="mnist-5k", output="runs/t", objective="mae", depth=2, epochs=2))
     """
-    from timm.optim import create_optimizer_v2
+    with claim_pretrain(config) as run:  # locked against another run; a finished or interrupted run needs asking
+        accelerator, precision = make_accelerator(config.device, config.precision)
+        set_seed(config.seed)
+        job = make_pretraining(config, run, accelerator)
+        start_epoch, updates, rows = resume(job)
+        if accelerator.is_main_process:
+            run.write_config(to_yaml(config, lr=job.peak_lr, precision=precision, mean=job.mean, std=job.std,
+                                     device=str(accelerator.device), versions=versions(),
+                                     world_size=accelerator.num_processes))
+            batch = config.batch_size * accelerator.num_processes
+            rule = ("--lr, absolute" if config.lr is not None else
+                    f"MAE's rule: blr {config.blr:g} x {batch} / 256" if config.objective == "mae" else
+                    "the supervised recipe's, absolute")
+            _logger.info("effective batch %d = %d x %d processes; lr %.3g (%s); positions %s, init %s", batch,
+                         config.batch_size, accelerator.num_processes, job.peak_lr, rule, config.pos_embed,
+                         config.init)
+        rows = train_epochs(job, start_epoch, updates, rows)
+        if accelerator.is_main_process:
+            save_student(job.model.float().eval(), run.path / "model")  # for MAE: the encoder alone, headless
+            run.finish()
+        accelerator.wait_for_everyone()  # the model is written before any process returns
+        monitor = MONITORS[config.objective]
+        return {"output": str(run.path), "objective": config.objective, monitor: rows[-1][monitor], "epochs": rows}
 
-    output = check_pretrain(config)  # paths, a finished or interrupted run in --output
-    accelerator, precision = make_accelerator(config.device, config.precision)
-    set_seed(config.seed)
+
+@dataclass
+class Pretraining:
+    """Everything a pretraining's epochs use, made by :func:`make_pretraining`."""
+    config: PretrainConfig
+    run: RunFolder
+    accelerator: object
+    model: torch.nn.Module  # the ViT saved at the end (for MAE: the encoder)
+    mean: float
+    std: float
+    objective: Objective
+    module: torch.nn.Module  # the prepared objective.module a step calls
+    optimizer: torch.optim.Optimizer  # prepared
+    scheduler: object
+    batches: Iterable  # this process's share of an epoch's batches: len() is the updates per epoch
+    peak_lr: float  # MAE: its rule on the effective batch, unless --lr
+
+
+def make_pretraining(config: PretrainConfig, run: RunFolder, accelerator) -> Pretraining:
+    """The ViT (preprocessing measured on the training images), its objective, AdamW and the per-update schedule."""
+    from timm.optim import create_optimizer_v2
 
     train_set = open_dataset(config.data, "train")
     test_set = open_dataset(config.data, "test")
@@ -177,68 +218,73 @@ def pretrain(config: PretrainConfig) -> dict:
         batches = accelerator.prepare(batches)  # shards the batches; the device loader shards itself
     # After prepare, len(batches) is this process's share of the batches: the number of updates per epoch.
     scheduler = make_scheduler(optimizer, config.epochs, config.warmup_epochs, len(batches))
-    raw_module = accelerator.unwrap_model(module)
-    monitor, columns = MONITORS[config.objective], summary_columns(config.objective)
+    return Pretraining(config, run, accelerator, model, mean, std, objective, module, optimizer, scheduler, batches,
+                       peak_lr)
 
-    start_epoch, updates, rows = 0, 0, []
-    checkpoint_dir = output / "checkpoint"
-    resume_from = resume_source(checkpoint_dir, config.resume)
-    if resume_from is not None and resume_from.is_dir():
-        progress = load_checkpoint(resume_from, raw_module, optimizer, scheduler)
-        start_epoch, rows = progress["epoch"], progress["rows"]
-        scheduler, updates = resume_schedule(optimizer, scheduler, progress, epochs=config.epochs, lr=peak_lr,
-                                             warmup_epochs=config.warmup_epochs, updates_per_epoch=len(batches))
-    if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output / "config.yaml", to_yaml(config, lr=peak_lr, precision=precision, mean=mean, std=std,
-                                                          device=str(accelerator.device), versions=versions(),
-                                                          world_size=accelerator.num_processes))
-        batch = config.batch_size * accelerator.num_processes
-        rule = ("--lr, absolute" if config.lr is not None else
-                f"MAE's rule: blr {config.blr:g} x {batch} / 256" if config.objective == "mae" else
-                "the supervised recipe's, absolute")
-        _logger.info("effective batch %d = %d x %d processes; lr %.3g (%s); positions %s, init %s", batch,
-                     config.batch_size, accelerator.num_processes, peak_lr, rule, config.pos_embed, config.init)
+
+def resume(job: Pretraining) -> tuple[int, int, list[dict]]:
+    """``(epochs done, updates done, summary rows)``: the checkpoint's with ``--resume``, else a fresh start's."""
+    source = job.run.resume_from
+    if source is None:
+        return 0, 0, []
+    progress = load_checkpoint(source, job.accelerator.unwrap_model(job.module), job.optimizer, job.scheduler)
+    job.scheduler, updates = resume_schedule(job.optimizer, job.scheduler, progress, epochs=job.config.epochs,
+                                             lr=job.peak_lr, warmup_epochs=job.config.warmup_epochs,
+                                             updates_per_epoch=len(job.batches))
+    return progress["epoch"], updates, progress["rows"]
+
+
+def train_epochs(job: Pretraining, start_epoch: int, updates: int, rows: list[dict]) -> list[dict]:
+    """Epochs ``start_epoch + 1`` to the last; after each, the first process writes ``summary.csv`` and the
+    checkpoint. Returns every epoch's row."""
+    config, accelerator, batches = job.config, job.accelerator, job.batches
+    monitor, columns = MONITORS[config.objective], summary_columns(config.objective)
     bar = tqdm(total=config.epochs * len(batches), initial=start_epoch * len(batches), unit="batch",
                disable=not accelerator.is_main_process, desc=f"pretrain ({config.objective})")
     for epoch in range(start_epoch, config.epochs):
-        objective.start_epoch(epoch)
-        module.train()
-        loss_sum, start = torch.zeros((), device=accelerator.device), time.perf_counter()
-        for batch in batches:
-            with accelerator.autocast():
-                loss = objective.loss(module, batch)
-            if not torch.isfinite(loss):
-                kept = f"the last checkpoint is in {checkpoint_dir}" if checkpoint_dir.is_dir() else "no checkpoint yet"
-                raise UserError(f"the loss became {loss.item()} at epoch {epoch + 1}, update {updates + 1}; {kept}; "
-                                f"rerun with a lower --lr")
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            updates += 1
-            scheduler.step_update(updates)
-            loss_sum += loss.detach()
-            bar.update(1)
-        seconds = time.perf_counter() - start
-        row = {"epoch": epoch + 1, "loss": accelerator.reduce(loss_sum, "mean").item() / len(batches),
-               "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
-               "images_per_s": len(batches) * config.batch_size * accelerator.num_processes / seconds}
-        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-            row[monitor] = objective.monitor()
+        row, updates = pretrain_epoch(job, epoch, updates, bar)
         rows.append(row)
         bar.set_postfix(epoch=epoch + 1, loss=f"{row['loss']:.3f}", img_s=f"{row['images_per_s']:.0f}",
                         **{monitor: f"{row.get(monitor, math.nan):.4f}"})
         if accelerator.is_main_process:
-            atomic_write_text(output / "summary.csv", csv_text(rows, columns))
-            save_checkpoint(checkpoint_dir, raw_module, optimizer, scheduler, {"epoch": epoch + 1, "updates": updates, "rows": rows,
-                                                                               "updates_per_epoch": len(batches), "lr": peak_lr})
+            job.run.write_summary(rows, columns)
+            save_checkpoint(job.run.checkpoint, accelerator.unwrap_model(job.module), job.optimizer, job.scheduler,
+                            {"epoch": epoch + 1, "updates": updates, "rows": rows,
+                             "updates_per_epoch": len(batches), "lr": job.peak_lr})
         accelerator.wait_for_everyone()
     bar.close()
-    if accelerator.is_main_process:
-        save_student(model.float().eval(), output / "model")  # for MAE: the encoder alone, headless
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    accelerator.wait_for_everyone()  # the model is written before any process returns
-    return {"output": str(output), "objective": config.objective, monitor: rows[-1][monitor], "epochs": rows}
+    return rows
+
+
+def pretrain_epoch(job: Pretraining, epoch: int, updates: int, bar) -> tuple[dict, int]:
+    """One pass over the training batches; returns ``(row, updates)``, the row with the monitor at eval epochs.
+    A loss that stops being finite ends the run with one line."""
+    config, accelerator, batches, objective = job.config, job.accelerator, job.batches, job.objective
+    objective.start_epoch(epoch)
+    job.module.train()
+    loss_sum, start = torch.zeros((), device=accelerator.device), time.perf_counter()
+    for batch in batches:
+        with accelerator.autocast():
+            loss = objective.loss(job.module, batch)
+        if not torch.isfinite(loss):
+            checkpoint = job.run.checkpoint
+            kept = f"the last checkpoint is in {checkpoint}" if checkpoint.is_dir() else "no checkpoint yet"
+            raise UserError(f"the loss became {loss.item()} at epoch {epoch + 1}, update {updates + 1}; {kept}; "
+                            f"rerun with a lower --lr")
+        accelerator.backward(loss)
+        job.optimizer.step()
+        job.optimizer.zero_grad(set_to_none=True)
+        updates += 1
+        job.scheduler.step_update(updates)
+        loss_sum += loss.detach()
+        bar.update(1)
+    seconds = time.perf_counter() - start
+    row = {"epoch": epoch + 1, "loss": accelerator.reduce(loss_sum, "mean").item() / len(batches),
+           "lr": job.optimizer.param_groups[0]["lr"], "seconds": seconds,
+           "images_per_s": len(batches) * config.batch_size * accelerator.num_processes / seconds}
+    if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+        row[MONITORS[config.objective]] = objective.monitor()
+    return row, updates
 
 
 @torch.inference_mode()

@@ -1,5 +1,5 @@
 """One training set-up, shared by ``distill`` and ``bench``: the student seen through the loss, its optimizer
-and schedule, built from a :class:`~wecolora.student.StudentPlan`.
+and schedule, built from a :class:`~wecolora.method.plan.StudentPlan`.
 
 ``bench`` measures exactly what ``distill`` trains because both call :func:`make_training`.
 """
@@ -88,7 +88,7 @@ class Training:
 
     @property
     def lean_adapters(self) -> bool:
-        """Whether the step runs the fused adapter path (:func:`wecolora.adapters.lean_student`)."""
+        """Whether the step runs the fused adapter path (:func:`wecolora.method.adapters.lean_student`)."""
         return self.matcher.student is not self.student
 
 
