@@ -78,7 +78,7 @@ def test_the_recipe_of_a_model():
     assert recipe.size == (28, 28) and recipe.bound == 73
     assert (recipe.scale, recipe.ratio, recipe.hflip) == (augment.SCALE, augment.RATIO, 0.5)
     assert len(recipe.mean) == len(recipe.std) == 3
-    assert "bound=33" in repr(recipe)  # the repr names the views in the teacher cache's key
+    assert "bound=73" in repr(recipe)  # the repr names the views in the teacher cache's key
     assert repr(dataclasses.replace(recipe, hflip=0.2)) != repr(recipe)
 
 
