@@ -133,6 +133,9 @@ def main() -> None:
     parser.add_argument("--cache", choices=("off", "warm"), default="off",
                         help="off: a lone run, teacher every step (default); warm: a second run reads the teacher "
                              "cache the first filled")
+    parser.add_argument("--cache-views", type=int, metavar="K",
+                        help="views per image (default: --epochs); with --cache warm, 1 keeps the cache to one view "
+                             "(3.9 GB for 12,800 images with ViT-B/16 instead of 39 GB) at the same cost per epoch")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the step (default: distill's, on with CUDA and Triton)")
     args = parser.parse_args()
@@ -148,7 +151,8 @@ def main() -> None:
         teacher = random_vit_b(work / "vit-b") if args.vit_b else args.teacher
         settings = dict(teacher=teacher, data=str(folder), output=str(work / "run"), ratio=1.0, epochs=args.epochs,
                         batch_size=args.batch_size, device=args.device, precision=precision,
-                        num_workers=args.num_workers, compile=args.compile, overwrite=True)
+                        num_workers=args.num_workers, compile=args.compile, cache_views=args.cache_views,
+                        overwrite=True)
         runs = {}
         if args.cache == "off":
             runs["cold"] = run_distill(DistillConfig(**settings, teacher_cache="off"), work / "run")
@@ -166,7 +170,8 @@ def main() -> None:
         result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   "teacher": "random ViT-B/16" if args.vit_b else teacher, "images": args.images, "size": args.size,
                   "epochs": args.epochs, "batch_size": args.batch_size, "precision": precision,
-                  "compile": args.compile, "cache": args.cache, "torch": torch.__version__,
+                  "compile": args.compile, "cache": args.cache, "cache_views": args.cache_views,
+                  "torch": torch.__version__,
                   "ceiling_images_per_s": tops}
         for name, run in runs.items():
             top = tops["warm" if name == "warm" else "cold"]
