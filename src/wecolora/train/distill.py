@@ -6,6 +6,7 @@ views cut on the device) -> (resume) -> epochs of steps -> checkpoint each epoch
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from wecolora.cache.admin import CacheCap
 from wecolora.cache.images import StoreBatches, open_store, store_loader
 from wecolora.cache.teacher import SharedWriter, TeacherCache, open_for_run
-from wecolora.config import KEEP_SEARCHES, DistillConfig, parse_keep, to_yaml
+from wecolora.config import KEEP_SEARCHES, WIDTH_FIELDS, DistillConfig, parse_keep, to_yaml
 from wecolora.data.datasets import open_dataset
 from wecolora.data.subset import drop_unreadable, few_shot_indices, subset_images, write_subset
 from wecolora.data.transforms import eval_transform
@@ -31,7 +32,8 @@ from wecolora.export import export_run
 from wecolora.files import atomic_write_text, csv_text
 from wecolora.method.block_search import BlockChoice, choose_blocks
 from wecolora.method.losses import feature_loss
-from wecolora.method.plan import StudentPlan, check_settings, get_mode, plan_student
+from wecolora.method.plan import StudentPlan, check_settings, get_mode, plan_student, student_width
+from wecolora.method.width import WidthChoice
 from wecolora.runtime import loader_workers, make_accelerator, versions
 from wecolora.teachers.load import load_model, model_shape
 from wecolora.teachers.vit import last_block_tokens, use_fused_attention
@@ -60,21 +62,27 @@ class NonFiniteLoss(UserError):
 
 def make_plan(config: DistillConfig, teacher: nn.Module, dataset, indices: list[int], accelerator, *,
               resumed: bool = False) -> StudentPlan:
-    """The run's student plan. A searched keep (auto, greedy, influence) chooses its blocks from up to
-    ``keep_images`` images of the subset (eval transform, unaugmented), once: a resumed run reuses the choice
-    its ``config.yaml`` recorded, and every process takes the first process's choice."""
+    """The run's student plan. A searched keep (auto, greedy, influence) chooses its blocks, and the activation
+    ranking of a narrower student its channels, heads and neurons, from up to ``keep_images`` images of the
+    subset (eval transform, unaugmented), once: a resumed run reuses the choices its ``config.yaml`` recorded,
+    and every process takes the first process's choices."""
     keep = parse_keep(config.keep)  # checked against the teacher's shape before its weights were read
-    choice = None
+    widths = {name: getattr(config, name) for name in WIDTH_FIELDS}
+    narrow = student_width(teacher, widths) is not None
+    saved = Path(config.output) / "config.yaml"
+    record = ((yaml.safe_load(saved.read_text()) or {}).get("resolved") or {}) if resumed and saved.is_file() else {}
+    choice = width_choice = images = None
+    if narrow and record.get("width_selection"):
+        width_choice = WidthChoice.from_record(record["width_selection"])
+    needs_images = (keep in KEEP_SEARCHES and record.get("block_search") is None) or (
+        narrow and width_choice is None and config.width_ranking == "activation")
+    if needs_images:
+        images = subset_images(dataset, indices, eval_transform(teacher), count=config.keep_images, seed=config.seed)
     if keep in KEEP_SEARCHES:
-        saved, record = Path(config.output) / "config.yaml", None
-        if resumed and saved.is_file():
-            record = ((yaml.safe_load(saved.read_text()) or {}).get("resolved") or {}).get("block_search")
-        if record is not None:
-            choice = BlockChoice.from_record(record)
+        if record.get("block_search") is not None:
+            choice = BlockChoice.from_record(record["block_search"])
             _logger.info("keep %s: reusing the recorded choice %s", keep, list(choice.kept))
         else:
-            images = subset_images(dataset, indices, eval_transform(teacher),
-                                                count=config.keep_images, seed=config.seed)
             choice = choose_blocks(teacher, config.reduction, keep, images, seed=config.seed)
         if accelerator.num_processes > 1:  # GPUs may break near-ties differently: one choice for every process
             from accelerate.utils import broadcast_object_list
@@ -84,8 +92,14 @@ def make_plan(config: DistillConfig, teacher: nn.Module, dataset, indices: list[
             _logger.info("keep %s chose blocks %s (%s); initial L1 on %d held-out images: %s", keep, list(choice.kept),
                          choice.chosen, choice.score_images,
                          ", ".join(f"{name} {c['kept']} {c['l1']:.4g}" for name, c in choice.candidates.items()))
-    return plan_student(teacher, config.reduction, keep, config.mode, config.rank, alpha=config.lora_alpha,
-                        choice=choice, seed=config.seed)
+    plan = plan_student(teacher, config.reduction, keep, config.mode, config.rank, alpha=config.lora_alpha,
+                        choice=choice, seed=config.seed, images=images, width_ranking=config.width_ranking,
+                        width_choice=width_choice, **widths)
+    if plan.narrow and width_choice is None and accelerator.num_processes > 1:  # one width choice for every process
+        from accelerate.utils import broadcast_object_list
+
+        plan = dataclasses.replace(plan, width_choice=broadcast_object_list([plan.width_choice])[0])
+    return plan
 
 
 def distill(config: DistillConfig) -> dict:
@@ -98,8 +112,11 @@ def distill(config: DistillConfig) -> dict:
     output = check_distill(config)  # paths; refuses to clobber a finished or interrupted run unless asked
     # What the user gave is checked before any weight is read: the teacher's architecture on the meta
     # device, then the few-shot subset (unreadable images skipped, or refused beyond a threshold).
+    if config.budget() is not None and not config.width_given():
+        raise UserError(f"--{config.budget()[0].replace('_', '-')} is resolved into a shape by wecolora.api.distill "
+                        f"(the planner); call it, or give the widths")
     check_settings(model_shape(config.teacher, img_size=config.img_size), config.reduction, config.keep,
-                   config.mode, config.rank, config.lora_alpha)
+                   config.mode, config.rank, config.lora_alpha, widths={n: getattr(config, n) for n in WIDTH_FIELDS})
     dataset = open_dataset(config.data, "train")
     indices = few_shot_indices(dataset.targets, ratio=None if config.per_class else config.ratio,
                                     per_class=config.per_class, seed=config.subset_seed,
@@ -129,7 +146,8 @@ def distill(config: DistillConfig) -> dict:
     training = make_training(teacher, plan, lr=peak_lr, weight_decay=config.weight_decay, epochs=config.epochs,
                              warmup_epochs=config.warmup_epochs, updates_per_epoch=updates_per_epoch,
                              device=accelerator.device, precision=precision, match=config.match,
-                             dropout=config.lora_dropout, use_dora=config.dora, use_rslora=config.rslora)
+                             dropout=config.lora_dropout, use_dora=config.dora, use_rslora=config.rslora,
+                             width_loss=config.width_loss)
     student, optimizer, scheduler = training.student, training.optimizer, training.scheduler
     student_blocks, teacher_blocks, norm = training.student_blocks, training.teacher_blocks, training.norm
 
@@ -178,7 +196,7 @@ def distill(config: DistillConfig) -> dict:
     }
     start_epoch, updates, rows = 0, 0, []
     if resume_from is not None and resume_from.is_dir():
-        progress = load_checkpoint(resume_from, student, optimizer, scheduler)
+        progress = load_checkpoint(resume_from, training.trained, optimizer, scheduler)
         start_epoch, updates, rows = progress["epoch"], progress["updates"], progress["rows"]
         _logger.info("resuming from %s after epoch %d", resume_from, start_epoch)
         scheduler, updates = resume_schedule(optimizer, scheduler, progress, epochs=config.epochs, lr=peak_lr,
@@ -191,6 +209,13 @@ def distill(config: DistillConfig) -> dict:
         write_subset(output / "subset.txt", dataset, indices)
         _logger.info("%s: %d of %d images, %d blocks kept of %d (%s, keep %s), %s", config.mode, len(indices),
                      len(dataset), len(kept), depth, kept, plan.keep, get_mode(config.mode).description)
+        if plan.narrow:
+            w = plan.student_width
+            _logger.info("width: %d channels, %d heads, %d MLP neurons of %d (ranking %s); loss on %s", w.embed_dim,
+                         w.heads, w.mlp_hidden, plan.width, plan.width_choice.ranking,
+                         "the kept channels" if training.channels is not None else
+                         "a learned projection to the teacher's width" if training.projector is not None else
+                         "every channel (the residual width is the teacher's)")
         _logger.info("effective batch %d = %d x %d accumulation x %d processes; lr %.3g%s", config.effective_batch(world),
                      config.batch_size, config.accum_steps, world, peak_lr,
                      "" if config.lr else f" = blr {config.blr:g} x {config.effective_batch(world)} / 256")
@@ -212,7 +237,7 @@ def distill(config: DistillConfig) -> dict:
             metrics, updates = train_one_epoch(model, teacher, epoch_loader(view, tokens_from), optimizer, scheduler,
                                                accelerator, bar, recipe=recipe, teacher_blocks=teacher_blocks,
                                                norm=norm, loss_kind=config.loss, updates=updates, epoch=epoch,
-                                               writer=writer)
+                                               writer=writer, channels=training.channels)
             if writer is not None and writer.commit():
                 _logger.info("teacher cache: view %d of %d stored in %s", view, n_views, cache.folder)
         except NonFiniteLoss as err:
@@ -229,7 +254,7 @@ def distill(config: DistillConfig) -> dict:
         rows.append({"epoch": epoch + 1, **metrics, "updates": updates})
         if accelerator.is_main_process:
             atomic_write_text(output / "summary.csv", csv_text(rows, SUMMARY_COLUMNS))
-            save_checkpoint(checkpoint_dir, student, optimizer, scheduler,
+            save_checkpoint(checkpoint_dir, training.trained, optimizer, scheduler,
                             {"epoch": epoch + 1, "updates": updates, "rows": rows,
                              "updates_per_epoch": updates_per_epoch, "lr": peak_lr})
         accelerator.wait_for_everyone()
@@ -245,7 +270,7 @@ def distill(config: DistillConfig) -> dict:
 
 
 def train_one_epoch(model, teacher, loader, optimizer, scheduler, accelerator, bar, *, recipe, teacher_blocks, norm,
-                    loss_kind, updates, epoch, writer=None) -> tuple[dict, int]:
+                    loss_kind, updates, epoch, writer=None, channels=None) -> tuple[dict, int]:
     """One pass over the subset; returns ``({loss, lr, images_per_s, seconds}, updates)``.
 
     Batches are :class:`wecolora.image_store.StoreBatches` items: each view is cut from the canvas rows here,
@@ -283,7 +308,7 @@ def train_one_epoch(model, teacher, loader, optimizer, scheduler, accelerator, b
                     targets = writer.write(batch["positions"], targets)
             with accelerator.autocast():
                 predictions = model(images)
-            out = feature_loss(predictions, targets, loss_kind)
+            out = feature_loss(predictions, targets, loss_kind, channels=channels)
             accelerator.backward(out["loss"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
