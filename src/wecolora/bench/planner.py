@@ -38,7 +38,7 @@ from wecolora.errors import UserError
 from wecolora.files import atomic_write_bytes, atomic_write_text, csv_text
 from wecolora.method.plan import plan_student
 from wecolora.method.student import count_parameters, merged_architecture
-from wecolora.method.width import StudentWidth, TeacherWidth, resolve_width
+from wecolora.method.width import StudentWidth, TeacherWidth
 from wecolora.runtime import resolve_device
 from wecolora.teachers.load import load_model
 from wecolora.teachers.vit import architecture
@@ -78,10 +78,15 @@ def candidate_widths(full: TeacherWidth, embed_dims=None, mlp_hiddens=None) -> t
         embed_dims = [max(1, round(q * full.heads)) * full.head_dim for q in QUARTERS]
     if mlp_hiddens is None:
         mlp_hiddens = [max(8, round(q * full.mlp_hidden / 8) * 8) for q in QUARTERS]
-    for d in embed_dims:
-        resolve_width(full, embed_dim=d)  # refused in one line if not whole heads within the teacher
-    for m in mlp_hiddens:
-        resolve_width(full, mlp_hidden=m)
+    wrong = [d for d in embed_dims if d % full.head_dim or not 0 < d <= full.embed_dim]
+    if wrong:
+        raise UserError(f"--embed-dims {' '.join(map(str, wrong))} do not fit the teacher (width {full.embed_dim}, "
+                        f"{full.heads} heads of {full.head_dim}): whole heads are kept, so choose multiples of "
+                        f"{full.head_dim} from {full.head_dim} to {full.embed_dim}")
+    wrong = [m for m in mlp_hiddens if not 0 < m <= full.mlp_hidden]
+    if wrong:
+        raise UserError(f"--mlp-hiddens {' '.join(map(str, wrong))} do not fit the teacher's {full.mlp_hidden} MLP "
+                        f"neurons: choose 1 to {full.mlp_hidden}")
     return sorted(set(embed_dims)), sorted(set(mlp_hiddens))
 
 
