@@ -295,7 +295,7 @@ def plan_shapes(config: PlanConfig, progress=None, *, teacher: nn.Module | None 
         row["within_budget"] = within(row, budget)
     chosen = choose_shape(rows, budget) if budget else None
     result = {"teacher": config.teacher, "architecture": architecture(teacher), "device": str(device),
-              "runtime": config.runtime, "batch_size": config.batch_size, "rounds": config.rounds,
+              "runtime": config.runtime, "batch_size": config.batch_size, "keep": config.keep, "rounds": config.rounds,
               "calls": config.calls, "warmup": config.warmup, "teacher_latency_ms": reference,
               "budget": None if budget is None else {"name": budget[0], "value": budget[1]},
               "rule": CHOICE_RULE, "chosen": chosen, "machine": machine(device),
@@ -305,11 +305,13 @@ def plan_shapes(config: PlanConfig, progress=None, *, teacher: nn.Module | None 
     return result
 
 
-def write_plan(result: dict, folder: Path) -> None:
-    """``plan.json`` (everything), ``plan.csv`` (one row per candidate) and ``chart.png`` in ``folder``."""
-    atomic_write_text(folder / PLAN_FILE, json.dumps(result, indent=1))
-    atomic_write_text(folder / "plan.csv", csv_text(result["candidates"], COLUMNS))
-    write_chart(result, folder / "chart.png")
+def write_plan(result: dict, folder: Path, name: str = PLAN_FILE) -> None:
+    """``plan.json`` (everything), ``plan.csv`` (one row per candidate) and ``chart.png`` in ``folder`` (other
+    names share the stem of ``name``: ``plan-s2.json``, ``plan-s2.csv``, ``plan-s2.png``)."""
+    stem = Path(name).stem
+    atomic_write_text(folder / name, json.dumps(result, indent=1))
+    atomic_write_text(folder / f"{stem}.csv", csv_text(result["candidates"], COLUMNS))
+    write_chart(result, folder / ("chart.png" if name == PLAN_FILE else f"{stem}.png"))
 
 
 def write_chart(result: dict, path: Path) -> bool:
@@ -373,44 +375,67 @@ def plan_config_for(config: DistillConfig) -> PlanConfig:
 
 def _same_request(saved: dict, plan: PlanConfig) -> bool:
     budget = budget_of(plan)
-    return (saved.get("budget") == {"name": budget[0], "value": budget[1]} and saved.get("runtime") == plan.runtime
+    return (saved.get("budget") == {"name": budget[0], "value": budget[1]} and saved.get("teacher") == plan.teacher
+            and saved.get("keep") == plan.keep and saved.get("runtime") == plan.runtime
             and saved.get("batch_size") == plan.batch_size and saved.get("device") == str(resolve_device(plan.device))
             and saved.get("chosen") is not None)
 
 
-def resolve_budget(config: DistillConfig, progress=None) -> tuple[DistillConfig, dict]:
+def resolve_budget(config: DistillConfig, progress=None, *, plan_file: Path | None = None,
+                   reuse: bool | None = None) -> tuple[DistillConfig, dict]:
     """``config`` with the reduction and widths the planner chose for its budget, and the plan.
 
-    The plan is written to ``OUTPUT/plan.json``. A resumed run (``--resume``) reuses the shape its plan.json
-    chose for the same budget instead of measuring again (a new measurement could choose another shape).
+    The plan is written to ``plan_file`` (default ``OUTPUT/plan.json``). With ``reuse`` (default: when the run
+    resumes) a plan already there for the same budget is read instead of measuring again: a new measurement
+    could choose another shape. Under torchrun the first process measures and every process takes its plan.
     """
+    from wecolora.distributed import join_processes
+
     if config.width_given():
         widths = [n for n in ("embed_dim", "heads", "mlp_hidden", "width_ratio") if getattr(config, n) is not None]
         raise UserError(f"--{config.budget()[0].replace('_', '-')} chooses the student's shape, so it cannot be "
                         f"combined with {', '.join('--' + w.replace('_', '-') for w in widths)}: give the budget or "
                         f"the widths")
     plan = plan_config_for(config)
-    saved_file = Path(config.output) / PLAN_FILE
-    result = None
-    if config.resume and saved_file.is_file():
-        saved = json.loads(saved_file.read_text())
-        if _same_request(saved, plan):
-            result = saved
-            _logger.info("%s: reusing the shape the run's %s chose", config.budget()[0], PLAN_FILE)
-    if result is None:
-        result = plan_shapes(plan, progress)
-        if result["chosen"] is None:
-            name, value = config.budget()
-            best = (max(result["candidates"], key=lambda r: r["speedup"]) if name != "params"
-                    else min(result["candidates"], key=lambda r: r["params"]))
-            raise UserError(f"no candidate shape meets --{name.replace('_', '-')} {value:g} on {result['device']}: the "
-                            f"{'fastest' if name != 'params' else 'smallest'} measured is depth {best['depth']}, width "
-                            f"{best['embed_dim']}, MLP {best['mlp_hidden']} ({best['latency_ms']:.2f} ms, "
-                            f"{best['speedup']:.2f}x, {best['params']:,} params); relax the budget, or run "
-                            f"`wecolora plan` with more --reductions/--embed-dims/--mlp-hiddens")
-        write_plan(result, Path(config.output))
+    plan_file = Path(plan_file) if plan_file is not None else Path(config.output) / PLAN_FILE
+    reuse = bool(config.resume) if reuse is None else reuse
+    state = join_processes(resolve_device(config.device))
+    payload = None
+    if state.is_main_process:
+        try:
+            payload = ("plan", _plan_for_budget(config, plan, plan_file, reuse, progress))
+        except UserError as err:
+            payload = ("error", str(err))
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        payload = broadcast_object_list([payload])[0]
+    if payload[0] == "error":
+        raise UserError(payload[1])
+    result = payload[1]
     chosen = result["chosen"]
     keep = parse_keep(config.keep)
     resolved = dataclasses.replace(config, reduction=config.reduction if isinstance(keep, list) else chosen["reduction"],
                                    embed_dim=chosen["embed_dim"], mlp_hidden=chosen["mlp_hidden"])
     return resolved, result
+
+
+def _plan_for_budget(config: DistillConfig, plan: PlanConfig, plan_file: Path, reuse: bool, progress) -> dict:
+    """The plan of a budget: read back from ``plan_file`` (``reuse``, same request) or measured and written there."""
+    if reuse and plan_file.is_file():
+        saved = json.loads(plan_file.read_text())
+        if _same_request(saved, plan):
+            _logger.info("%s: reusing the shape %s chose", config.budget()[0], plan_file)
+            return saved
+    result = plan_shapes(plan, progress)
+    if result["chosen"] is None:
+        name, value = config.budget()
+        best = (max(result["candidates"], key=lambda r: r["speedup"]) if name != "params"
+                else min(result["candidates"], key=lambda r: r["params"]))
+        raise UserError(f"no candidate shape meets --{name.replace('_', '-')} {value:g} on {result['device']}: the "
+                        f"{'fastest' if name != 'params' else 'smallest'} measured is depth {best['depth']}, width "
+                        f"{best['embed_dim']}, MLP {best['mlp_hidden']} ({best['latency_ms']:.2f} ms, "
+                        f"{best['speedup']:.2f}x, {best['params']:,} params); relax the budget, or run "
+                        f"`wecolora plan` with more --reductions/--embed-dims/--mlp-hiddens")
+    write_plan(result, plan_file.parent, name=plan_file.name)
+    return result
