@@ -15,11 +15,10 @@ from wecolora.method.width import (
     WidthChoice,
     choose_width,
     head_rows,
-    mlp_ratio,
     resolve_width,
     uniform_indices,
 )
-from wecolora.teachers.vit import last_block_tokens
+from wecolora.teachers.vit import last_block_tokens, mlp_ratio
 
 from conftest import tiny_vit
 

@@ -9,6 +9,9 @@ does not depend on their values; or exported to ONNX and run by ONNX Runtime) an
 - throughput (images/s at that latency), parameters, FLOPs per image (``FlopCounterMode``), peak memory of one
   call above the weights (:func:`wecolora.bench.measure.peak_memory_mb`).
 
+Both runtimes use torch's thread count (``OMP_NUM_THREADS`` or ``torch.set_num_threads``), so a plan made for a
+deployment that pins its threads should be made with the same setting.
+
 The teacher's own shape is always measured, so every candidate has a ``speedup`` over it. The Pareto front
 holds the candidates no other one beats on both latency and size (faster and at least as many parameters).
 A budget (``speedup``, ``latency_ms`` or ``params``) marks the candidates within it, and :func:`choose_shape`
@@ -157,7 +160,9 @@ class OnnxRunner:
         if device.type == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
             raise UserError("--runtime onnxruntime --device cuda needs onnxruntime-gpu (CUDAExecutionProvider is "
                             "not available); time on the CPU or with --runtime torch")
-        self.session = onnxruntime.InferenceSession(str(path), providers=providers)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # the threads torch would use: one comparison
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
         self.feed = {self.session.get_inputs()[0].name: images.cpu().numpy()}
 
     def __call__(self):

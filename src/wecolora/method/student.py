@@ -18,8 +18,8 @@ from wecolora.config import DEFAULT_REDUCTION
 from wecolora.errors import UserError
 from wecolora.method.adapters import add_adapters, merge
 from wecolora.method.plan import StudentPlan, get_mode, plan_student
-from wecolora.method.width import StudentWidth, TeacherWidth, mlp_ratio, slice_state_dict
-from wecolora.teachers.vit import architecture, model_args, require_supported_vit
+from wecolora.method.width import StudentWidth, TeacherWidth, slice_state_dict
+from wecolora.teachers.vit import architecture, mlp_ratio, model_args, require_supported_vit
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 

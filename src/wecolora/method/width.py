@@ -15,7 +15,6 @@ Two rankings choose them:
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -217,18 +216,6 @@ def choose_width(teacher: nn.Module, kept: list[int], width: StudentWidth, ranki
     return WidthChoice("activation", tuple(top_indices(channel_scores, width.embed_dim)),
                        tuple(tuple(top_indices(s, width.heads)) for s in head_scores),
                        tuple(tuple(top_indices(s, width.mlp_hidden)) for s in neuron_scores), images=len(images))
-
-
-def mlp_ratio(embed_dim: int, mlp_hidden: int) -> float:
-    """The ``mlp_ratio`` for which timm builds exactly ``mlp_hidden`` neurons (it takes ``int(dim * ratio)``).
-
-    >>> int(7 * mlp_ratio(7, 61))
-    61
-    """
-    ratio = mlp_hidden / embed_dim
-    while int(embed_dim * ratio) < mlp_hidden:  # hidden / dim can round below: 7 * (61 / 7) = 60.99...
-        ratio = math.nextafter(ratio, math.inf)
-    return ratio
 
 
 # ---------------------------------------------------------------------------------------------
