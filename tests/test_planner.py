@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-import wecolora.bench.planner as planner
+from wecolora.bench import planner
 from wecolora import api
 from wecolora.cli import main
 from wecolora.config import DistillConfig, PlanConfig

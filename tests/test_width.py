@@ -62,16 +62,16 @@ def test_resolve_width(settings, expected):
 
 
 REFUSED_WIDTHS = [
-    ({"embed_dim": 40}, "--embed-dim 40 does not fit the teacher (width 48, 3 heads of 16): whole heads are kept, so "
-                        "choose a multiple of the head size 16 from 16 to 48"),
+    ({"embed_dim": 40}, ("--embed-dim 40 does not fit the teacher (width 48, 3 heads of 16): whole heads are kept, so "
+                         "choose a multiple of the head size 16 from 16 to 48")),
     ({"embed_dim": 64}, "--embed-dim 64 does not fit"),
     ({"embed_dim": 0}, "--embed-dim 0 is invalid: expected a positive integer"),
     ({"heads": 4}, "--heads 4 is more than the teacher's 3"),
     ({"heads": 0}, "--heads 0 is invalid"),
     ({"mlp_hidden": 193}, "--mlp-hidden 193 is more than the teacher's 192"),
     ({"mlp_hidden": 0}, "--mlp-hidden 0 is invalid"),
-    ({"embed_dim": 32, "heads": 3}, "--embed-dim 32 and --heads 3 disagree: heads keep the teacher's size 16, so give "
-                                    "--embed-dim 48 with --heads 3, or --heads 2 with --embed-dim 32"),
+    ({"embed_dim": 32, "heads": 3}, ("--embed-dim 32 and --heads 3 disagree: heads keep the teacher's size 16, so give "
+                                     "--embed-dim 48 with --heads 3, or --heads 2 with --embed-dim 32")),
     ({"width_ratio": 0.5, "heads": 1}, "--width-ratio 0.5 cannot be combined"),
     ({"width_ratio": 0.0}, "--width-ratio 0.0 is invalid"),
     ({"width_ratio": 1.5}, "--width-ratio 1.5 is invalid"),

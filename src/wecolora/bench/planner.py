@@ -20,7 +20,6 @@ picks the one ``distill --speedup`` trains.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import datetime
 import io
