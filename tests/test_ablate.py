@@ -162,7 +162,7 @@ def test_a_grid_sweeps_width_and_budgets_with_a_copy_per_shape(teacher_dir, tmp_
 
     import timm
 
-    import wecolora.bench.planner as planner
+    from wecolora.bench import planner
     from test_planner import flop_latency
 
     monkeypatch.setattr(planner, "measure", flop_latency)

@@ -5,8 +5,8 @@ import json
 import pytest
 import yaml
 
-from wecolora.bench import planner
 from wecolora import api
+from wecolora.bench import planner
 from wecolora.cli import main
 from wecolora.config import DistillConfig, PlanConfig
 from wecolora.errors import UserError
