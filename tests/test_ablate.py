@@ -162,21 +162,21 @@ def test_a_grid_sweeps_width_and_budgets_with_a_copy_per_shape(teacher_dir, tmp_
 
     import timm
 
-    from wecolora.bench import planner
     from test_planner import flop_latency
+    from wecolora.bench import planner
 
     monkeypatch.setattr(planner, "measure", flop_latency)
-    grid = Ablation(**{
-        "teacher": f"local-dir:{teacher_dir}", "distill_data": "mnist-5k", "probe_data": ["mnist-5k"],
-        "distill": {"epochs": 1, "warmup_epochs": 0, "batch_size": 16, "accum_steps": 1, "num_workers": 0,
-                    "ratio": 0.02, "rank": 4},
-        "probe": {"epochs": 2, "train_per_class": 20},
-        "reference": ["copy"],
-        "seeds": [0, 1],
-        "runs": [{"mode": "wecolora", "reduction": 2, "embed_dim": 16, "width_ranking": "uniform"},
-                 {"mode": "weco-kd", "reduction": 2, "embed_dim": 16, "mlp_hidden": 64},
-                 {"mode": "wecolora", "reduction": 2, "speedup": 2.5, "seeds": [0, 1]}],
-    })
+    grid = Ablation(
+        teacher=f"local-dir:{teacher_dir}", distill_data="mnist-5k", probe_data=["mnist-5k"],
+        distill={"epochs": 1, "warmup_epochs": 0, "batch_size": 16, "accum_steps": 1, "num_workers": 0,
+                 "ratio": 0.02, "rank": 4},
+        probe={"epochs": 2, "train_per_class": 20},
+        reference=["copy"],
+        seeds=[0, 1],
+        runs=[{"mode": "wecolora", "reduction": 2, "embed_dim": 16, "width_ranking": "uniform"},
+              {"mode": "weco-kd", "reduction": 2, "embed_dim": 16, "mlp_hidden": 64},
+              {"mode": "wecolora", "reduction": 2, "speedup": 2.5, "seeds": [0, 1]}],
+    )
     rows = ablate(grid, tmp_path / "out", device="cpu")
     names = {row["name"] for row in rows}
     assert {"copy-r2-d16-uniform", "copy-r2-d16-mlp64-activation"} <= names and "copy-r2" not in names  # no copy of a budget
