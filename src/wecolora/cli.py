@@ -124,7 +124,8 @@ def add_distill_parser(sub) -> None:
     g.add_argument("--keep", help="first (default), last, teacher block indices like 0,4,8, or chosen from the "
                    "subset: auto (best of first, last, greedy, influence by the initial L1), greedy, influence")
     g.add_argument("--keep-images", type=int, metavar="N",
-                   help="subset images a searched --keep looks at (default 384: 2/3 search, 1/3 scoring)")
+                   help="subset images a searched --keep (2/3 search, 1/3 scoring) and the activation width ranking "
+                        "look at (default 384)")
     g.add_argument("--rank", type=int, help="adapter rank (default 128, width/4 for narrow students)")
     g.add_argument("--lora-alpha", type=float, help="peft lora_alpha (default: rank, i.e. scale 1)")
     g.add_argument("--lora-dropout", type=float, help="adapter dropout (default 0)")
@@ -283,7 +284,8 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--runtime", choices=RUNTIMES, help="torch (default) or onnxruntime (each candidate exported first)")
     p.add_argument("--batch-size", type=int, help="images per timed call (default 32)")
     p.add_argument("--reductions", type=int, nargs="+", metavar="R", help="depths ceil(L / R) (default 1 2 3 4)")
-    p.add_argument("--keep", choices=("first", "last"), help="which blocks (latency depends on their number only)")
+    p.add_argument("--keep", help="first (default) or last: the blocks each reduction keeps (latency depends on their "
+                                  "number only); a list such as 0,3,7: that depth only")
     p.add_argument("--embed-dims", type=int, nargs="+", metavar="D",
                    help="residual widths, multiples of the head size (default: 1/4, 1/2, 3/4 and all the heads)")
     p.add_argument("--mlp-hiddens", type=int, nargs="+", metavar="M",

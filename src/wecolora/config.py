@@ -120,7 +120,8 @@ class DistillConfig:
     mode: str = "wecolora"
     reduction: int = DEFAULT_REDUCTION
     keep: str = "first"  # first | last | auto | greedy | influence | comma-separated teacher block indices
-    keep_images: int = 384  # auto/greedy/influence: subset images that choose the blocks (2/3 search, 1/3 score)
+    keep_images: int = 384  # subset images that choose the blocks (auto/greedy/influence: 2/3 search, 1/3 score)
+    # and rank the width (activation)
     rank: int | None = None  # default: 128, or width/4 for narrow teachers (the student's width)
     # student width (method.width): each given axis narrows, the others stay the teacher's
     embed_dim: int | None = None  # residual channels: a multiple of the teacher's head size (whole heads are kept)
