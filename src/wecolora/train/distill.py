@@ -33,7 +33,7 @@ from wecolora.files import atomic_write_text, csv_text
 from wecolora.method.block_search import BlockChoice, choose_blocks
 from wecolora.method.losses import feature_loss
 from wecolora.method.plan import StudentPlan, check_settings, get_mode, plan_student, student_width
-from wecolora.method.width import WidthChoice
+from wecolora.method.width import TeacherWidth, WidthChoice
 from wecolora.runtime import loader_workers, make_accelerator, versions
 from wecolora.teachers.load import load_model, model_shape
 from wecolora.teachers.vit import last_block_tokens, use_fused_attention
@@ -210,9 +210,10 @@ def distill(config: DistillConfig) -> dict:
         _logger.info("%s: %d of %d images, %d blocks kept of %d (%s, keep %s), %s", config.mode, len(indices),
                      len(dataset), len(kept), depth, kept, plan.keep, get_mode(config.mode).description)
         if plan.narrow:
-            w = plan.student_width
-            _logger.info("width: %d channels, %d heads, %d MLP neurons of %d (ranking %s); loss on %s", w.embed_dim,
-                         w.heads, w.mlp_hidden, plan.width, plan.width_choice.ranking,
+            w, full = plan.student_width, TeacherWidth.of(teacher)
+            _logger.info("width: %d of %d channels (%d of %d heads), %d of %d MLP neurons (ranking %s); loss on %s",
+                         w.embed_dim, full.embed_dim, w.heads, full.heads, w.mlp_hidden, full.mlp_hidden,
+                         plan.width_choice.ranking,
                          "the kept channels" if training.channels is not None else
                          "a learned projection to the teacher's width" if training.projector is not None else
                          "every channel (the residual width is the teacher's)")
