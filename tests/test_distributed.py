@@ -348,10 +348,9 @@ def test_every_process_trains_the_width_the_first_process_chose(teacher_dir, tmp
 
 def distill_with_a_budget_measured_differently_by_rank(config: DistillConfig) -> tuple:
     """api.distill with a budget whose measurement would choose another shape on ranks other than 0."""
+    from test_planner import flop_latency
     from wecolora import api
     from wecolora.bench import planner
-
-    from test_planner import flop_latency
 
     def measure(*args):
         rows = flop_latency(*args)
