@@ -236,3 +236,37 @@ def test_the_subset_study_preset_compares_the_three_rules_at_two_sizes():
     assert grid.seeds == [0, 1, 2] and grid.probe_data == ["fashion-mnist", "mnist-5k"]
     names = [name for name, _ in grid.planned_runs()]
     assert "wecolora-r2-a0.002-subsetcoreset-s1" in names and len(names) == 18
+def test_a_grid_sweeps_width_and_budgets_with_a_copy_per_shape(teacher_dir, tmp_path, monkeypatch):
+    import json
+
+    import timm
+
+    from test_planner import flop_latency
+    from wecolora.bench import planner
+
+    monkeypatch.setattr(planner, "measure", flop_latency)
+    grid = Ablation(
+        teacher=f"local-dir:{teacher_dir}", distill_data="mnist-5k", probe_data=["mnist-5k"],
+        distill={"epochs": 1, "warmup_epochs": 0, "batch_size": 16, "accum_steps": 1, "num_workers": 0,
+                 "ratio": 0.02, "rank": 4},
+        probe={"epochs": 2, "train_per_class": 20},
+        reference=["copy"],
+        seeds=[0, 1],
+        runs=[{"mode": "wecolora", "reduction": 2, "embed_dim": 16, "width_ranking": "uniform"},
+              {"mode": "weco-kd", "reduction": 2, "embed_dim": 16, "mlp_hidden": 64},
+              {"mode": "wecolora", "reduction": 2, "speedup": 2.5, "seeds": [0, 1]}],
+    )
+    rows = ablate(grid, tmp_path / "out", device="cpu")
+    names = {row["name"] for row in rows}
+    assert {"copy-r2-d16-uniform", "copy-r2-d16-mlp64-activation"} <= names and "copy-r2" not in names  # no copy of a budget
+    for copy, shape in (("copy-r2-d16-uniform", (16, 128)), ("copy-r2-d16-mlp64-activation", (16, 64))):
+        model = timm.create_model(f"local-dir:{tmp_path / 'out' / 'reference' / copy}", pretrained=True)
+        assert (model.embed_dim, model.blocks[0].mlp.fc1.out_features) == shape
+    runs = sorted(p.name for p in (tmp_path / "out" / "runs").iterdir())
+    assert "wecolora-r2-a0.02-d16-uniform-s0" in runs and "weco-kd-r2-a0.02-d16-s1-mlp64" in runs
+    (plan_file,) = (tmp_path / "out" / "plans").glob("*.json")  # one measurement for both seeds of the budget run
+    chosen = json.loads(plan_file.read_text())["chosen"]
+    for seed in (0, 1):
+        run = tmp_path / "out" / "runs" / f"wecolora-r2-a0.02-s{seed}-speedup2.5"
+        info = json.loads((run / "adapter" / "wecolora.json").read_text())
+        assert info.get("embed_dim", 32) == chosen["embed_dim"] and len(info["kept_blocks"]) == chosen["depth"]

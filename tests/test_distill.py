@@ -160,3 +160,40 @@ def test_per_class_on_an_unlabeled_folder_is_refused_before_the_teacher_loads(te
     monkeypatch.setattr(distill_module, "load_model", lambda *a, **k: pytest.fail("the teacher was loaded"))
     with pytest.raises(UserError, match="--subset per-class needs labels, and .*photos is unlabeled"):
         distill(config(teacher_dir, tmp_path / "run", data=str(tmp_path / "photos"), subset="per-class"))
+@pytest.mark.parametrize("width_loss, ranking", [("kept", "activation"), ("projection", "uniform")])
+def test_a_narrow_student_distills_and_exports_a_plain_timm_vit(teacher_dir, tmp_path, width_loss, ranking):
+    import json
+
+    import yaml
+
+    run = tmp_path / "run"
+    result = distill(config(teacher_dir, run, epochs=4, rank=4, embed_dim=16, mlp_hidden=48, width_loss=width_loss,
+                            width_ranking=ranking))
+    losses = [row["loss"] for row in result["epochs"]]
+    assert losses[-1] < losses[0], losses
+    plain = timm.create_model(f"local-dir:{run / 'student'}", pretrained=True).eval()  # timm alone
+    assert (plain.embed_dim, plain.blocks[0].attn.num_heads, plain.blocks[0].mlp.fc1.out_features, len(plain.blocks)) \
+        == (16, 2, 48, 3)
+    assert "width_projector" not in str(list(load_file(str(run / "student" / "model.safetensors"))))  # dropped
+    info = json.loads((run / "adapter" / "wecolora.json").read_text())
+    resolved = yaml.safe_load((run / "config.yaml").read_text())["resolved"]
+    for record in (info, resolved):
+        assert (record["embed_dim"], record["heads"], record["mlp_hidden"]) == (16, 2, 48)
+        assert record["width_selection"]["ranking"] == ranking
+        assert len(record["width_selection"]["channels"]) == 16
+        assert [len(n) for n in record["width_selection"]["neurons"]] == [48, 48, 48]
+
+
+def test_a_resumed_narrow_run_with_the_projection_ends_with_the_same_weights(teacher_dir, tmp_path, monkeypatch):
+    narrow = dict(embed_dim=16, width_loss="projection", rank=4)
+    distill(config(teacher_dir, tmp_path / "whole", **narrow))
+    with interrupted_after_first_checkpoint(monkeypatch, distill_module):
+        distill(config(teacher_dir, tmp_path / "cut", **narrow))
+    saved = load_file(str(tmp_path / "cut" / "checkpoint" / "trainable.safetensors"))
+    assert any(key.startswith("width_projector.") for key in saved)  # the projector is checkpointed with the adapters
+    distill(config(teacher_dir, tmp_path / "cut", resume="auto", **narrow))
+    whole = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
+    resumed = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        torch.testing.assert_close(whole[key], resumed[key], atol=1e-6, rtol=0)

@@ -305,3 +305,67 @@ def test_every_process_trains_the_blocks_the_first_process_chose(teacher_dir, tm
     assert rank0 == rank1
     resolved = yaml.safe_load((tmp_path / "greedy" / "config.yaml").read_text())["resolved"]
     assert resolved["kept_blocks"] == rank0 == resolved["block_search"]["candidates"]["greedy"]["kept"]
+
+
+def test_a_narrow_student_with_the_projection_trains_on_two_processes_as_on_one(teacher_dir, tmp_path):
+    """The width projector is part of the module DDP wraps: every rank holds the same adapters, equal to one
+    process's with the same global batch."""
+    narrow = dict(embed_dim=16, mlp_hidden=64, width_loss="projection", width_ranking="uniform", epochs=2)
+    two = run_processes(2, distill_in_process, distill_config(teacher_dir, tmp_path / "two", batch_size=8, **narrow))
+    (one,) = run_processes(1, distill_in_process, distill_config(teacher_dir, tmp_path / "one", batch_size=16, **narrow))
+    assert_same_weights(two[0]["weights"], two[1]["weights"], atol=0)
+    assert_same_weights(two[0]["weights"], one["weights"], atol=1e-5)
+    plain = timm.create_model(f"local-dir:{tmp_path / 'two' / 'student'}", pretrained=True)
+    assert (plain.embed_dim, plain.blocks[0].mlp.fc1.out_features) == (16, 64)
+
+
+def distill_with_a_width_ranking_that_differs_by_rank(config: DistillConfig) -> dict:
+    """Distil a narrower student whose activation ranking differs on ranks other than 0; return the choice used."""
+    import dataclasses
+
+    import wecolora.method.plan as plan_module
+
+    real_choose = plan_module.choose_width
+
+    def choose(*args, **kwargs):
+        choice = real_choose(*args, **kwargs)
+        if os.environ["RANK"] != "0":  # as if another GPU broke a near-tie the other way
+            choice = dataclasses.replace(choice, channels=tuple(range(len(choice.channels))))
+        return choice
+
+    plan_module.choose_width = choose  # a forked process: the patch dies with it
+    return distill_module.distill(config)["width_selection"]
+
+
+def test_every_process_trains_the_width_the_first_process_chose(teacher_dir, tmp_path):
+    config = distill_config(teacher_dir, tmp_path / "narrow", embed_dim=16, keep_images=32, epochs=1, warmup_epochs=0,
+                            batch_size=8)
+    rank0, rank1 = run_processes(2, distill_with_a_width_ranking_that_differs_by_rank, config)
+    assert rank0 == rank1 and rank0["ranking"] == "activation"
+    resolved = yaml.safe_load((tmp_path / "narrow" / "config.yaml").read_text())["resolved"]
+    assert resolved["width_selection"] == rank0
+
+
+def distill_with_a_budget_measured_differently_by_rank(config: DistillConfig) -> tuple:
+    """api.distill with a budget whose measurement would choose another shape on ranks other than 0."""
+    from test_planner import flop_latency
+    from wecolora import api
+    from wecolora.bench import planner
+
+    def measure(*args):
+        rows = flop_latency(*args)
+        if os.environ["RANK"] != "0":  # a slower process: everything but the teacher 10x faster
+            rows = [row if row.get("teacher") else {**row, "latency_ms": row["latency_ms"] / 10} for row in rows]
+        return rows
+
+    planner.measure = measure  # a forked process: the patch dies with it
+    result = api.distill(config)
+    return result["shape_budget"]["chosen"]["embed_dim"], result["kept_blocks"], result.get("embed_dim")
+
+
+def test_every_process_trains_the_shape_the_first_process_planned(teacher_dir, tmp_path):
+    config = distill_config(teacher_dir, tmp_path / "budget", speedup=2.5, width_ranking="uniform", epochs=1,
+                            warmup_epochs=0, batch_size=8)
+    rank0, rank1 = run_processes(2, distill_with_a_budget_measured_differently_by_rank, config)
+    assert rank0 == rank1
+    assert json.loads((tmp_path / "budget" / "plan.json").read_text())["chosen"]["embed_dim"] == rank0[0]

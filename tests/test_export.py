@@ -68,3 +68,21 @@ def test_a_missing_extra_names_it(run, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
     with pytest.raises(UserError, match=r"wecolora\[onnx\]"):
         export_onnx(run)
+
+
+def test_a_narrow_student_exports_exactly(tmp_path):
+    """A student with fewer channels, heads and MLP neurons than its teacher exports like any timm ViT."""
+    teacher = tiny_vit(img_size=28, patch_size=7)
+    student = build_student(teacher, 3, mode="wecolora", rank=4, embed_dim=16, mlp_hidden=40, width_ranking="uniform")
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05, generator=torch.Generator().manual_seed(0))
+    save_student(wecolora.merge(student).eval(), tmp_path / "student")
+    result = export_onnx(tmp_path)
+    assert result["max_abs_diff"] <= 1e-5
+    images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    session = onnxruntime.InferenceSession(result["path"], providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        expected = student(images).numpy()  # the adapter student itself, not its merge
+    assert np.abs(session.run(None, {"images": images.numpy()})[0] - expected).max() <= 1e-5

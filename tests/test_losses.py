@@ -1,8 +1,9 @@
-"""Tests for wecolora.method.losses: which blocks the loss matches, and the loss values it returns."""
+"""Tests for wecolora.method.losses: which blocks the loss matches, the loss values it returns, and the two losses
+of a narrower student."""
 import pytest
 import torch
 
-from wecolora.method.losses import LOSSES, MATCHES, feature_loss, matched_blocks
+from wecolora.method.losses import LOSSES, MATCHES, WidthProjector, feature_loss, matched_blocks
 
 # (match, segment ends of the student's blocks, expected (student blocks, teacher blocks, norm))
 MATCHED_CASES = [
@@ -92,3 +93,27 @@ def test_feature_loss_refuses_unequal_block_counts():
 def test_feature_loss_refuses_an_unknown_kind():
     with pytest.raises(KeyError):
         feature_loss(_tokens([0.0, 0.0]), _tokens([0.0, 0.0]), "huber")
+
+
+def test_kept_channels_compare_the_teacher_on_those_channels_only():
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 5, 8, generator=gen)
+    channels = torch.tensor([1, 4, 6])
+    student = teacher[..., [1, 4, 6]] + 0.5
+    out = feature_loss([student], [teacher], "l1", channels=channels)
+    assert torch.isclose(out["loss"], torch.tensor(0.5))
+    assert torch.isclose(feature_loss([teacher[..., [1, 4, 6]]], [teacher], channels=channels)["loss"], torch.tensor(0.0))
+
+
+def test_the_projection_starts_as_the_kept_channels_and_trains():
+    channels = [1, 4, 6]
+    projector = WidthProjector(channels, 8, blocks=2)
+    tokens = [torch.randn(2, 5, 3), torch.randn(2, 5, 3)]
+    for got, t in zip(projector(tokens), tokens):
+        assert got.shape == (2, 5, 8)
+        torch.testing.assert_close(got[..., channels], t)
+        assert not got[..., [0, 2, 3, 5, 7]].any()
+    teacher = [torch.randn(2, 5, 8), torch.randn(2, 5, 8)]
+    loss = feature_loss(projector(tokens), teacher)["loss"]
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector.parameters())

@@ -73,8 +73,15 @@ SELECT_CASES = [
     (12, 5, "last", [4, 9]),  # only full groups end inside the teacher
     (12, 2, [0, 5, 11], [0, 5, 11]),  # an explicit list is taken as given...
     (12, 99, [11, 0, 5], [0, 5, 11]),  # ...sorted, and the reduction is then ignored
-    (12, 2, (3, 3, 7), [3, 7]),
+    (12, 2, (3, 7), [3, 7]),
 ]
+
+
+@pytest.mark.parametrize("keep", ["0,0,1,2,3,4", [3, 3, 7], (5, 1, 5)])
+def test_a_kept_list_naming_a_block_twice_is_refused(keep):
+    """``--keep 0,0,1,2,3,4`` once trained 5 blocks silently; it is refused with the list to give instead."""
+    with pytest.raises(UserError, match=r"more than once: a block is kept once, so list each index once"):
+        select_blocks(12, 2, keep)
 
 
 @pytest.mark.parametrize("depth, reduction, keep, expected", SELECT_CASES)

@@ -20,6 +20,7 @@ from wecolora.api import (
     load_ablation,
     load_model,
     merge,
+    plan,
     plan_student,
     pretrain,
     probe,
@@ -27,7 +28,7 @@ from wecolora.api import (
     select_blocks,
     views,
 )
-from wecolora.config import DistillConfig, KnnConfig, PretrainConfig, ProbeConfig
+from wecolora.config import DistillConfig, KnnConfig, PlanConfig, PretrainConfig, ProbeConfig
 from wecolora.errors import UserError
 
 __version__ = "0.3.0"
@@ -42,5 +43,6 @@ def __getattr__(name: str):
 
 
 __all__ = ["ablate", "bench", "build_student", "cache_entries", "clear_cache", "distill", "export", "inspect", "knn",
-           "load_ablation", "load_model", "merge", "plan_student", "pretrain", "probe", "report", "select_blocks",
-           "views", "DistillConfig", "KnnConfig", "PretrainConfig", "ProbeConfig", "UserError", "MODES"]
+           "load_ablation", "load_model", "merge", "plan", "plan_student", "pretrain", "probe", "report",
+           "select_blocks", "views", "DistillConfig", "KnnConfig", "PlanConfig", "PretrainConfig", "ProbeConfig",
+           "UserError", "MODES"]

@@ -13,7 +13,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wecolora.config import DEFAULT_REDUCTION, DistillConfig, KnnConfig, PretrainConfig, ProbeConfig, build_config
+from wecolora.config import (
+    DEFAULT_REDUCTION,
+    DistillConfig,
+    KnnConfig,
+    PlanConfig,
+    PretrainConfig,
+    ProbeConfig,
+    build_config,
+    check_budget,
+)
 from wecolora.data.layout import check_dataset, check_segmentation_dataset
 from wecolora.files import check_writable
 from wecolora.teachers.specs import check_model_spec
@@ -23,17 +32,48 @@ from wecolora.train.run_folder import check_distill, check_pretrain
 def distill(config: DistillConfig | None = None, **settings) -> dict:
     """Distil a teacher into a weight-copied student; writes the run folder (see ``wecolora distill --help``).
 
+    With a shape budget (``speedup``, ``latency_ms`` or ``params``), the planner (:func:`plan`) measures the
+    candidate shapes on the budget's device first, chooses one (:func:`wecolora.bench.planner.choose_shape`),
+    writes its table to ``OUTPUT/plan.json`` and the run trains that shape.
+
     Args:
         config: the run's settings; ``**settings`` builds one instead (``teacher=``, ``data=``, ``output=``, ...).
 
     Returns:
-        The last epoch's metrics, the kept blocks and the run's paths.
+        The last epoch's metrics, the kept blocks, the widths and the run's paths (``shape_budget``: the
+        budget, the chosen shape and why, when one was given).
     """
     config = config or build_config(DistillConfig, None, **settings)
+    check_budget(config)  # a budget chooses the widths: not both from the user
     check_distill(config)
+    shape = None
+    if config.budget() is not None:
+        from wecolora.bench.planner import CHOICE_RULE, resolve_budget
+
+        config, result = resolve_budget(config)
+        name, value = config.budget()
+        shape = {"budget": name, "value": value, "chosen": result["chosen"], "why": CHOICE_RULE}
     from wecolora.train.distill import distill as run
 
-    return run(config)
+    out = run(config)
+    return {**out, "shape_budget": shape} if shape else out
+
+
+def plan(config: PlanConfig | None = None, *, progress=None, **settings) -> dict:
+    """Candidate student shapes of a teacher measured on a device, the Pareto front and a budget
+    (``wecolora plan``); see :func:`wecolora.bench.planner.plan_shapes`.
+
+    Example:
+        >>> result = wecolora.plan(teacher="bundled", speedup=2)                      # doctest: +SKIP
+        >>> [(c["depth"], c["embed_dim"], c["latency_ms"]) for c in result["candidates"] if c["pareto"]]  # doctest: +SKIP
+    """
+    config = config or build_config(PlanConfig, None, **settings)
+    check_model_spec(config.teacher)
+    if config.output:
+        check_writable(config.output)
+    from wecolora.bench.planner import plan_shapes
+
+    return plan_shapes(config, progress)
 
 
 def views(count: int, output: str, config: DistillConfig | None = None, **settings) -> list[dict]:
@@ -174,13 +214,20 @@ def load_model(spec: str, **options):
 
 
 def inspect(teacher: str, reduction: int = DEFAULT_REDUCTION, keep="first", mode: str = "wecolora", rank: int | None = None, *,
-            img_size: int | None = None) -> dict:
-    """Kept blocks and parameter counts of a student, without reading weights (``wecolora inspect``)."""
+            img_size: int | None = None, **width) -> dict:
+    """Kept blocks, widths, parameter counts and FLOPs per image of a student, without reading weights
+    (``wecolora inspect``); ``width``: ``embed_dim``, ``heads``, ``mlp_hidden`` or ``width_ratio``."""
     check_model_spec(teacher)
-    from wecolora.method.student import describe
+    from wecolora.bench.flops import forward_flops
+    from wecolora.method.student import describe, merged_architecture
+    from wecolora.method.width import StudentWidth
     from wecolora.teachers.load import load_model as load
 
-    return describe(load(teacher, img_size=img_size, pretrained=False), reduction, keep, mode, rank)
+    model = load(teacher, img_size=img_size, pretrained=False)
+    info = describe(model, reduction, keep, mode, rank, **width)
+    student = merged_architecture(model, len(info["kept_blocks"]),
+                                  StudentWidth(info["embed_dim"], info["heads"], info["mlp_hidden"]))
+    return {**info, "teacher_flops": forward_flops(model.to("meta")), "student_flops": forward_flops(student)}
 
 
 def plan_student(teacher, reduction: int = DEFAULT_REDUCTION, keep="first", mode: str = "wecolora", rank: int | None = None,

@@ -31,8 +31,12 @@ from wecolora.config import (
     PROBE_PROTOCOLS,
     PROBE_TASKS,
     SUBSET_RULES,
+    RUNTIMES,
+    WIDTH_LOSSES,
+    WIDTH_RANKINGS,
     DistillConfig,
     KnnConfig,
+    PlanConfig,
     PretrainConfig,
     ProbeConfig,
     build_config,
@@ -64,6 +68,11 @@ DISTILL_EXAMPLES = """examples:
   wecolora distill --teacher bundled --data fashion-mnist --output runs/r3 --cache-teacher on --reduction 3
   wecolora cache list                     # what the caches hold; wecolora cache clear --older-than 30
 
+  # a narrower student too: 2 of the 4 heads (64 channels) and 256 MLP neurons, chosen from the subset's activations
+  wecolora distill --teacher bundled --data fashion-mnist --output runs/narrow --embed-dim 64 --mlp-hidden 256
+  # a shape chosen by a budget measured on this machine: at least 3x the teacher's speed (see `wecolora plan`)
+  wecolora distill --teacher bundled --data fashion-mnist --output runs/fast --speedup 3
+
   # 8 GPUs on one node (effective batch 128 x 1 x 8 = 1024, lr 4e-3 by the rule)
   torchrun --nproc-per-node 8 -m wecolora distill --teacher vit_base_patch16_224.mae --data /data/imagenet \\
       --output runs/mae-r2 --accum-steps 1
@@ -72,7 +81,30 @@ DISTILL_EXAMPLES = """examples:
 INSPECT_EXAMPLES = """examples:
   wecolora inspect --teacher vit_base_patch16_224 --reduction 2 --rank 128
   wecolora inspect --teacher bundled --reduction 3 --mode lora-qv --json
+  wecolora inspect --teacher vit_base_patch16_224 --embed-dim 384      # ViT-S width: 6 of the 12 heads
 """
+
+WIDTH_HELP = {
+    "embed_dim": "student residual width: a multiple of the teacher's head size (whole heads are kept, so it fixes "
+                 "the head count); default the teacher's",
+    "heads": "attention heads kept (the width is heads x the teacher's head size); default the teacher's",
+    "mlp_hidden": "MLP hidden neurons kept per block; default the teacher's",
+    "width_ratio": "instead of the three: keep round(w x heads) heads and round(w x neurons) neurons",
+}
+
+
+def add_width_arguments(g) -> None:
+    """--embed-dim, --heads, --mlp-hidden, --width-ratio (distill and inspect)."""
+    for name, what in WIDTH_HELP.items():
+        g.add_argument(f"--{name.replace('_', '-')}", type=float if name == "width_ratio" else int,
+                       metavar="W" if name == "width_ratio" else "N", help=what)
+
+
+def add_budget_arguments(g) -> None:
+    """--speedup, --latency-ms, --params (plan and distill)."""
+    g.add_argument("--speedup", type=float, metavar="S", help="at least S times the teacher's measured speed")
+    g.add_argument("--latency-ms", type=float, metavar="X", help="at most X ms per batch")
+    g.add_argument("--params", type=float, metavar="P", help="at most P parameters (e.g. 2e6)")
 
 
 DATA_HELP = ("a folder (class folders D/train/<class>/..., or images at any depth: unlabeled), a .txt/.csv file "
@@ -125,12 +157,26 @@ def add_distill_parser(sub) -> None:
     g.add_argument("--keep", help="first (default), last, teacher block indices like 0,4,8, or chosen from the "
                    "subset: auto (best of first, last, greedy, influence by the initial L1), greedy, influence")
     g.add_argument("--keep-images", type=int, metavar="N",
-                   help="subset images a searched --keep looks at (default 384: 2/3 search, 1/3 scoring)")
-    g.add_argument("--rank", type=int, help="adapter rank (default 128, width/4 for narrow teachers)")
+                   help="subset images a searched --keep (2/3 search, 1/3 scoring) and the activation width ranking "
+                        "look at (default 384)")
+    g.add_argument("--rank", type=int, help="adapter rank (default 128, width/4 for narrow students)")
     g.add_argument("--lora-alpha", type=float, help="peft lora_alpha (default: rank, i.e. scale 1)")
     g.add_argument("--lora-dropout", type=float, help="adapter dropout (default 0)")
     g.add_argument("--dora", action="store_true", default=None, help="weight-decomposed adapters (DoRA)")
     g.add_argument("--rslora", action="store_true", default=None, help="rank-stabilised scaling alpha/sqrt(r)")
+    g = p.add_argument_group("student width (see docs/shapes.md)")
+    add_width_arguments(g)
+    g.add_argument("--width-ranking", choices=WIDTH_RANKINGS,
+                   help="which channels, heads and neurons: activation (default; Minitron's rules on --keep-images "
+                        "subset images) or uniform (Weight Selection's evenly spaced indices, no data)")
+    g.add_argument("--width-loss", choices=WIDTH_LOSSES,
+                   help="narrower residual: kept (default) = the teacher's tokens on the kept channels; projection = "
+                        "a learned linear map to the teacher's width, trained with the student, dropped at export")
+    g = p.add_argument_group("shape budget: the planner chooses --reduction and the widths (see `wecolora plan`)")
+    add_budget_arguments(g)
+    g.add_argument("--budget-device", choices=DEVICES, help="where the latency is measured (default auto: the run's device)")
+    g.add_argument("--budget-runtime", choices=RUNTIMES, help="torch (default) or onnxruntime")
+    g.add_argument("--budget-batch-size", type=int, metavar="B", help="images per timed call (default 32)")
     g = p.add_argument_group("objective and data")
     g.add_argument("--loss", choices=LOSS_NAMES, help="distance between token sets (default l1)")
     g.add_argument("--match", choices=MATCH_NAMES,
@@ -201,7 +247,16 @@ def run_distill(args) -> int:
         print(f"keep {search['method']}: " + ", ".join(f"{name} {c['kept']} initial L1 {c['l1']:.4f}"
                                                      for name, c in search["candidates"].items())
               + f" -> {search['chosen']}")
-    print(f"done: {result['output']}/student (mode {result['mode']}, blocks {result['kept_blocks']}, "
+    shape = result.get("shape_budget")
+    if shape:
+        chosen = shape["chosen"]
+        print(f"{shape['budget']} {shape['value']:g}: chose depth {chosen['depth']}, width {chosen['embed_dim']} "
+              f"({chosen['heads']} heads), MLP {chosen['mlp_hidden']}: {chosen['latency_ms']:.2f} ms, "
+              f"{chosen['speedup']:.2f}x the teacher, {chosen['params'] / 1e6:.2f}M params ({shape['why']}); "
+              f"table in {result['output']}/plan.json")
+    width = f", width {result['embed_dim']}/{result['heads']} heads/MLP {result['mlp_hidden']}" \
+        if result.get("width_selection") else ""
+    print(f"done: {result['output']}/student (mode {result['mode']}, blocks {result['kept_blocks']}{width}, "
           f"final loss {last.get('loss', float('nan')):.4f}{skipped})")
     return 0
 
@@ -266,7 +321,8 @@ def add_inspect_parser(sub) -> None:
     p.add_argument("--keep", default="first", help="first, last or block indices like 0,4,8 (a searched keep "
                    "needs the subset: use distill, then inspect its kept list)")
     p.add_argument("--mode", choices=MODE_NAMES, default="wecolora")
-    p.add_argument("--rank", type=int, help="adapter rank (default 128, width/4 for narrow teachers)")
+    p.add_argument("--rank", type=int, help="adapter rank (default 128, width/4 for narrow students)")
+    add_width_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run_inspect)
 
@@ -276,19 +332,80 @@ def run_inspect(args) -> int:
     if isinstance(keep, str) and keep not in ("first", "last"):
         raise UserError(f"--keep {keep} chooses blocks from the few-shot images, which inspect does not read: run "
                         f"distill --keep {keep} (its config.yaml records the kept blocks), then inspect --keep LIST")
-    info = api.inspect(args.teacher, args.reduction, args.keep, args.mode, args.rank, img_size=args.img_size)
+    widths = {name: getattr(args, name) for name in WIDTH_HELP}
+    info = api.inspect(args.teacher, args.reduction, args.keep, args.mode, args.rank, img_size=args.img_size, **widths)
     if args.json:
         print(json.dumps(info))
         return 0
     millions = {k: f"{info[k] / 1e6:.2f}M" for k in ("teacher_params", "student_params", "trainable_params", "merged_params")}
     rank = f", rank {info['rank']}" if info["rank"] else ""
-    print(f"teacher          {info['teacher']} ({info['teacher_blocks']} blocks, width {info['width']})\n"
+    print(f"teacher          {info['teacher']} ({info['teacher_blocks']} blocks, width {info['width']}, "
+          f"{info['teacher_heads']} heads of {info['head_dim']}, MLP {info['teacher_mlp_hidden']})\n"
           f"kept blocks      {info['kept_blocks']} (reduction {args.reduction}, keep {args.keep})\n"
+          f"width            {info['embed_dim']} channels, {info['heads']} heads of {info['head_dim']}, "
+          f"MLP {info['mlp_hidden']}\n"
+          f"FLOPs per image  teacher {info['teacher_flops'] / 1e6:.2f}M, student {info['student_flops'] / 1e6:.2f}M "
+          f"({info['teacher_flops'] / info['student_flops']:.2f}x fewer)\n"
           f"mode             {info['mode']}{rank}\n"
           f"teacher params   {millions['teacher_params']:>8} ({info['teacher_params']:,})\n"
           f"student params   {millions['student_params']:>8} ({info['student_params']:,}, with adapters)\n"
           f"trainable        {millions['trainable_params']:>8} ({info['trainable_params']:,})\n"
           f"merged student   {millions['merged_params']:>8} ({info['merged_params']:,}, what is exported)")
+    return 0
+
+
+PLAN_EXAMPLES = """examples:
+  wecolora plan --teacher bundled                        # every candidate, its latency on this machine, the front
+  wecolora plan --teacher bundled --speedup 3            # mark the shapes at least 3x the teacher's speed
+  wecolora plan --teacher bundled --json --reductions 1 2 3 --embed-dims 64 128
+  wecolora plan --teacher vit_base_patch16_224 --device cuda --batch-size 64 --latency-ms 5 --output runs/plan-b16
+  wecolora plan --teacher bundled --runtime onnxruntime --params 4e5  # timed in ONNX Runtime (the onnx extra)
+then: wecolora distill ... --speedup 3 (the same rule chooses one shape) or --reduction R --embed-dim D --mlp-hidden M
+"""
+
+
+def add_plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="candidate student shapes (depth x width) measured on this device, with the "
+                                    "Pareto front and a budget",
+                       description="Enumerate student shapes of a teacher (the depths of --reductions x residual widths "
+                                   "in whole heads x MLP hidden sizes), build each merged student without training, and "
+                                   "measure it on the device: latency per batch (median of the timed calls after "
+                                   "warm-up, in interleaved rounds), throughput, parameters, FLOPs per image, peak "
+                                   "memory. Prints the table with the Pareto front (no other shape is both faster and "
+                                   "larger) and, with a budget, the shapes within it and the one distill would choose.",
+                       epilog=PLAN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="timm name, local-dir:FOLDER, run folder, bundled or bundled-mae "
+                                                    "(weights not loaded)")
+    p.add_argument("--img-size", type=int, help="input size (default: the teacher's)")
+    p.add_argument("--device", choices=DEVICES, help="auto (default): cuda when available")
+    p.add_argument("--runtime", choices=RUNTIMES, help="torch (default) or onnxruntime (each candidate exported first)")
+    p.add_argument("--batch-size", type=int, help="images per timed call (default 32)")
+    p.add_argument("--reductions", type=int, nargs="+", metavar="R", help="depths ceil(L / R) (default 1 2 3 4)")
+    p.add_argument("--keep", help="first (default) or last: the blocks each reduction keeps (latency depends on their "
+                                  "number only); a list such as 0,3,7: that depth only")
+    p.add_argument("--embed-dims", type=int, nargs="+", metavar="D",
+                   help="residual widths, multiples of the head size (default: 1/4, 1/2, 3/4 and all the heads)")
+    p.add_argument("--mlp-hiddens", type=int, nargs="+", metavar="M",
+                   help="MLP hidden sizes (default: 1/4, 1/2, 3/4 and all the neurons)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds over the candidates (default 3)")
+    p.add_argument("--calls", type=int, help="timed calls per candidate and round (default 10)")
+    p.add_argument("--warmup", type=int, help="untimed calls per candidate first (default 3)")
+    p.add_argument("--no-memory", dest="memory", action="store_false", default=None,
+                   help="skip the peak memory (one profiled call per candidate)")
+    add_budget_arguments(p)
+    p.add_argument("--output", metavar="DIR", help="write DIR/plan.json, plan.csv and chart.png (latency vs parameters)")
+    p.add_argument("--json", action="store_true", help="print one JSON list, one object per candidate")
+    p.set_defaults(handler=run_plan)
+
+
+def run_plan(args) -> int:
+    from wecolora.bench.report import format_plan
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "json")}
+    config = build_config(PlanConfig, None, **flags)
+    progress = (lambda message: print(message, file=sys.stderr)) if not args.json else (lambda message: None)
+    result = api.plan(config, progress=progress)
+    print(json.dumps(result["candidates"]) if args.json else format_plan(result))
     return 0
 
 
@@ -675,6 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_parser(sub)
     add_inspect_parser(sub)
     add_views_parser(sub)
+    add_plan_parser(sub)
     add_pretrain_parser(sub)
     add_eval_parsers(sub)
     add_ablate_parsers(sub)

@@ -34,6 +34,12 @@ SUBSET_RULES = ("per-class", "random", "coreset")  # how the few-shot subset is 
 CORESET_METHODS = ("kcenter", "kmeans++")  # coreset picks from the teacher's features (data.subset)
 FOLDER_LAYOUTS = ("auto", "classes", "unlabeled")  # how a folder of images is read (data.layout)
 PAPER_WARMUP_EPOCHS = 2
+DEFAULT_PLAN_BATCH = 32  # images per timed call of the planner (bench.planner)
+WIDTH_RANKINGS = ("activation", "uniform")  # how a narrower student's channels, heads, neurons are chosen (method.width)
+WIDTH_LOSSES = ("kept", "projection")  # narrower student: teacher tokens on the kept channels | a learned projection
+BUDGETS = ("speedup", "latency_ms", "params")  # what a shape budget can bound (bench.planner)
+RUNTIMES = ("torch", "onnxruntime")  # what the planner times
+WIDTH_FIELDS = ("embed_dim", "heads", "mlp_hidden", "width_ratio")
 
 
 def parse_keep(keep) -> str | list[int]:
@@ -41,6 +47,8 @@ def parse_keep(keep) -> str | list[int]:
 
     >>> parse_keep("auto"), parse_keep("0, 3,7"), parse_keep([0, 3])
     ('auto', [0, 3, 7], [0, 3])
+
+    A list that names a block twice is refused (``0,0,1,2,3,4`` would otherwise train 5 blocks, not 6).
     """
     if isinstance(keep, str) and keep.strip() in KEEP_NAMES:
         return keep.strip()
@@ -52,7 +60,28 @@ def parse_keep(keep) -> str | list[int]:
     if not blocks:
         raise UserError(f"--keep {keep!r} is invalid: expected one of {', '.join(KEEP_NAMES)} or teacher block "
                         f"indices like 0,4,8")
+    repeated = sorted({b for b in blocks if blocks.count(b) > 1})
+    if repeated:
+        raise UserError(f"--keep {','.join(map(str, blocks))} names block(s) {', '.join(map(str, repeated))} more than "
+                        f"once: a block is kept once, so list each index once (e.g. "
+                        f"{','.join(map(str, sorted(set(blocks))))})")
     return blocks
+
+
+def check_budget(settings, *, allow_widths: bool = False) -> None:
+    """At most one of :data:`BUDGETS`, each positive; with ``allow_widths=False`` none beside explicit widths
+    (the budget chooses them). ``settings`` is any object with those attributes (DistillConfig, PlanConfig)."""
+    given = [name for name in BUDGETS if getattr(settings, name, None) is not None]
+    for name in given:
+        value = getattr(settings, name)
+        check_setting(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, name, value,
+                      "a positive number")
+    if len(given) > 1:
+        raise UserError(f"give one budget, not {' and '.join('--' + g.replace('_', '-') for g in given)}")
+    widths = [name for name in WIDTH_FIELDS if getattr(settings, name, None) is not None]
+    if given and widths and not allow_widths:
+        raise UserError(f"--{given[0].replace('_', '-')} chooses the student's shape, so it cannot be combined with "
+                        f"{', '.join('--' + w.replace('_', '-') for w in widths)}: give the budget or the widths")
 
 
 def check_setting(ok: bool, name: str, value, expected: str) -> None:
@@ -119,8 +148,24 @@ class DistillConfig(SourceSettings):
     mode: str = "wecolora"
     reduction: int = DEFAULT_REDUCTION
     keep: str = "first"  # first | last | auto | greedy | influence | comma-separated teacher block indices
-    keep_images: int = 384  # auto/greedy/influence: subset images that choose the blocks (2/3 search, 1/3 score)
-    rank: int | None = None  # default: 128, or width/4 for narrow teachers
+    keep_images: int = 384  # subset images that choose the blocks (auto/greedy/influence: 2/3 search, 1/3 score)
+    # and rank the width (activation)
+    rank: int | None = None  # default: 128, or width/4 for narrow teachers (the student's width)
+    # student width (method.width): each given axis narrows, the others stay the teacher's
+    embed_dim: int | None = None  # residual channels: a multiple of the teacher's head size (whole heads are kept)
+    heads: int | None = None  # attention heads (embed_dim = heads x the teacher's head size)
+    mlp_hidden: int | None = None  # MLP hidden neurons per block
+    width_ratio: float | None = None  # instead of the three: round(w x heads) heads and round(w x hidden) neurons
+    width_ranking: str = "activation"  # activation (Minitron's, on keep_images subset images) | uniform (Weight Selection's)
+    width_loss: str = "kept"  # narrower student: kept = the teacher's tokens on the kept channels; projection = a
+    # learned Linear(student width -> teacher width) on the student's tokens, trained with it and dropped at export
+    # shape budget (bench.planner, resolved by wecolora.api.distill into reduction and widths before the run)
+    speedup: float | None = None  # at least this many times the teacher's measured speed
+    latency_ms: float | None = None  # at most this latency per batch
+    params: float | None = None  # at most this many parameters
+    budget_device: str = "auto"  # where the budget's latency is measured (auto: the run's device)
+    budget_runtime: str = "torch"  # torch | onnxruntime
+    budget_batch_size: int = DEFAULT_PLAN_BATCH  # images per timed call
     lora_alpha: float | None = None  # default: rank (scale 1, as in the paper)
     lora_dropout: float = 0.0
     dora: bool = False
@@ -171,6 +216,23 @@ class DistillConfig(SourceSettings):
         check_setting(self.device in DEVICES, "device", self.device, f"one of {', '.join(DEVICES)}")
         check_setting(isinstance(self.reduction, int) and self.reduction >= 1, "reduction", self.reduction, "an integer >= 1")
         parse_keep(self.keep)  # validates the keep spec; student.plan_student resolves it
+        for name in ("embed_dim", "heads", "mlp_hidden"):
+            value = getattr(self, name)
+            check_setting(value is None or (isinstance(value, int) and value >= 1), name, value,
+                          "a positive integer (a multiple of the teacher's head size for --embed-dim)")
+        check_setting(self.width_ratio is None or 0 < self.width_ratio <= 1, "width_ratio", self.width_ratio,
+                      "a fraction in (0, 1]")
+        if self.width_ratio is not None and any(getattr(self, n) is not None for n in ("embed_dim", "heads", "mlp_hidden")):
+            raise UserError(f"--width-ratio {self.width_ratio:g} cannot be combined with --embed-dim, --heads or "
+                            f"--mlp-hidden: give the ratio alone or the widths alone")
+        check_setting(self.width_ranking in WIDTH_RANKINGS, "width_ranking", self.width_ranking,
+                      f"one of {', '.join(WIDTH_RANKINGS)}")
+        check_setting(self.width_loss in WIDTH_LOSSES, "width_loss", self.width_loss, f"one of {', '.join(WIDTH_LOSSES)}")
+        check_budget(self, allow_widths=True)  # a resolved budget holds its widths; api.distill refuses both from a user
+        check_setting(self.budget_device in DEVICES, "budget_device", self.budget_device, f"one of {', '.join(DEVICES)}")
+        check_setting(self.budget_runtime in RUNTIMES, "budget_runtime", self.budget_runtime,
+                      f"one of {', '.join(RUNTIMES)}")
+        check_setting(self.budget_batch_size >= 1, "budget_batch_size", self.budget_batch_size, "an integer >= 1")
         check_setting(self.keep_images >= 2, "keep_images", self.keep_images, "an integer >= 2 (search and scoring images)")
         check_setting(self.rank is None or self.rank >= 1, "rank", self.rank, "an integer >= 1")
         check_setting(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a value in [0, 1)")
@@ -207,6 +269,13 @@ class DistillConfig(SourceSettings):
                f"one of {', '.join(CACHE_POLICIES)}")
         check_setting(self.cache_max_gb is None or (isinstance(self.cache_max_gb, (int, float)) and self.cache_max_gb > 0),
                "cache_max_gb", self.cache_max_gb, "a positive number of GB")
+
+    def budget(self) -> tuple[str, float] | None:
+        """``(name, value)`` of the shape budget given (``speedup``, ``latency_ms`` or ``params``), or None."""
+        return next(((name, getattr(self, name)) for name in BUDGETS if getattr(self, name) is not None), None)
+
+    def width_given(self) -> bool:
+        return any(getattr(self, name) is not None for name in WIDTH_FIELDS)
 
     def uses_teacher_cache(self) -> bool:
         """Whether the run caches the teacher's tokens: ``on``, or ``auto`` with a cache folder given.
@@ -305,6 +374,49 @@ class KnnConfig(SourceSettings):
         check_setting(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
         check_setting(self.extract_batch_size >= 1, "extract_batch_size", self.extract_batch_size, "an integer >= 1")
         check_setting(0 <= self.max_unreadable < 1, "max_unreadable", self.max_unreadable, "a fraction in [0, 1)")
+
+
+@dataclass
+class PlanConfig:
+    """``wecolora plan``: candidate student shapes of a teacher, built without training and measured on a device.
+
+    Candidates are every depth the reductions give (``keep`` rule) x every residual width (whole heads)
+    x every MLP hidden size of the lists; defaults: reductions 1-4, 1/4 to all of the heads, 1/4 to all of
+    the neurons in quarters (rounded to multiples of 8).
+    """
+    teacher: str
+    img_size: int | None = None
+    device: str = "auto"
+    runtime: str = "torch"  # torch | onnxruntime (each candidate exported to ONNX first)
+    batch_size: int = DEFAULT_PLAN_BATCH  # images per timed call
+    reductions: list[int] | None = None  # default [1, 2, 3, 4]
+    keep: str = "first"  # first | last (latency depends on the number of blocks only) | a list: that depth only
+    embed_dims: list[int] | None = None  # default: 1/4, 1/2, 3/4 and all of the teacher's heads
+    mlp_hiddens: list[int] | None = None  # default: 1/4, 1/2, 3/4 and all of the teacher's neurons
+    rounds: int = 3  # interleaved rounds over the candidates (a busy spell hits every candidate alike)
+    calls: int = 10  # timed calls per candidate and round; latency = median of all of them
+    warmup: int = 3  # untimed calls per candidate first
+    memory: bool = True  # peak memory of one call (the CPU profiler is slow for hundreds of candidates)
+    speedup: float | None = None
+    latency_ms: float | None = None
+    params: float | None = None
+    output: str | None = None  # folder for plan.json, plan.csv and chart.png
+
+    def __post_init__(self):
+        check_setting(self.device in DEVICES, "device", self.device, f"one of {', '.join(DEVICES)}")
+        check_setting(self.runtime in RUNTIMES, "runtime", self.runtime, f"one of {', '.join(RUNTIMES)}")
+        keep = parse_keep(self.keep)
+        check_setting(not isinstance(keep, str) or keep in KEEP_RULES, "keep", self.keep,
+                      f"one of {', '.join(KEEP_RULES)} or a list of block indices (latency depends on their number)")
+        for name in ("batch_size", "rounds", "calls"):
+            check_setting(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
+                          getattr(self, name), "an integer >= 1")
+        check_setting(isinstance(self.warmup, int) and self.warmup >= 0, "warmup", self.warmup, "an integer >= 0")
+        for name in ("reductions", "embed_dims", "mlp_hiddens"):
+            values = getattr(self, name)
+            check_setting(values is None or (len(values) > 0 and all(isinstance(v, int) and v >= 1 for v in values)),
+                          name, values, "a list of positive integers")
+        check_budget(self)
 
 
 def load_yaml(path: str | Path) -> dict:

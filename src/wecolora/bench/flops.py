@@ -26,6 +26,16 @@ def count(fn) -> int:
     return counter.get_total_flops()
 
 
+def forward_flops(model: nn.Module, batch: int = 1) -> float:
+    """FLOPs of one inference forward per image, counted on random input at the model's input size (free on the
+    ``meta`` device)."""
+    param = next(model.parameters())
+    images = torch.zeros(batch, model.patch_embed.proj.in_channels, *model.patch_embed.img_size, device=param.device,
+                         dtype=param.dtype)
+    with torch.inference_mode():
+        return count(lambda: model(images)) / batch
+
+
 def step_flops(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> int:
     """FLOPs of one training step of ``model``: its last-block tokens, their L1 loss against ``targets`` and
     the gradients of its trainable parameters (those ``backward`` would compute; no ``.grad`` is written).

@@ -73,3 +73,32 @@ def format_table(result: dict) -> str:
     if result.get("written_to"):
         lines += ["", f"written to {result['written_to']}"]
     return "\n".join(lines)
+
+
+def format_plan(result: dict) -> str:
+    """The table ``wecolora plan`` prints: one line per candidate, fastest first, the front and the budget marked."""
+    budget = result.get("budget")
+    lines = [f"wecolora plan: {result['architecture']} ({result['teacher']}), {result['runtime']} on {result['device']}, "
+             f"batch {result['batch_size']}; latency = median of {result['rounds']} x {result['calls']} timed calls "
+             f"after {result['warmup']} warm-up calls; FLOPs per image",
+             "",
+             f"{'depth':>5} {'width':>5} {'heads':>5} {'MLP':>5} {'params':>10} {'MFLOPs':>8} {'latency ms':>11} "
+             f"{'images/s':>9} {'peak MB':>8} {'speed-up':>8}  front" + ("  budget" if budget else "")]
+    for row in sorted(result["candidates"], key=lambda r: (r["latency_ms"], -r["params"])):
+        peak = f"{row['peak_mb']:8.1f}" if row.get("peak_mb") is not None else f"{'-':>8}"
+        mark = "  *    " if row["pareto"] else "       "
+        fits = ("  yes" if row["within_budget"] else "  -") if budget else ""
+        note = "  (teacher)" if row.get("teacher") else ""
+        if result.get("chosen") is not None and all(row[k] == result["chosen"][k] for k in ("depth", "embed_dim", "mlp_hidden")):
+            note += "  <- chosen"
+        lines.append(f"{row['depth']:>5} {row['embed_dim']:>5} {row['heads']:>5} {row['mlp_hidden']:>5} "
+                     f"{row['params']:>10,} {row['flops'] / 1e6:>8.2f} {row['latency_ms']:>11.3f} "
+                     f"{row['throughput']:>9.0f} {peak} {row['speedup']:>7.2f}x{mark}{fits}{note}")
+    lines += ["", "front (*): no other candidate is both at least as fast and at least as large"]
+    if budget:
+        chosen = result.get("chosen")
+        within = sum(1 for r in result["candidates"] if r["within_budget"])
+        lines.append(f"{budget['name']} {budget['value']:g}: {within} of {len(result['candidates'])} candidates within; "
+                     + (f"distill would train depth {chosen['depth']}, width {chosen['embed_dim']} ({chosen['heads']} "
+                        f"heads), MLP {chosen['mlp_hidden']}: {result['rule']}" if chosen else "none meets it"))
+    return "\n".join(lines)

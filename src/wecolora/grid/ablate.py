@@ -18,7 +18,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wecolora.config import DEFAULT_REDUCTION, DistillConfig, ProbeConfig, load_yaml
+from wecolora.config import DEFAULT_REDUCTION, WIDTH_FIELDS, DistillConfig, ProbeConfig, load_yaml
 from wecolora.data.layout import is_segmentation_set
 from wecolora.errors import UserError
 from wecolora.export import RUN_INFO
@@ -32,7 +32,9 @@ PRESET_DIR = Path(__file__).parent / "presets"
 METHOD_NAMES = {"scratch-kd": "scratch KD", "weco-kd": "WeCo+KD", "lora-qv": "WeCo + plain LoRA",
                 "wecolora": "WeCoLoRA", "teacher": "teacher", "copy": "weight copy, no training"}
 NAMED_SETTINGS = ("mode", "reduction", "ratio")  # always in a run's name and in the table
-SHORT_NAMES = {"reduction": "r", "ratio": "a", "seed": "s", "subset_seed": "subset", "warmup_epochs": "warmup"}
+SHORT_NAMES = {"reduction": "r", "ratio": "a", "seed": "s", "subset_seed": "subset", "warmup_epochs": "warmup",
+               "embed_dim": "d", "heads": "h", "mlp_hidden": "mlp", "width_ratio": "w", "width_ranking": "",
+               "width_loss": "", "latency_ms": "ms"}
 CSV_COLUMNS = ("name", "run", "method", "mode", "reduction", "ratio", "seed", "probe_data", "metric", "top1", "top5",
                "auc", "miou", "pixel_accuracy", "n_train", "n_test", "optimizer", "probe_lr", "final_loss",
                "distill_seconds", "source")  # fmt: skip
@@ -139,10 +141,13 @@ class Ablation:
 
 
 def run_name(settings: dict, varying: list[str] = ()) -> str:
-    """``{mode}-r{reduction}-a{ratio}`` plus ``-{key}{value}`` for each setting in ``varying``."""
+    """``{mode}-r{reduction}-a{ratio}`` plus ``-{key}{value}`` for each setting in ``varying`` that the run gives
+    (one it leaves at its default, None, adds nothing)."""
     name = f"{settings['mode']}-r{settings.get('reduction', 2)}-a{settings.get('ratio', 0.01):g}"
     for key in varying:
         value = settings.get(key)
+        if value is None:
+            continue
         text = f"{value:g}" if isinstance(value, float) else str(value)
         name += f"-{SHORT_NAMES.get(key, key.replace('_', '-'))}{text.replace(',', '_').replace('/', '_')}"
     return name
@@ -199,6 +204,11 @@ def ablate(grid: Ablation, output: str | Path, *, device: str = "auto", shard: t
         config = DistillConfig(**{**settings, "device": device, "output": str(run_dir),
                                   "teacher_cache": grid_cache_policy(settings.get("teacher_cache")),
                                   "resume": "auto" if (run_dir / "checkpoint").is_dir() else None})
+        if config.budget() is not None:  # one measurement per budget for the whole grid, kept in output/plans/
+            from wecolora.bench.planner import resolve_budget
+
+            name, value = config.budget()
+            config, _ = resolve_budget(config, plan_file=output / "plans" / f"plan-{name}{value:g}.json", reuse=True)
         if (run_dir / "adapter" / RUN_INFO).is_file():
             changed = changed_settings(config, run_dir / "config.yaml", ignore=EXECUTION_SETTINGS)
             if changed:
@@ -242,18 +252,68 @@ def _reference_models(grid: Ablation, output: Path, state):
         yield "teacher", METHOD_NAMES["teacher"], grid.teacher, output / "reference" / "teacher", {}
     if "copy" in grid.reference:
         from wecolora.export import save_student
-        from wecolora.method.student import build_student
         from wecolora.teachers.load import load_model
 
         teacher = None
-        for reduction in sorted({run.get("reduction", DEFAULT_REDUCTION) for run in grid.runs}):
-            folder = output / "reference" / f"copy-r{reduction}"
+        for name, settings, run in _copies(grid):
+            folder = output / "reference" / name
             if not (folder / "config.json").is_file():
                 teacher = teacher or load_model(grid.teacher)
                 if state.is_main_process:
-                    save_student(build_student(teacher, reduction, mode="weco-kd"), folder)
+                    save_student(_untrained_copy(grid, teacher, run, folder), folder)
                 state.wait_for_everyone()  # written before any process probes it
-            yield f"copy-r{reduction}", METHOD_NAMES["copy"], folder, folder, {"reduction": reduction}
+            yield name, METHOD_NAMES["copy"], folder, folder, settings
+
+
+def _copies(grid: Ablation) -> list[tuple[str, dict, dict]]:
+    """``(name, report settings, a run's settings)`` of each distinct untrained copy the grid's runs start from: one
+    per reduction (``copy-r2``), and for narrower students one per keep, widths and ranking (and ratio, whose subset
+    the activation ranking looks at): ``copy-r2-d64-mlp256-activation``. Budget runs have no copy row."""
+    copies = {}
+    for run in grid.runs:
+        settings = {"teacher": grid.teacher, "data": grid.distill_data, "output": "-", **grid.distill, **run}
+        settings.pop("seeds", None)
+        widths = {k: settings[k] for k in WIDTH_FIELDS if settings.get(k) is not None}
+        if any(settings.get(k) is not None for k in ("speedup", "latency_ms", "params")):
+            continue
+        report = {"reduction": settings.get("reduction", DEFAULT_REDUCTION)}
+        name = f"copy-r{report['reduction']}"
+        if widths:
+            ranking = settings.get("width_ranking", "activation")
+            report.update(keep=settings.get("keep", "first"), **widths, width_ranking=ranking)
+            if ranking == "activation":
+                report["ratio"] = settings.get("ratio", 0.01)
+            name += "".join(f"-{SHORT_NAMES.get(k, k)}{v:g}" if isinstance(v, float) else f"-{SHORT_NAMES.get(k, k)}{v}"
+                            for k, v in widths.items()) + f"-{ranking}"
+            if report["keep"] != "first":
+                name += f"-keep{str(report['keep']).replace(',', '_')}"
+        copies.setdefault(name, (name, report, settings))
+    return list(copies.values())
+
+
+def _untrained_copy(grid: Ablation, teacher, run: dict, folder: Path):
+    """The weight copy a run starts from, untrained. A narrower one is planned as distill plans it (the activation
+    ranking looks at the few-shot subset of the grid's first seed)."""
+    from wecolora.distributed import OneProcess
+    from wecolora.method.student import build_student, student_from_plan
+
+    if not any(run.get(k) is not None for k in WIDTH_FIELDS):
+        return build_student(teacher, run.get("reduction", DEFAULT_REDUCTION), mode="weco-kd")
+    from functools import partial
+
+    from wecolora.data.datasets import open_dataset
+    from wecolora.data.layout import parse_source
+    from wecolora.data.subset import SubsetChoice
+    from wecolora.data.transforms import eval_transform
+    from wecolora.evaluation.features import candidate_features
+    from wecolora.train.distill import make_plan
+
+    seed = (grid.seeds or [run.get("seed", 0)])[0]
+    config = DistillConfig(**{**run, "mode": "weco-kd", "output": str(folder), "seed": seed, "subset_seed": seed})
+    dataset = open_dataset(config.data, "train", **config.source_options())
+    choice = SubsetChoice.from_config(dataset, config, source=parse_source(config.data).record())
+    indices, _ = choice.choose(features=partial(candidate_features, teacher, dataset, transform=eval_transform(teacher)))
+    return student_from_plan(teacher, make_plan(config, teacher, dataset, indices, OneProcess()))
 
 
 def _probe_row(probe, name, method, source, folder: Path, settings, probe_set: ProbeSet, grid, device) -> dict:

@@ -14,7 +14,7 @@ from wecolora.files import atomic_write_bytes
 
 METHOD_ORDER = ("scratch KD", "WeCo+KD", "WeCo + plain LoRA", "WeCoLoRA")
 METHOD_COLORS = {"scratch KD": "#9e9e9e", "WeCo+KD": "#1f77b4", "WeCo + plain LoRA": "#ff7f0e", "WeCoLoRA": "#2ca02c"}
-REFERENCE_COLORS = ("#222222", "#6d4c41", "#a1887f", "#d7ccc8")  # teacher, then the weight copies by r
+REFERENCE_COLORS = ("#222222", "#6d4c41", "#a1887f", "#d7ccc8", "#8d6e63", "#bcaaa4", "#4e342e", "#9e9e9e")  # teacher, then the copies
 
 
 def write_chart(cells: list[dict], probe_data: list[str], path: Path, *, settings: list[str] = (),
@@ -124,7 +124,11 @@ def _palette(n: int) -> list:
 
 
 def _reference_label(cell: dict) -> str:
-    return "teacher" if cell["method"] == "teacher" else f"weight copy r={cell['reduction']} (untrained)"
+    """``teacher``, or the untrained copy with its reduction and, for a narrower one, its widths and ranking."""
+    if cell["method"] == "teacher":
+        return "teacher"
+    shape = [f"{k} {cell[k]}" for k in ("embed_dim", "mlp_hidden", "width_ranking") if cell.get(k) is not None]
+    return f"weight copy r={cell['reduction']}{', ' + ', '.join(shape) if shape else ''} (untrained)"
 
 
 def _tight_y(ax, cells: list[dict], headroom: float) -> None:

@@ -1,7 +1,10 @@
-"""Weight-copy students: keep every r-th block of a timm ViT teacher, freeze it, add adapters.
+"""Weight-copy students: keep every r-th block of a timm ViT teacher (optionally fewer channels, heads and
+MLP neurons), freeze it, add adapters.
 
-The student is a real ``timm.create_model(architecture, depth=k)`` model whose state dict is the
-teacher's with ``blocks.{kept[i]}`` renamed to ``blocks.{i}``; it reloads anywhere timm does.
+The student is a real ``timm.create_model(architecture, depth=k)`` model (narrower:
+``embed_dim=D', num_heads=H', mlp_ratio=M'/D'``) whose state dict is the teacher's with ``blocks.{kept[i]}``
+renamed to ``blocks.{i}`` (and sliced to the kept indices, :mod:`wecolora.method.width`); it reloads anywhere
+timm does.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from wecolora.config import DEFAULT_REDUCTION
 from wecolora.errors import UserError
 from wecolora.method.adapters import add_adapters, merge
 from wecolora.method.plan import StudentPlan, get_mode, plan_student
-from wecolora.teachers.vit import architecture, model_args, require_supported_vit
+from wecolora.method.width import StudentWidth, TeacherWidth, slice_state_dict
+from wecolora.teachers.vit import architecture, mlp_ratio, model_args, require_supported_vit
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
@@ -50,6 +54,7 @@ def build_student(
         use_rslora: bool = False,
         images: torch.Tensor | None = None,
         seed: int = 0,
+        **width,
 ) -> nn.Module:
     """Build the student of ``teacher`` for a mode: :func:`plan_student`, then :func:`student_from_plan`.
 
@@ -60,6 +65,8 @@ def build_student(
             ``influence`` with ``images`` (see :mod:`wecolora.method.block_search`).
         mode: one of :data:`MODES`.
         rank: adapter rank for adapter modes; default :func:`default_rank`.
+        width: ``embed_dim``, ``heads``, ``mlp_hidden`` or ``width_ratio``, and ``width_ranking``
+            (``activation`` needs ``images``; ``uniform`` none): a narrower student, see :func:`plan_student`.
 
     Returns:
         A module whose ``forward`` and ``forward_intermediates`` behave like a timm
@@ -68,8 +75,9 @@ def build_student(
     Example:
         >>> teacher = timm.create_model("vit_base_patch16_224.mae", pretrained=True)  # doctest: +SKIP
         >>> student = wecolora.build_student(teacher, reduction=2, rank=128)          # doctest: +SKIP
+        >>> narrow = wecolora.build_student(teacher, 2, embed_dim=384, width_ranking="uniform")  # doctest: +SKIP
     """
-    plan = plan_student(teacher, reduction, keep, mode, rank, alpha=alpha, images=images, seed=seed)
+    plan = plan_student(teacher, reduction, keep, mode, rank, alpha=alpha, images=images, seed=seed, **width)
     return student_from_plan(teacher, plan, dropout=dropout, use_dora=use_dora, use_rslora=use_rslora)
 
 
@@ -83,12 +91,15 @@ def student_from_plan(teacher: nn.Module, plan: StudentPlan, *, dropout: float =
         raise UserError(f"the plan is for a {plan.teacher_blocks}-block, width-{plan.width} teacher, not this "
                         f"{len(teacher.blocks)}-block, width-{teacher.embed_dim} one: plan it for this teacher")
     kept = list(plan.kept)
-    args = dict(model_args(teacher), depth=len(kept))
-    student = timm.create_model(architecture(teacher), pretrained=False, **args)
+    student = timm.create_model(architecture(teacher), pretrained=False,
+                                **student_args(teacher, len(kept), plan.student_width))
     student.pretrained_cfg = copy.deepcopy(teacher.pretrained_cfg)  # mean/std/input size of the teacher
     student.to(next(teacher.parameters()).device)
     if get_mode(plan.mode).copy_weights:
-        student.load_state_dict(remap_block_keys(teacher.state_dict(), kept), strict=True)
+        state = remap_block_keys(teacher.state_dict(), kept)
+        if plan.narrow:
+            state = slice_state_dict(state, plan.width_choice, TeacherWidth.of(teacher))
+        student.load_state_dict(state, strict=True)
     if plan.adapter_targets is None:
         return student
     return add_adapters(
@@ -97,16 +108,47 @@ def student_from_plan(teacher: nn.Module, plan: StudentPlan, *, dropout: float =
     )
 
 
+def student_args(teacher: nn.Module, depth: int, width: StudentWidth | None = None) -> dict:
+    """``timm.create_model`` arguments of a student of ``teacher``: ``depth`` blocks, at ``width`` (default the
+    teacher's). The merged student of any mode has this architecture.
+
+    >>> student_args(teacher, 6, StudentWidth(64, 2, 256))["mlp_ratio"]   # doctest: +SKIP
+    4.0
+    """
+    args = dict(model_args(teacher), depth=depth)
+    if width is not None:
+        args.update(embed_dim=width.embed_dim, num_heads=width.heads, mlp_ratio=mlp_ratio(width.embed_dim, width.mlp_hidden))
+    return args
+
+
+def merged_architecture(teacher: nn.Module, depth: int, width: StudentWidth | None = None, *,
+                        device: str | torch.device = "meta") -> nn.Module:
+    """The merged student's architecture (a plain timm ViT of ``depth`` blocks at ``width``) with timm's random
+    init, in eval mode: what the planner times and inspect counts (on ``meta`` nothing is allocated)."""
+    import timm
+
+    with torch.device(device):
+        model = timm.create_model(architecture(teacher), pretrained=False, **student_args(teacher, depth, width))
+    model.pretrained_cfg = copy.deepcopy(teacher.pretrained_cfg)
+    return model.eval()
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def describe(teacher: nn.Module, reduction: int = DEFAULT_REDUCTION, keep: str | list[int] = "first", mode: str = "wecolora",
-             rank: int | None = None) -> dict:
-    """Kept blocks and parameter counts of a student, without training (``wecolora inspect``)."""
-    plan = plan_student(teacher, reduction, keep, mode, rank)
+             rank: int | None = None, **width) -> dict:
+    """Kept blocks, widths and parameter counts of a student, without training (``wecolora inspect``).
+
+    ``width``: ``embed_dim``, ``heads``, ``mlp_hidden`` or ``width_ratio`` (the kept indices do not change the
+    counts, so they are chosen by the data-free ``uniform`` ranking here).
+    """
+    plan = plan_student(teacher, reduction, keep, mode, rank, width_ranking="uniform", **width)
     student = student_from_plan(teacher, plan)
     merged = merge(student)
+    full = TeacherWidth.of(teacher)
+    shape = plan.student_width or StudentWidth(full.embed_dim, full.heads, full.mlp_hidden)
     return {
         "teacher": architecture(teacher),
         "mode": mode,
@@ -117,6 +159,12 @@ def describe(teacher: nn.Module, reduction: int = DEFAULT_REDUCTION, keep: str |
         "segment_ends": list(plan.segment_ends),
         "rank": plan.rank,
         "width": plan.width,
+        "teacher_heads": full.heads,
+        "teacher_mlp_hidden": full.mlp_hidden,
+        "embed_dim": shape.embed_dim,
+        "heads": shape.heads,
+        "head_dim": full.head_dim,
+        "mlp_hidden": shape.mlp_hidden,
         "teacher_params": count_parameters(teacher),
         "student_params": count_parameters(student),
         "trainable_params": count_parameters(student, trainable_only=True),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 
 import torch
 from torch import nn
@@ -67,6 +68,18 @@ def model_args(model: nn.Module) -> dict:
     return args
 
 
+def mlp_ratio(embed_dim: int, mlp_hidden: int) -> float:
+    """The ``mlp_ratio`` for which timm builds exactly ``mlp_hidden`` neurons (it takes ``int(dim * ratio)``).
+
+    >>> int(7 * mlp_ratio(7, 61))
+    61
+    """
+    ratio = mlp_hidden / embed_dim
+    while int(embed_dim * ratio) < mlp_hidden:  # hidden / dim can round below: 7 * (61 / 7) = 60.99...
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
 def _observed_args(model: nn.Module) -> dict:
     """The VisionTransformer constructor arguments that can be read back from its modules."""
     from timm.layers import LayerScale
@@ -84,7 +97,7 @@ def _observed_args(model: nn.Module) -> dict:
         "global_pool": model.global_pool,
         "embed_dim": width,
         "num_heads": block.attn.num_heads,
-        "mlp_ratio": hidden / width,
+        "mlp_ratio": mlp_ratio(width, hidden),
         "qkv_bias": block.attn.qkv.bias is not None,
         "qk_norm": not isinstance(block.attn.q_norm, nn.Identity),
         "proj_bias": block.attn.proj.bias is not None,

@@ -7,6 +7,7 @@ a checkpoint after each -> export the merged student.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from wecolora.cache.admin import CacheCap
 from wecolora.cache.images import StoreBatches, open_store, store_loader
 from wecolora.cache.teacher import SharedWriter, TeacherCache, open_for_run
-from wecolora.config import KEEP_SEARCHES, DistillConfig, parse_keep, to_yaml
+from wecolora.config import KEEP_SEARCHES, WIDTH_FIELDS, DistillConfig, parse_keep, to_yaml
 from wecolora.data.datasets import open_dataset
 from wecolora.data.layout import parse_source
 from wecolora.data.subset import MANIFEST, SubsetChoice, subset_images
@@ -34,7 +35,8 @@ from wecolora.evaluation.features import candidate_features
 from wecolora.export import export_run
 from wecolora.method.block_search import BlockChoice, choose_blocks
 from wecolora.method.losses import feature_loss
-from wecolora.method.plan import StudentPlan, check_settings, get_mode, plan_student
+from wecolora.method.plan import StudentPlan, check_settings, get_mode, plan_student, student_width
+from wecolora.method.width import TeacherWidth, WidthChoice
 from wecolora.runtime import loader_workers, make_accelerator, versions
 from wecolora.teachers.load import load_model, model_shape
 from wecolora.teachers.vit import last_block_tokens, use_fused_attention
@@ -63,21 +65,27 @@ class NonFiniteLoss(UserError):
 
 def make_plan(config: DistillConfig, teacher: nn.Module, dataset, indices: list[int], accelerator, *,
               resumed: bool = False) -> StudentPlan:
-    """The run's student plan. A searched keep (auto, greedy, influence) chooses its blocks from up to
-    ``keep_images`` images of the subset (eval transform, unaugmented), once: a resumed run reuses the choice
-    its ``config.yaml`` recorded, and every process takes the first process's choice."""
+    """The run's student plan. A searched keep (auto, greedy, influence) chooses its blocks, and the activation
+    ranking of a narrower student its channels, heads and neurons, from up to ``keep_images`` images of the
+    subset (eval transform, unaugmented), once: a resumed run reuses the choices its ``config.yaml`` recorded,
+    and every process takes the first process's choices."""
     keep = parse_keep(config.keep)  # checked against the teacher's shape before its weights were read
-    choice = None
+    widths = {name: getattr(config, name) for name in WIDTH_FIELDS}
+    narrow = student_width(teacher, widths) is not None
+    saved = Path(config.output) / "config.yaml"
+    record = ((yaml.safe_load(saved.read_text()) or {}).get("resolved") or {}) if resumed and saved.is_file() else {}
+    choice = width_choice = images = None
+    if narrow and record.get("width_selection"):
+        width_choice = WidthChoice.from_record(record["width_selection"])
+    needs_images = (keep in KEEP_SEARCHES and record.get("block_search") is None) or (
+        narrow and width_choice is None and config.width_ranking == "activation")
+    if needs_images:
+        images = subset_images(dataset, indices, eval_transform(teacher), count=config.keep_images, seed=config.seed)
     if keep in KEEP_SEARCHES:
-        saved, record = Path(config.output) / "config.yaml", None
-        if resumed and saved.is_file():
-            record = ((yaml.safe_load(saved.read_text()) or {}).get("resolved") or {}).get("block_search")
-        if record is not None:
-            choice = BlockChoice.from_record(record)
+        if record.get("block_search") is not None:
+            choice = BlockChoice.from_record(record["block_search"])
             _logger.info("keep %s: reusing the recorded choice %s", keep, list(choice.kept))
         else:
-            images = subset_images(dataset, indices, eval_transform(teacher),
-                                                count=config.keep_images, seed=config.seed)
             choice = choose_blocks(teacher, config.reduction, keep, images, seed=config.seed)
         if accelerator.num_processes > 1:  # GPUs may break near-ties differently: one choice for every process
             from accelerate.utils import broadcast_object_list
@@ -87,8 +95,14 @@ def make_plan(config: DistillConfig, teacher: nn.Module, dataset, indices: list[
             _logger.info("keep %s chose blocks %s (%s); initial L1 on %d held-out images: %s", keep, list(choice.kept),
                          choice.chosen, choice.score_images,
                          ", ".join(f"{name} {c['kept']} {c['l1']:.4g}" for name, c in choice.candidates.items()))
-    return plan_student(teacher, config.reduction, keep, config.mode, config.rank, alpha=config.lora_alpha,
-                        choice=choice, seed=config.seed)
+    plan = plan_student(teacher, config.reduction, keep, config.mode, config.rank, alpha=config.lora_alpha,
+                        choice=choice, seed=config.seed, images=images, width_ranking=config.width_ranking,
+                        width_choice=width_choice, **widths)
+    if plan.narrow and width_choice is None and accelerator.num_processes > 1:  # one width choice for every process
+        from accelerate.utils import broadcast_object_list
+
+        plan = dataclasses.replace(plan, width_choice=broadcast_object_list([plan.width_choice])[0])
+    return plan
 
 
 def distill(config: DistillConfig) -> dict:
@@ -131,8 +145,11 @@ def open_subset(config: DistillConfig, run: RunFolder) -> FewShotSubset:
     """The few-shot subset's source and rule. What the user gave is checked before any weight is read: the
     teacher's architecture on the meta device, then the subset (drawn, or a coreset's pool, unreadable images
     skipped or refused beyond a threshold; a resumed run reads its ``subset.json``)."""
+    if config.budget() is not None and not config.width_given():
+        raise UserError(f"--{config.budget()[0].replace('_', '-')} is resolved into a shape by wecolora.api.distill "
+                        f"(the planner); call it, or give the widths")
     check_settings(model_shape(config.teacher, img_size=config.img_size), config.reduction, config.keep,
-                   config.mode, config.rank, config.lora_alpha)
+                   config.mode, config.rank, config.lora_alpha, widths={n: getattr(config, n) for n in WIDTH_FIELDS})
     dataset = open_dataset(config.data, "train", **config.source_options())
     # A resumed run reuses the images its manifest names; otherwise drawn (a coreset's pool) here.
     choice = SubsetChoice.from_config(dataset, config, source=parse_source(config.data).record())
@@ -250,7 +267,8 @@ def make_distillation(config: DistillConfig, run: RunFolder, subset: FewShotSubs
     training = make_training(teacher, plan, lr=steps.peak_lr, weight_decay=config.weight_decay, epochs=config.epochs,
                              warmup_epochs=config.warmup_epochs, updates_per_epoch=steps.updates_per_epoch,
                              device=accelerator.device, precision=precision, match=config.match,
-                             dropout=config.lora_dropout, use_dora=config.dora, use_rslora=config.rslora)
+                             dropout=config.lora_dropout, use_dora=config.dora, use_rslora=config.rslora,
+                             width_loss=config.width_loss)
     data = open_data(config, teacher, subset, training, accelerator, precision)
     if plain_attention(accelerator.device, precision):
         use_fused_attention([teacher], False)
@@ -267,7 +285,7 @@ def resume(job: Distillation) -> tuple[int, int, list[dict]]:
     source = job.run.resume_from
     if source is None:
         return 0, 0, []
-    progress = load_checkpoint(source, job.training.student, job.optimizer, job.scheduler)
+    progress = load_checkpoint(source, job.training.trained, job.optimizer, job.scheduler)
     _logger.info("resuming from %s after epoch %d", source, progress["epoch"])
     job.scheduler, updates = resume_schedule(job.optimizer, job.scheduler, progress, epochs=job.config.epochs,
                                              lr=job.steps.peak_lr, warmup_epochs=job.config.warmup_epochs,
@@ -284,6 +302,14 @@ def write_run_files(job: Distillation) -> None:
     _logger.info("%s: %d of %d images, %d blocks kept of %d (%s, keep %s), %s", config.mode, len(subset.indices),
                  len(subset.dataset), len(plan.kept), plan.teacher_blocks, list(plan.kept), plan.keep,
                  get_mode(config.mode).description)
+    if plan.narrow:
+        w, full, training = plan.student_width, TeacherWidth.of(job.teacher), job.training
+        _logger.info("width: %d of %d channels (%d of %d heads), %d of %d MLP neurons (ranking %s); loss on %s",
+                     w.embed_dim, full.embed_dim, w.heads, full.heads, w.mlp_hidden, full.mlp_hidden,
+                     plan.width_choice.ranking,
+                     "the kept channels" if training.channels is not None else
+                     "a learned projection to the teacher's width" if training.projector is not None else
+                     "every channel (the residual width is the teacher's)")
     effective = config.effective_batch(steps.world)
     _logger.info("effective batch %d = %d x %d accumulation x %d processes; lr %.3g%s", effective, config.batch_size,
                  config.accum_steps, steps.world, steps.peak_lr,
@@ -321,7 +347,7 @@ def train_epochs(job: Distillation, start_epoch: int, updates: int, rows: list[d
         rows.append({"epoch": epoch + 1, **metrics, "updates": updates})
         if accelerator.is_main_process:
             job.run.write_summary(rows, SUMMARY_COLUMNS)
-            save_checkpoint(job.run.checkpoint, job.training.student, job.optimizer, job.scheduler,
+            save_checkpoint(job.run.checkpoint, job.training.trained, job.optimizer, job.scheduler,
                             {"epoch": epoch + 1, "updates": updates, "rows": rows,
                              "updates_per_epoch": steps.updates_per_epoch, "lr": steps.peak_lr})
         accelerator.wait_for_everyone()
@@ -345,7 +371,8 @@ def distill_epoch(job: Distillation, epoch: int, updates: int, bar) -> tuple[dic
         metrics, updates = train_one_epoch(job.model, job.teacher, data.loader(view, tokens_from), job.optimizer,
                                            job.scheduler, job.accelerator, bar, recipe=data.recipe,
                                            teacher_blocks=job.training.teacher_blocks, norm=job.training.norm,
-                                           loss_kind=job.config.loss, updates=updates, epoch=epoch, writer=writer)
+                                           loss_kind=job.config.loss, updates=updates, epoch=epoch, writer=writer,
+                                           channels=job.training.channels)
         if writer is not None and writer.commit():
             _logger.info("teacher cache: view %d of %d stored in %s", view, data.views, data.cache.folder)
     except NonFiniteLoss as err:
@@ -377,7 +404,7 @@ def export_student(job: Distillation, rows: list[dict]) -> dict:
 
 
 def train_one_epoch(model, teacher, loader, optimizer, scheduler, accelerator, bar, *, recipe, teacher_blocks, norm,
-                    loss_kind, updates, epoch, writer=None) -> tuple[dict, int]:
+                    loss_kind, updates, epoch, writer=None, channels=None) -> tuple[dict, int]:
     """One pass over the subset; returns ``({loss, lr, images_per_s, seconds}, updates)``.
 
     Batches are :class:`wecolora.cache.images.StoreBatches` items: each view is cut from the canvas rows here,
@@ -415,7 +442,7 @@ def train_one_epoch(model, teacher, loader, optimizer, scheduler, accelerator, b
                     targets = writer.write(batch["positions"], targets)
             with accelerator.autocast():
                 predictions = model(images)
-            out = feature_loss(predictions, targets, loss_kind)
+            out = feature_loss(predictions, targets, loss_kind, channels=channels)
             accelerator.backward(out["loss"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from wecolora.method.adapters import lean_student
-from wecolora.method.losses import matched_blocks
+from wecolora.method.losses import WidthProjector, matched_blocks
 from wecolora.method.plan import StudentPlan
 from wecolora.method.student import student_from_plan
 from wecolora.runtime import make_scheduler
@@ -21,15 +21,17 @@ from wecolora.teachers.vit import last_block_tokens, use_fused_attention
 class TokenMatcher(nn.Module):
     """The student seen through the loss: ``forward(images)`` returns the tokens to match.
 
-    Training calls this module's plain forward, so DDP wrapping (multi-GPU) sees every step.
+    Training calls this module's plain forward, so DDP wrapping (multi-GPU) sees every step, the width
+    projector of a narrower student included.
     """
 
-    def __init__(self, student: nn.Module, blocks: list[int], norm: bool):
+    def __init__(self, student: nn.Module, blocks: list[int], norm: bool, projector: WidthProjector | None = None):
         super().__init__()
-        self.student, self.blocks, self.norm = student, blocks, norm
+        self.student, self.blocks, self.norm, self.projector = student, blocks, norm, projector
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return last_block_tokens(self.student, images, self.blocks, norm=self.norm)
+        tokens = last_block_tokens(self.student, images, self.blocks, norm=self.norm)
+        return tokens if self.projector is None else self.projector(tokens)
 
 
 def freeze_unreached(student: nn.Module, norm: bool) -> None:
@@ -66,13 +68,19 @@ def compile_by_default(device: torch.device) -> bool:
 
 
 def training_view(student: nn.Module, student_blocks: list[int], norm: bool, *, device: torch.device,
-                  precision: str) -> TokenMatcher:
+                  precision: str, projector: WidthProjector | None = None) -> TokenMatcher:
     """What training calls: the student's lean view (fused adapter matmuls, the same parameters) returning
     the tokens the loss matches."""
     lean = lean_student(student)
     if plain_attention(device, precision):
         use_fused_attention([lean], False)
-    return TokenMatcher(lean, student_blocks, norm)
+    return TokenMatcher(lean, student_blocks, norm, projector)
+
+
+def trained_modules(student: nn.Module, projector: WidthProjector | None) -> nn.Module:
+    """The student, with the width projector beside it when there is one (then named ``student.*`` and
+    ``width_projector.*``; a student alone keeps its own parameter names, as checkpoints of earlier runs)."""
+    return student if projector is None else nn.ModuleDict({"student": student, "width_projector": projector})
 
 
 @dataclass
@@ -85,6 +93,13 @@ class Training:
     student_blocks: list[int]
     teacher_blocks: list[int]
     norm: bool
+    channels: torch.Tensor | None = None  # the ``kept`` width loss: teacher channels compared (feature_loss)
+    projector: WidthProjector | None = None  # the ``projection`` width loss
+
+    @property
+    def trained(self) -> nn.Module:
+        """What the optimizer trains and a checkpoint holds (:func:`trained_modules`)."""
+        return trained_modules(self.student, self.projector)
 
     @property
     def lean_adapters(self) -> bool:
@@ -95,8 +110,12 @@ class Training:
 def make_training(teacher: nn.Module, plan: StudentPlan, *, lr: float, weight_decay: float, epochs: int,
                   warmup_epochs: int, updates_per_epoch: int, device: torch.device, precision: str,
                   match: str = "last", dropout: float = 0.0, use_dora: bool = False,
-                  use_rslora: bool = False) -> Training:
+                  use_rslora: bool = False, width_loss: str = "kept") -> Training:
     """The student of ``plan`` on ``device``, the blocks its loss matches, AdamW and the per-update schedule.
+
+    A student with fewer residual channels than the teacher is compared with the teacher's tokens on its kept
+    channels (``width_loss="kept"``) or through a learned projection to the teacher's width (``"projection"``,
+    trained by the same optimizer).
 
     Example:
         >>> plan = plan_student(teacher, 2, mode="wecolora")   # doctest: +SKIP
@@ -106,7 +125,14 @@ def make_training(teacher: nn.Module, plan: StudentPlan, *, lr: float, weight_de
     student = student_from_plan(teacher, plan, dropout=dropout, use_dora=use_dora, use_rslora=use_rslora).to(device)
     student_blocks, teacher_blocks, norm = matched_blocks(match, list(plan.segment_ends))
     freeze_unreached(student, norm)
-    optimizer = make_optimizer(student, lr, weight_decay, device)
+    channels = projector = None
+    if plan.narrow and plan.embed_dim < plan.width:  # fewer residual channels than the teacher's tokens have
+        kept_channels = list(plan.width_choice.channels)
+        if width_loss == "projection":
+            projector = WidthProjector(kept_channels, plan.width, len(student_blocks)).to(device)
+        else:
+            channels = torch.tensor(kept_channels, device=device)
+    optimizer = make_optimizer(trained_modules(student, projector), lr, weight_decay, device)
     scheduler = make_scheduler(optimizer, epochs, warmup_epochs, updates_per_epoch)
-    matcher = training_view(student, student_blocks, norm, device=device, precision=precision)
-    return Training(student, matcher, optimizer, scheduler, student_blocks, teacher_blocks, norm)
+    matcher = training_view(student, student_blocks, norm, device=device, precision=precision, projector=projector)
+    return Training(student, matcher, optimizer, scheduler, student_blocks, teacher_blocks, norm, channels, projector)
