@@ -395,7 +395,7 @@ def cell_scores(rows: list[dict], probe_data: list[str] | None = None) -> list[d
 
 def markdown_table(rows: list[dict]) -> str:
     """The paper's Table A layout: one line per model, one column per probe set: linear-probe top-1 (%), the
-    mean ROC-AUC (%) for a multi-label set (headed ``SET (AUC)``), or mIoU (%) for a segmentation set (its
+    mean ROC-AUC (%) for a multi-label set (headed ``SET AUC``), or mIoU (%) for a segmentation set (its
     header says mIoU).
 
     Cells over several seeds read ``mean ± std`` (sample std); the last column gives the seed count
@@ -407,7 +407,7 @@ def markdown_table(rows: list[dict]) -> str:
     probe_data = list(dict.fromkeys(row["probe_data"] for row in rows))
     metrics = {row["probe_data"]: row.get("metric", "auc" if row.get("auc") is not None else "top1") for row in rows}
     extra = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in (*CSV_COLUMNS, "score")]
-    suffix = {"miou": " mIoU", "auc": " (AUC)"}
+    suffix = {"miou": " mIoU", "auc": " AUC"}
     header = ["alpha", "method", "r", *extra, *(f"{d}{suffix.get(metrics[d], '')}" for d in probe_data), "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in models:
