@@ -17,7 +17,7 @@ SELECT_CASES = [
     (6, 1, "first", [0, 1, 2, 3, 4, 5]),
     (6, 1, "last", [0, 1, 2, 3, 4, 5]),
     (24, 4, "first", [0, 4, 8, 12, 16, 20]),
-    (12, 3, [9, 0, 3, 3], [0, 3, 9]),  # a list: sorted, once each
+    (12, 3, [9, 0, 3], [0, 3, 9]),  # a list: sorted
     (12, 3, "11, 0", [0, 11]),  # the command line's comma list
     (12, 11, "first", [0, 11]),
 ]
@@ -44,6 +44,7 @@ REFUSED_CASES = [
     (12, 2, "auto", "plan_student"),
     (12, 2, "greedy", "plan_student"),
     (12, 2, "middle", "--keep 'middle' is invalid"),
+    (12, 2, [9, 0, 3, 3], "names block\\(s\\) 3 more than once"),  # would silently train one block fewer
 ]
 
 

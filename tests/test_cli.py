@@ -12,7 +12,7 @@ from wecolora import cli
 from wecolora.cli import build_parser, main, one_line
 from wecolora.errors import UserError
 
-COMMANDS = ("distill", "inspect", "views", "pretrain", "probe", "knn", "report", "ablate", "demo", "bench", "export", "cache")
+COMMANDS = ("distill", "inspect", "views", "plan", "pretrain", "probe", "knn", "report", "ablate", "demo", "bench", "export", "cache")
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
