@@ -116,12 +116,18 @@ def _distill_config(teacher_dir, output, **overrides):
     return DistillConfig(**settings)
 
 
-def test_distill_with_a_budget_trains_the_planned_shape_and_records_the_plan(teacher_dir, tmp_path, monkeypatch):
+def test_distill_with_a_budget_trains_the_planned_shape_and_records_the_plan(teacher_dir, tmp_path, monkeypatch,
+                                                                             caplog):
     monkeypatch.setattr(planner, "measure", flop_latency)
     run = tmp_path / "run"
-    result = api.distill(_distill_config(teacher_dir, run, speedup=3.0))
+    with caplog.at_level("INFO", logger="wecolora"):
+        result = api.distill(_distill_config(teacher_dir, run, speedup=3.0))
     plan = json.loads((run / "plan.json").read_text())
     chosen = plan["chosen"]
+    said = [r.getMessage() for r in caplog.records]  # the choice and why, before the first epoch's line
+    choice = next(i for i, m in enumerate(said) if m.startswith(f"speedup 3: training depth {chosen['depth']}, "
+                                                                  f"width {chosen['embed_dim']}"))
+    assert planner.CHOICE_RULE in said[choice] and choice < next(i for i, m in enumerate(said) if "effective batch" in m)
     assert result["shape_budget"]["chosen"] == chosen and result["shape_budget"]["why"] == planner.CHOICE_RULE
     # the largest candidate at least 3x below the teacher's (FLOP-proportional) latency
     fitting = [r for r in plan["candidates"] if r["speedup"] >= 3.0]

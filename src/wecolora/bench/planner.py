@@ -421,6 +421,12 @@ def resolve_budget(config: DistillConfig, progress=None, *, plan_file: Path | No
     keep = parse_keep(config.keep)
     resolved = dataclasses.replace(config, reduction=config.reduction if isinstance(keep, list) else chosen["reduction"],
                                    embed_dim=chosen["embed_dim"], mlp_hidden=chosen["mlp_hidden"])
+    if state.is_main_process:  # said before training starts, not only in the run's last line
+        name, value = config.budget()
+        _logger.info("%s %g: training depth %d, width %d (%d heads), MLP %d: %.2f ms, %.2fx the teacher, %.2fM "
+                     "params, %s; table in %s", name.replace("_", "-"), value, chosen["depth"], chosen["embed_dim"],
+                     chosen["heads"], chosen["mlp_hidden"], chosen["latency_ms"], chosen["speedup"],
+                     chosen["params"] / 1e6, CHOICE_RULE, plan_file)
     return resolved, result
 
 
