@@ -142,6 +142,21 @@ def test_the_views_are_the_ones_distill_shows_in_its_order(teacher_dir, tmp_path
     assert sorted(map(json.dumps, records[:30])) == sorted(map(json.dumps, records[30:]))  # the same view 0
 
 
+@pytest.mark.parametrize("rule", ["random", "coreset"])
+def test_the_views_show_the_images_distill_chooses_by_each_subset_rule(teacher_dir, tmp_path, rule):
+    from wecolora.api import distill
+
+    settings = dict(teacher=f"local-dir:{teacher_dir}", data="mnist-5k", subset=rule, images=12, epochs=1,
+                    batch_size=8, accum_steps=1, num_workers=0)
+    distill(output=str(tmp_path / "run"), **settings)
+    assert main(["views", "--teacher", settings["teacher"], "--data", "mnist-5k", "--subset", rule, "--images", "12",
+                 "--epochs", "1", "--count", "12", "--output", str(tmp_path / "views")]) == 0
+    records = json.loads((tmp_path / "views" / "views.json").read_text())
+    subset = json.loads((tmp_path / "run" / "subset.json").read_text())
+    assert subset["rule"] == rule
+    assert sorted(r["image"] for r in records) == sorted(f"mnist-5k:{key}" for key in subset["keys"])
+
+
 def test_an_output_with_other_files_is_refused_and_earlier_views_are_replaced(tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("keep me")
     argv = ["views", "--teacher", "bundled", "--data", "mnist-5k", "--ratio", "0.0025", "--count", "3"]

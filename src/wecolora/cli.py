@@ -279,7 +279,7 @@ def add_views_parser(sub) -> None:
                                    "same data, subset and seed settings shows its teacher and student (epoch 1 in "
                                    "the subset's order, then epoch 2, ...), and views.json: each view's source "
                                    "image, crop box on the original and flip. Nothing is trained; the teacher's "
-                                   "weights are not read (its input size and mean/std are).",
+                                   "weights are read only to choose a coreset (its input size and mean/std always).",
                        epilog=VIEWS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", dest="config_file", metavar="FILE.yaml",
                    help="a distillation's settings file (a run's config.yaml works); flags override it")
@@ -289,7 +289,11 @@ def add_views_parser(sub) -> None:
     p.add_argument("--teacher", help="as distill's --teacher (its input size and mean/std shape the views)")
     p.add_argument("--img-size", type=int, help="input size (default: the teacher's)")
     p.add_argument("--data", help="as distill's --data")
+    add_source_arguments(p)
+    p.add_argument("--subset", choices=SUBSET_RULES, help="as distill's --subset (default per-class with labels, "
+                                                          "random without)")
     for name, kind, what in (("ratio", float, "fraction of each class's images used (default 0.01)"),
+                             ("images", int, "images in all instead of --ratio"),
                              ("per-class", int, "a fixed number of images per class instead of --ratio"),
                              ("min-per-class", int, "fail if a class gets fewer images (default 1)"),
                              ("max-unreadable", float, "share of the chosen images that may be unreadable (default 0.05)"),

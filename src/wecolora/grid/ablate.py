@@ -299,21 +299,13 @@ def _untrained_copy(grid: Ablation, teacher, run: dict, folder: Path):
 
     if not any(run.get(k) is not None for k in WIDTH_FIELDS):
         return build_student(teacher, run.get("reduction", DEFAULT_REDUCTION), mode="weco-kd")
-    from functools import partial
-
-    from wecolora.data.datasets import open_dataset
-    from wecolora.data.layout import parse_source
-    from wecolora.data.subset import SubsetChoice
-    from wecolora.data.transforms import eval_transform
-    from wecolora.evaluation.features import candidate_features
-    from wecolora.train.distill import make_plan
+    from wecolora.train.distill import choose_subset, make_plan, open_subset
 
     seed = (grid.seeds or [run.get("seed", 0)])[0]
     config = DistillConfig(**{**run, "mode": "weco-kd", "output": str(folder), "seed": seed, "subset_seed": seed})
-    dataset = open_dataset(config.data, "train", **config.source_options())
-    choice = SubsetChoice.from_config(dataset, config, source=parse_source(config.data).record())
-    indices, _ = choice.choose(features=partial(candidate_features, teacher, dataset, transform=eval_transform(teacher)))
-    return student_from_plan(teacher, make_plan(config, teacher, dataset, indices, OneProcess()))
+    subset = open_subset(config)
+    choose_subset(subset, teacher, "cpu")
+    return student_from_plan(teacher, make_plan(config, teacher, subset.dataset, subset.indices, OneProcess()))
 
 
 def _probe_row(probe, name, method, source, folder: Path, settings, probe_set: ProbeSet, grid, device) -> dict:

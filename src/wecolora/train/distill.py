@@ -115,11 +115,12 @@ def distill(config: DistillConfig) -> dict:
     from accelerate.utils import set_seed
 
     with claim_distill(config) as run:  # locked against another run; a finished or interrupted run needs asking
-        subset = open_subset(config, run)
+        check_student(config)
+        subset = open_subset(config, run.path / MANIFEST if run.resume_from is not None else None)
         accelerator, precision = make_accelerator(config.device, config.precision, config.accum_steps)
         set_seed(config.seed)
         teacher = load_teacher(config, accelerator)
-        choose_subset(subset, teacher, accelerator)
+        choose_subset(subset, teacher, accelerator.device, accelerator.num_processes)
         plan = make_plan(config, teacher, subset.dataset, subset.indices, accelerator,
                          resumed=run.resume_from is not None)
         job = make_distillation(config, run, subset, teacher, plan, accelerator, precision)
@@ -141,19 +142,22 @@ class FewShotSubset:
     unreadable: list[str] = field(default_factory=list)
 
 
-def open_subset(config: DistillConfig, run: RunFolder) -> FewShotSubset:
-    """The few-shot subset's source and rule. What the user gave is checked before any weight is read: the
-    teacher's architecture on the meta device, then the subset (drawn, or a coreset's pool, unreadable images
-    skipped or refused beyond a threshold; a resumed run reads its ``subset.json``)."""
+def check_student(config: DistillConfig) -> None:
+    """The student's settings against the teacher's architecture (on the meta device), before any weight is read."""
     if config.budget() is not None and not config.width_given():
         raise UserError(f"--{config.budget()[0].replace('_', '-')} is resolved into a shape by wecolora.api.distill "
                         f"(the planner); call it, or give the widths")
     check_settings(model_shape(config.teacher, img_size=config.img_size), config.reduction, config.keep,
                    config.mode, config.rank, config.lora_alpha, widths={n: getattr(config, n) for n in WIDTH_FIELDS})
+
+
+def open_subset(config: DistillConfig, manifest: Path | None = None) -> FewShotSubset:
+    """The few-shot subset's source and rule, checked before any weight is read: drawn, or a coreset's pool,
+    unreadable images skipped or refused beyond a threshold; with ``manifest`` (a resumed run's ``subset.json``),
+    the images it names. What ``distill``, ``wecolora views`` and a grid's untrained copies all train on."""
     dataset = open_dataset(config.data, "train", **config.source_options())
-    # A resumed run reuses the images its manifest names; otherwise drawn (a coreset's pool) here.
     choice = SubsetChoice.from_config(dataset, config, source=parse_source(config.data).record())
-    if not (run.resume_from is not None and choice.reuse(run.path / MANIFEST)):
+    if not (manifest is not None and choice.reuse(manifest)):
         choice.prepare()
     return FewShotSubset(dataset, choice)
 
@@ -165,13 +169,16 @@ def load_teacher(config: DistillConfig, accelerator) -> nn.Module:
     return teacher
 
 
-def choose_subset(subset: FewShotSubset, teacher: nn.Module, accelerator) -> None:
-    """The subset's images: drawn already, or (a coreset) picked among its pool by the teacher's CLS features;
-    every process takes the first process's choice (a coreset's float ties may break differently)."""
-    features = partial(candidate_features, teacher, subset.dataset, transform=eval_transform(teacher),
-                       device=accelerator.device)
+def choose_subset(subset: FewShotSubset, teacher: nn.Module | None, device, processes: int = 1) -> None:
+    """The subset's images: drawn already, or (a coreset) picked among its pool by the teacher's CLS features on
+    ``device`` (``teacher`` may be None when ``subset.choice.needs_features`` is false); with several
+    ``processes``, every process takes the first process's choice (a coreset's float ties may break differently)."""
+    features = None
+    if subset.choice.needs_features:
+        features = partial(candidate_features, teacher, subset.dataset, transform=eval_transform(teacher),
+                           device=device)
     indices, subset.unreadable = subset.choice.choose(features=features)
-    if accelerator.num_processes > 1:
+    if processes > 1:
         from accelerate.utils import broadcast_object_list
 
         indices = broadcast_object_list([indices])[0]

@@ -23,13 +23,12 @@ from PIL import Image
 from wecolora.cache.admin import CacheCap
 from wecolora.cache.images import StoreBatches, open_store, store_loader
 from wecolora.config import DistillConfig
-from wecolora.data.datasets import open_dataset
-from wecolora.data.subset import drop_unreadable, few_shot_indices
 from wecolora.data.views import ViewRecipe
 from wecolora.errors import UserError
 from wecolora.files import atomic_write_text
 from wecolora.runtime import loader_workers
-from wecolora.teachers.load import model_shape
+from wecolora.teachers.load import load_model, model_shape
+from wecolora.train.distill import choose_subset, open_subset
 
 _logger = logging.getLogger(__name__)
 
@@ -93,12 +92,12 @@ def write_views(config: DistillConfig, count: int, output: str | Path) -> list[d
     output = Path(output).expanduser()
     check_output(output)
     recipe = ViewRecipe.for_model(model_shape(config.teacher, img_size=config.img_size))
-    dataset = open_dataset(config.data, "train")
-    indices = few_shot_indices(dataset.targets, ratio=None if config.per_class else config.ratio,
-                               per_class=config.per_class, seed=config.subset_seed,
-                               min_per_class=config.min_per_class, classes=dataset.classes)
-    indices, _ = drop_unreadable(dataset, indices, max_fraction=config.max_unreadable,
-                                 min_per_class=config.min_per_class)
+    subset = open_subset(config)  # the images distill trains on, by the same rule
+    # Only a coreset needs the teacher's weights (its features choose the images).
+    teacher = load_model(config.teacher, weights=config.teacher_weights,
+                         img_size=config.img_size) if subset.choice.needs_features else None
+    choose_subset(subset, teacher, "cpu")
+    dataset, indices = subset.dataset, subset.indices
     store = open_store(dataset, indices, bound=recipe.bound, num_workers=loader_workers(config.num_workers),
                        cap=CacheCap.resolve(config.cache_max_gb, config.teacher_cache_dir))
     shown = config.epochs * len(indices)
