@@ -247,13 +247,6 @@ def run_distill(args) -> int:
         print(f"keep {search['method']}: " + ", ".join(f"{name} {c['kept']} initial L1 {c['l1']:.4f}"
                                                      for name, c in search["candidates"].items())
               + f" -> {search['chosen']}")
-    shape = result.get("shape_budget")
-    if shape:
-        chosen = shape["chosen"]
-        print(f"{shape['budget']} {shape['value']:g}: chose depth {chosen['depth']}, width {chosen['embed_dim']} "
-              f"({chosen['heads']} heads), MLP {chosen['mlp_hidden']}: {chosen['latency_ms']:.2f} ms, "
-              f"{chosen['speedup']:.2f}x the teacher, {chosen['params'] / 1e6:.2f}M params ({shape['why']}); "
-              f"table in {result['output']}/plan.json")
     width = f", width {result['embed_dim']}/{result['heads']} heads/MLP {result['mlp_hidden']}" \
         if result.get("width_selection") else ""
     print(f"done: {result['output']}/student (mode {result['mode']}, blocks {result['kept_blocks']}{width}, "
